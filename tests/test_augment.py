@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from boneage.augment import NO_AUGMENT, Augment, ZoneSampler, keypoint_sampler, points_to_output
+from boneage.frame import FRAME_H, FRAME_W
+from boneage.models import model_kind
+
+
+def bank_with_square(cx, cy, half, res=(1040, 800), n=1):
+    """Bank of n images (uint8) with a 255 square of half-size `half`, centred at frame (cx, cy)."""
+    h, w = res
+    bank = torch.zeros(n, 1, h, w, dtype=torch.uint8)
+    sx, sy = w / FRAME_W, h / FRAME_H
+    bank[:, :, round((cy - half) * sy) : round((cy + half) * sy), round((cx - half) * sx) : round((cx + half) * sx)] = 255
+    return bank
+
+
+def centroid(img):
+    """Intensity centroid (row, col) of a [-1, 1] crop, in output pixel indices."""
+    wgt = (img + 1) / 2
+    rows, cols = torch.meshgrid(torch.arange(img.shape[0]), torch.arange(img.shape[1]), indexing="ij")
+    return (wgt * rows).sum() / wgt.sum(), (wgt * cols).sum() / wgt.sum()
+
+
+@pytest.mark.parametrize("zone", ["A", "B", "C"])
+@pytest.mark.parametrize("scale,res", [(1.0, (1040, 800)), (0.25, (260, 200))])
+def test_eval_crop_lands_where_the_box_says(zone, scale, res):
+    kind = model_kind(f"{zone}-reg", scale)
+    x0, y0, bw, bh = kind.box
+    h, w = kind.input_size
+    # A square well inside the box, off its centre; frame coordinates on the bank's pixel grid.
+    step = FRAME_W / res[1]
+    cx, cy = (round((x0 + 0.3 * bw) / step) * step, round((y0 + 0.7 * bh) / step) * step)
+    half = 8 * step
+    crop = ZoneSampler(kind.box, kind.input_size)(bank_with_square(cx, cy, half, res), torch.tensor([0]))[0, 0]
+    assert crop.shape == (h, w)
+    r, c = centroid(crop)
+    # Exact up to interpolation: a half-pixel (align_corners) slip would be off by >= 0.5.
+    assert abs(c - ((cx - x0) / bw * w - 0.5)) < 0.1
+    assert abs(r - ((cy - y0) / bh * h - 0.5)) < 0.1
+    # Inside the square full white, far away the black background.
+    assert crop[round(float(r)), round(float(c))] == pytest.approx(1.0, abs=1e-5)
+    assert crop[0, 0] == pytest.approx(-1.0) and crop[-1, -1] == pytest.approx(-1.0)
+
+
+def test_augmentation_changes_crops_keeps_shape_and_is_seeded():
+    kind = model_kind("B-cls", 0.25)
+    bank = torch.randint(0, 256, (4, 1, 260, 200), dtype=torch.uint8)
+    idx = torch.arange(4)
+    s = ZoneSampler(kind.box, kind.input_size, Augment())
+    plain = s(bank, idx)
+    a1 = s(bank, idx, torch.Generator().manual_seed(1), train=True)
+    a1b = s(bank, idx, torch.Generator().manual_seed(1), train=True)
+    a2 = s(bank, idx, torch.Generator().manual_seed(2), train=True)
+    assert plain.shape == a1.shape == (4, 1, *kind.input_size) and a1.dtype == torch.float32
+    assert torch.equal(a1, a1b) and not torch.allclose(a1, a2) and not torch.allclose(a1, plain)
+    assert torch.equal(plain, ZoneSampler(kind.box, kind.input_size, NO_AUGMENT)(bank, idx, train=True))
+
+
+def test_points_follow_the_image_under_augmentation():
+    # A dot at a known point: after a random affine its crop centroid is where points_to_output
+    # puts the point.
+    cx, cy = 500.0, 700.0
+    bank = bank_with_square(cx, cy, 48, res=(1040, 800), n=8)
+    s = keypoint_sampler(Augment(rotate_deg=20, shift=0.1, zoom=0.15, brightness=0, contrast=0))
+    x, theta = s.sample(bank, torch.arange(8), torch.Generator().manual_seed(0), train=True)
+    pts = points_to_output(theta, torch.tensor([[[cx / FRAME_W, cy / FRAME_H]]]).expand(8, 1, 2))
+    assert theta[:, 0, 1].abs().max() > 0  # really rotated
+    for img, p in zip(x[:, 0], pts[:, 0]):
+        r, c = centroid(img)
+        assert abs(c - (p[0] * img.shape[1] - 0.5)) < 0.15 and abs(r - (p[1] * img.shape[0] - 0.5)) < 0.15
+
+
+def test_points_identity_in_eval():
+    s = keypoint_sampler()
+    theta = s.theta(2, "cpu")
+    p = torch.rand(2, 3, 2)
+    assert torch.allclose(points_to_output(theta, p), p, atol=1e-6)
+
+
+def test_bad_bank_is_refused():
+    with pytest.raises(ValueError):
+        ZoneSampler((0, 0, 10, 10), (4, 4))(torch.zeros(1, 1, 8, 8), torch.tensor([0]))

@@ -1,0 +1,18 @@
+"""Preprocess and register radiographs on Ray Data.
+
+    python workflows/preprocess.py                                   # synthetic default, local Ray
+    python workflows/preprocess.py --images ../shared/data/rsna-dev/images \
+        --labels ../shared/data/rsna-dev/labels.csv --output runs/rsna-dev
+    python workflows/preprocess.py --images s3://bucket/train --labels s3://bucket/train.csv \
+        --output s3://bucket/runs/rsna
+
+Writes OUTPUT/registered/*.parquet (one row per input image, failures as rows with status/error),
+OUTPUT/qa/registered_sheet.png and OUTPUT/qa/preprocess_summary.json.
+"""
+
+import sys
+
+from boneage.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["preprocess", *sys.argv[1:]]))
