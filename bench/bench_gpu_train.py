@@ -167,7 +167,8 @@ def bench_model(name, args, device, bank, kp_bank, gen, deadline, log):
     model.train()
     if not args.no_compile and time.perf_counter() < deadline:
         try:
-            compiled = torch.compile(model)
+            torch._dynamo.reset()  # each model compiles from scratch, static shapes (as in training)
+            compiled = torch.compile(model, dynamic=False)
             t = time.perf_counter()
             step(compiled, x_pure)  # the first call compiles forward and backward
             sync()

@@ -112,11 +112,12 @@ def eval_rois(data: str) -> None:
             p = register.transform_points(m, box)
             land.setdefault(r["region"], []).append(np.r_[p.min(0), p.max(0)])
     print(f"== rois.csv: {len(by_id)} images, registered with our key points (confidence >= 0.5); "
-          f"boxes in frame coords, median [x0 y0 x1 y1] (5-95 pct of y0 / y1)")
+          f"boxes in frame coords, median [x0 y0 x1 y1], 5-95 pct of each edge")
     for reg, bs in sorted(land.items()):
         b = np.array(bs)
         print(f"{reg:7s} n={len(b):3d} median {np.median(b, 0).round().astype(int)}  "
-              f"y0 {np.percentile(b[:, 1], [5, 95]).round().astype(int)}  y1 {np.percentile(b[:, 3], [5, 95]).round().astype(int)}")
+              f"x0 {np.percentile(b[:, 0], [5, 95]).round().astype(int)} x1 {np.percentile(b[:, 2], [5, 95]).round().astype(int)}  "
+              f"y0 {np.percentile(b[:, 1], [5, 95]).round().astype(int)} y1 {np.percentile(b[:, 3], [5, 95]).round().astype(int)}")
     for z in frame.ZONES.values():
         print(f"zone {z.name}: x {z.x0:.0f}-{z.x0 + z.width:.0f}, y {z.y0:.0f}-{z.y0 + z.height:.0f}")
 

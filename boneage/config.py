@@ -30,25 +30,42 @@ class PreprocessConfig:
     # CPU work is cut into batches this size: large enough to amortise Ray task overhead, small enough
     # that a batch of full-resolution images (~3 MB each, several copies in flight) stays far below 1 GB.
     batch_size: int = 8
-    # Where key points come from: "geometric" (estimated from the hand mask) or "model" (the CNN, when a
-    # trained one is given), "auto" = the model where its confidence is high, else geometric.
-    keypoint_source: str = "geometric"
-    keypoint_model: str | None = None  # path to a trained key point model checkpoint
     qa_sheet_size: int = 64  # registered images on the QA contact sheet
+
+
+@dataclass
+class KeypointConfig:
+    # "model": the key point CNN (trained here when no `model` is given), with the geometric estimate
+    # from the hand mask as fallback where the model's registration fails QA; "geometric": no CNN.
+    source: str = "model"
+    model: str | None = None  # a trained key point model (.pt, local or s3://); None = train one
+    # Training: the seed's VGG-like net (blocks 64-128-256, 2 FC of 512) on the image reduced to 130x100.
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 2e-3
+    width_mult: float = 0.5  # half the seed's widths: enough for 130x100 inputs on a CPU (rsna.yaml: 1.0)
+    patience: int = 10
+    val_fraction: float = 0.15
+    # Images without annotations join training with their geometric key points as pseudo-labels when
+    # the geometric estimate is at least this confident.
+    pseudo_label_confidence: float = 0.8
+    max_training_images: int = 3000
+    use_gpu: bool = False
+    actors: int = 1  # prediction actor pool size
+    gpus_per_actor: float = 0.0  # >0 on a GPU cluster: the net is tiny, a fraction of a GPU suffices
 
 
 @dataclass
 class RayConfig:
     address: str | None = None  # None = start a local Ray (or join RAY_ADDRESS when set)
     num_cpus: int | None = None  # for a local Ray; None = all cores
-    keypoint_actors: int = 1  # actor pool size for the key point model
-    gpus_per_keypoint_actor: float = 0.0  # >0 on a GPU cluster: the CNN is tiny, a fraction of a GPU suffices
 
 
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: str = "runs/embedded"  # local folder or s3:// URI for everything the run writes
 

@@ -11,7 +11,6 @@ finger's length (tip to the webs beside it) below the tip.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
 from scipy.signal import find_peaks
 from skimage import graph, measure
@@ -22,15 +21,14 @@ WORK_SIZE = 256
 # capitate = tip + CAPITATE_K * |web midpoint - tip| towards the palm; calibrated on the 38 images registered by
 # the 2017 pipeline (bench/eval_registration.py prints the calibration)
 CAPITATE_K = 2.13
+CAPITATE_K_PALM = 1.215  # the same, as multiple of the tip-palm centre distance
 
 
-def _small(mask: np.ndarray, size: int = WORK_SIZE) -> tuple[np.ndarray, float]:
-    h, w = mask.shape
-    f = min(1.0, size / max(h, w))
-    if f == 1.0:
-        return mask.astype(bool), 1.0
-    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((round(w * f), round(h * f)), Image.BILINEAR)
-    return np.asarray(m) >= 128, f
+def _small(mask: np.ndarray, size: int = WORK_SIZE) -> tuple[np.ndarray, int]:
+    """Every s-th pixel of the mask (s so the long side is ~size): free, and the mask's outline
+    is smooth enough at that scale. Small pixel i sits at full-size pixel s//2 + s*i."""
+    s = max(1, round(max(mask.shape) / size))
+    return mask[s // 2 :: s, s // 2 :: s].astype(bool), s
 
 
 def _entry(m: np.ndarray) -> np.ndarray:
@@ -63,7 +61,11 @@ def estimate_keypoints(mask: np.ndarray, image: np.ndarray | None = None):
     """Key points (3, 2) float (x, y) in `mask`'s pixel coordinates, in KEYPOINT_NAMES order
     (middle finger tip, capitate, thumb tip); a confidence in [0, 1]; an info dict.
     `image` is accepted for a future intensity-based refinement and not used yet."""
-    m, f = _small(mask)
+    m, stride = _small(mask)
+
+    def to_image(rc: np.ndarray) -> np.ndarray:  # small (row, col) -> image (x, y)
+        return rc[..., ::-1] * stride + stride // 2
+
     info: dict = {"n_tips": 0}
     if m.sum() < 100:
         return np.full((3, 2), np.nan), 0.0, {**info, "reason": "empty mask"}
@@ -87,9 +89,8 @@ def estimate_keypoints(mask: np.ndarray, image: np.ndarray | None = None):
     geo, _ = graph.MCP_Geometric(costs).find_costs([tuple(p) for p in entry])
     geo = np.where(m & np.isfinite(geo), geo, 0.0)
     gmax = float(geo.max())
-    # the outline runs between pixels: read each point from its nearest mask pixel
-    near = ndi.distance_transform_edt(~m, return_distances=False, return_indices=True)
-    geo = geo[near[0], near[1]]
+    # the outline runs between pixels: read each point from the mask pixels next to it
+    geo = ndi.maximum_filter(geo, 3)
 
     # geodesic distance along the outline, started at its point nearest the forearm
     c = _outline(m)
@@ -138,11 +139,17 @@ def estimate_keypoints(mask: np.ndarray, image: np.ndarray | None = None):
     finger = base - tip_rc
     length = float(np.linalg.norm(finger))
     to_palm = palm - tip_rc
-    u = finger / max(length, 1e-6) + to_palm / max(float(np.linalg.norm(to_palm)), 1e-6)
-    cap_rc = tip_rc + CAPITATE_K * length * u / max(float(np.linalg.norm(u)), 1e-6)
+    palm_dist = max(float(np.linalg.norm(to_palm)), 1e-6)
+    u = finger / max(length, 1e-6) + to_palm / palm_dist
+    # two estimates of the tip-capitate distance; webs of touching fingers are found too far
+    # out, so when they disagree, trust the palm centre
+    d_web, d_palm = CAPITATE_K * length, CAPITATE_K_PALM * palm_dist
+    agree = abs(d_web / d_palm - 1) < 0.15
+    dist = 0.5 * (d_web + d_palm) if agree else d_palm
+    cap_rc = tip_rc + dist * u / max(float(np.linalg.norm(u)), 1e-6)
 
     kp_rc = np.stack([tip_rc, cap_rc, thumb_rc])
-    kp = kp_rc[:, ::-1] / f  # (x, y) at the mask's resolution
+    kp = to_image(kp_rc)
 
     # confidence: five separate fingers, a longest finger in the middle, a plausible thumb
     conf = 1.0
@@ -157,14 +164,16 @@ def estimate_keypoints(mask: np.ndarray, image: np.ndarray | None = None):
         conf *= 0.5
     if len(hi or []) == 0:
         conf *= 0.7
+    if not agree:
+        conf *= 0.7
     info.update(
         entry_points=int(len(entry)),
-        palm_xy=(palm[::-1] / f).tolist(),
-        web_mid_xy=(base[::-1] / f).tolist(),
-        palm_radius=palm_r / f,
-        finger_length=finger_len / f,
+        palm_xy=to_image(palm).tolist(),
+        web_mid_xy=to_image(base).tolist(),
+        palm_radius=palm_r * stride,
+        finger_length=finger_len * stride,
         thumb_to_tip=thumb_dist,
-        tips_xy=(np.asarray([c[i] for i in tips])[:, ::-1] / f).tolist(),
+        tips_xy=to_image(np.asarray([c[i] for i in tips])).tolist(),
         keypoint_names=KEYPOINT_NAMES,
     )
     return kp, float(conf), info

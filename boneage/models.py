@@ -58,6 +58,13 @@ def _flat_features(trunk: nn.Module, input_size: tuple[int, int]) -> int:
         return trunk(torch.zeros(1, 1, *input_size)).numel()
 
 
+def _fp32(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the output layer in fp32 even under bf16 autocast: bf16 keeps ~3 significant digits,
+    which is up to 0.5 month on the age scale and ~4 frame pixels for a key point."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 def _scale_widths(widths: tuple[int, ...], width_mult: float) -> list[int]:
     return [max(4, round(w * width_mult)) for w in widths]
 
@@ -71,12 +78,12 @@ class KeypointNet(nn.Module):
         self.features = _trunk(_scale_widths((64, 128, 256), width_mult))
         n = _flat_features(self.features, self.input_size)
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(n, fc), nn.ELU(inplace=True), nn.Linear(fc, fc),
-            nn.ELU(inplace=True), nn.Linear(fc, 6),
+            nn.Flatten(), nn.Linear(n, fc), nn.ELU(inplace=True), nn.Linear(fc, fc), nn.ELU(inplace=True),
         )
+        self.out = nn.Linear(fc, 6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)).view(-1, 3, 2)
+        return _fp32(self.out, self.head(self.features(x))).view(-1, 3, 2)
 
 
 class ZoneNet(nn.Module):
@@ -99,11 +106,10 @@ class ZoneNet(nn.Module):
         self.register_buffer("class_ages", to_scaled(torch.arange(N_CLASSES, dtype=torch.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.out(self.fc(self.features(x)))
+        z = _fp32(self.out, self.fc(self.features(x)))
         if self.head_kind == "reg":
             return z.squeeze(1)
-        # Expectation of age under the softmax (in fp32: bf16 would round the months).
-        return F.softmax(z.float(), dim=1) @ self.class_ages
+        return F.softmax(z, dim=1) @ self.class_ages  # expectation of the (scaled) age
 
 
 @dataclass(frozen=True)

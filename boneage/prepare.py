@@ -1,7 +1,11 @@
-"""One radiograph from file to registered frame, as plain functions: decode → hand mask and contrast →
-key points → affine registration → registered image (PNG bytes at 800x1040). The Ray Data wiring
-(boneage.ray_prepare) maps these over batches; they never raise for a bad item, they fill in
-status/error."""
+"""One radiograph from file to registered frame, as plain functions:
+
+    analyse_row:  decode → hand mask and autocontrast → geometric key points → key point model input
+    (a key point model, when there is one, predicts from `keypoint_input`: boneage.ray_keypoints)
+    register_row: choose the key points → affine registration → registered image (PNG, 800x1040)
+
+The Ray Data wiring (boneage.ray_prepare) maps these over batches. They never raise for a bad item:
+they fill in status/error, and carry a failed row through unchanged."""
 
 from __future__ import annotations
 
@@ -14,26 +18,22 @@ from PIL import Image
 from boneage import frame, io, keypoints_geometric, preprocess, register
 from boneage.errors import STATUS_ERROR, STATUS_OK, ItemError
 
-# The key point model's input: the preprocessed image resized to the frame's aspect and reduced 16x,
+# The key point model's input: the preprocessed image squeezed to the frame's aspect and reduced 16x,
 # as in the seed (2080x1600 / 16 = 130x100).
 KEYPOINT_INPUT_HW = (frame.FRAME_H // 16, frame.FRAME_W // 16)
 
-# Columns every registered-table row has (besides the manifest's), None where a stage did not run.
 KEYPOINT_COLUMNS = tuple(f"{name}_{axis}" for name in frame.KEYPOINT_NAMES for axis in "xy")
+MODEL_KEYPOINT_COLUMNS = tuple(f"model_{c}" for c in KEYPOINT_COLUMNS)
+# Columns every registered-table row has (besides the manifest's), None where a stage did not run.
 REGISTERED_COLUMNS = (
     "height", "width", "format",
     "mask_area_fraction", "mask_doubtful",
-    *KEYPOINT_COLUMNS, "keypoint_source", "keypoint_confidence",
+    *KEYPOINT_COLUMNS, "keypoint_source", "keypoint_confidence", "keypoint_disagreement",
     "transform", "mirrored", "scale", "thumb_frame_x", "thumb_frame_y", "frame_coverage",
-    "registration_doubtful", "registered_png",
+    "registration_doubtful", "keypoint_input", "registered_png",
 )
-
-
-def empty_result(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(row)
-    for col in REGISTERED_COLUMNS:
-        out.setdefault(col, None)
-    return out
+# In-flight arrays between analyse_row and register_row (never written out).
+_CLEAN, _MASK, _GEOMETRIC, _GEOMETRIC_CONFIDENCE = "_clean", "_mask", "_geometric", "_geometric_confidence"
 
 
 def keypoint_input(clean: np.ndarray) -> np.ndarray:
@@ -42,28 +42,10 @@ def keypoint_input(clean: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(clean).resize((w, h), Image.BILINEAR, reducing_gap=2.0))
 
 
-def analyse(image: np.ndarray) -> dict[str, Any]:
-    """Mask, clean image and geometric key points of one decoded radiograph."""
-    clean, mask, qa = preprocess.preprocess(image)
-    keypoints, confidence, _ = keypoints_geometric.estimate_keypoints(mask, clean)
-    return {"clean": clean, "mask": mask, "mask_qa": qa, "keypoints": keypoints, "confidence": float(confidence)}
-
-
-def register_image(clean: np.ndarray, mask: np.ndarray, keypoints: np.ndarray) -> dict[str, Any]:
-    """Registered image and registration QA for key points in image coordinates."""
-    if not np.all(np.isfinite(keypoints)):
-        raise ItemError("bad_image", "no key points found (the hand mask is empty or not hand-like)")
-    matrix = register.registration_transform(keypoints)
-    registered = register.warp_to_frame(clean, matrix)
-    registered_mask = register.warp_to_frame(mask.astype(np.uint8) * 255, matrix)
-    qa = register.registration_qa(matrix, keypoints, clean.shape, registered_mask)
-    return {"registered": registered, "matrix": matrix, "qa": qa}
-
-
-def encode_png(image: np.ndarray) -> bytes:
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
     buf = _bytes_io.BytesIO()
     # compress_level 1: ~3x faster than the default for ~10% more bytes; these are intermediate data.
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -71,35 +53,89 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(_bytes_io.BytesIO(data)).convert("L"))
 
 
-def prepare_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None,
-                keypoints: np.ndarray | None = None, keypoint_source: str = "geometric") -> dict[str, Any]:
-    """The registered-table row of one manifest row. `keypoints` (image coordinates), when given, are
-    used instead of the geometric estimate (annotations, or the key point model's prediction)."""
-    out = empty_result(row)
+def _fail(out: dict[str, Any], err: Exception) -> dict[str, Any]:
+    if not isinstance(err, ItemError):  # a bug or an unforeseen image must cost one row, not the run
+        err = ItemError("processing_failed", f"{type(err).__name__}: {err}")
+    out.update(status=STATUS_ERROR, error=str(err))
+    for key in (_CLEAN, _MASK, _GEOMETRIC, _GEOMETRIC_CONFIDENCE):
+        out.pop(key, None)
+    return out
+
+
+def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Decode, mask, autocontrast and geometric key points of one manifest row; the clean image and
+    mask travel on (under private keys) to register_row."""
+    out = dict(row)
+    for col in REGISTERED_COLUMNS:
+        out.setdefault(col, None)
     if out["status"] != STATUS_OK:
         return out
     try:
         record = io.read_image(out["uri"], storage_options)
-        out.update(height=record.height, width=record.width, format=record.meta["format"])
-        found = analyse(record.image)
-        out.update(mask_area_fraction=found["mask_qa"]["mask_area_fraction"],
-                   mask_doubtful=found["mask_qa"]["mask_doubtful"])
-        if keypoints is None:
-            keypoints, confidence = found["keypoints"], found["confidence"]
-        else:
-            keypoints, confidence = np.asarray(keypoints, float), 1.0
-        out.update(_keypoint_fields(keypoints), keypoint_source=keypoint_source, keypoint_confidence=confidence)
-        reg = register_image(found["clean"], found["mask"], keypoints)
-        out.update(transform=reg["matrix"][:2].ravel().tolist(), registered_png=encode_png(reg["registered"]),
-                   **{k: reg["qa"].get(k) for k in ("mirrored", "scale", "thumb_frame_x", "thumb_frame_y",
-                                                    "frame_coverage", "registration_doubtful")})
-    except ItemError as err:
-        out.update(status=STATUS_ERROR, error=str(err))
-    except Exception as err:  # a bug or an unforeseen image must cost one row, not the run
-        out.update(status=STATUS_ERROR, error=str(ItemError("processing_failed", f"{type(err).__name__}: {err}")))
+        clean, mask, mask_qa = preprocess.preprocess(record.image)
+        points, confidence, _ = keypoints_geometric.estimate_keypoints(mask, clean)
+        out.update(height=record.height, width=record.width, format=record.meta["format"],
+                   mask_area_fraction=mask_qa["mask_area_fraction"], mask_doubtful=mask_qa["mask_doubtful"],
+                   keypoint_input=encode_png(keypoint_input(clean)),
+                   **{_CLEAN: clean, _MASK: mask, _GEOMETRIC: np.asarray(points, float),
+                      _GEOMETRIC_CONFIDENCE: float(confidence)})
+    except Exception as err:
+        return _fail(out, err)
     return out
 
 
-def _keypoint_fields(keypoints: np.ndarray) -> dict[str, float]:
-    flat = np.asarray(keypoints, float).ravel()
-    return {col: (float(v) if np.isfinite(v) else None) for col, v in zip(KEYPOINT_COLUMNS, flat)}
+def register_row(row: Mapping[str, Any], model_keypoints: np.ndarray | None = None) -> dict[str, Any]:
+    """Choose key points (the model's, unless its registration is implausible and the geometric one's
+    is not), register the clean image into the frame and record what was used and how sure it is."""
+    out = dict(row)
+    if out["status"] != STATUS_OK:
+        return out
+    try:
+        clean, mask = np.asarray(out.pop(_CLEAN), np.uint8), np.asarray(out.pop(_MASK), bool)
+        geometric = np.asarray(out.pop(_GEOMETRIC), float).reshape(3, 2)
+        geometric_confidence = float(out.pop(_GEOMETRIC_CONFIDENCE))
+        candidates = [("geometric", geometric, geometric_confidence)]
+        if model_keypoints is not None and np.all(np.isfinite(model_keypoints)):
+            disagreement = keypoint_disagreement(model_keypoints, geometric)
+            out["keypoint_disagreement"] = disagreement
+            # The model's own confidence is how well the independent geometric estimate agrees with it.
+            candidates.insert(0, ("model", np.asarray(model_keypoints, float), float(np.exp(-disagreement / 0.05))))
+        source, points, confidence = _choose(candidates, clean.shape)
+        matrix = register.registration_transform(points)
+        registered = register.warp_to_frame(clean, matrix)
+        registered_mask = register.warp_to_frame(mask.astype(np.uint8) * 255, matrix)
+        qa = register.registration_qa(matrix, points, clean.shape, registered_mask)
+        out.update(dict(zip(KEYPOINT_COLUMNS, points.ravel().tolist())),
+                   keypoint_source=source, keypoint_confidence=confidence,
+                   transform=matrix[:2].ravel().tolist(), registered_png=encode_png(registered),
+                   **{k: qa.get(k) for k in ("mirrored", "scale", "thumb_frame_x", "thumb_frame_y",
+                                             "frame_coverage", "registration_doubtful")})
+    except Exception as err:
+        return _fail(out, err)
+    return out
+
+
+def _choose(candidates, image_shape) -> tuple[str, np.ndarray, float]:
+    """The first candidate whose registration passes QA (before warping), else the first usable one."""
+    usable = [c for c in candidates if np.all(np.isfinite(c[1]))]
+    if not usable:
+        raise ItemError("bad_image", "no key points found (the hand mask is empty or not hand-like)")
+    for candidate in usable:
+        matrix = register.registration_transform(candidate[1])
+        if not register.registration_qa(matrix, candidate[1], image_shape)["registration_doubtful"]:
+            return candidate
+    return usable[0]
+
+
+def keypoint_disagreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean distance between two key point sets as a fraction of hand length (tip to capitate)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("inf")
+    length = max(np.linalg.norm(a[0] - a[1]), 1.0)
+    return float(np.linalg.norm(a - b, axis=1).mean() / length)
+
+
+def prepare_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """analyse_row then register_row with geometric key points: the whole CPU path for one image."""
+    return register_row(analyse_row(row, storage_options))

@@ -17,5 +17,6 @@ def init_ray(config: RayConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # No dashboard for a local run: it only costs start-up time and a port.
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train uses to watch its
+        # controller; without it Train logs a warning every few seconds.
+        ray.init(num_cpus=config.num_cpus, log_to_driver=True)

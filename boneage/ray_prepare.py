@@ -1,22 +1,26 @@
-"""Ray Data wiring of preparation: the manifest's rows are sharded over CPU workers, each batch runs
-boneage.prepare.prepare_row, and the registered table is written as parquet (local or s3://).
-Only this thin layer knows about Ray; the work itself is in boneage.prepare."""
+"""Ray Data wiring of preparation (the work itself is in boneage.prepare):
+
+    manifest rows ─► analyse (CPU tasks) ─► key point model (actor pool, optional) ─► register (CPU tasks)
+                 ─► registered/*.parquet, local or s3://
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data import ActorPoolStrategy
 
 from boneage import io, prepare
 from boneage.config import Config
 
-# The registered table's schema (see docs/architecture.md). Written explicitly so that a batch in
-# which every value of a column happens to be None still writes the right type.
+# The registered table's schema (docs/architecture.md). Written explicitly so that a batch in which
+# every value of a column happens to be None still writes the right type.
 REGISTERED_SCHEMA = pa.schema([
     ("id", pa.string()), ("uri", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
     ("status", pa.string()), ("error", pa.string()),
@@ -24,51 +28,92 @@ REGISTERED_SCHEMA = pa.schema([
     ("mask_area_fraction", pa.float64()), ("mask_doubtful", pa.bool_()),
     *[(c, pa.float64()) for c in prepare.KEYPOINT_COLUMNS],
     ("keypoint_source", pa.string()), ("keypoint_confidence", pa.float64()),
+    ("keypoint_disagreement", pa.float64()),
     ("transform", pa.list_(pa.float64())), ("mirrored", pa.bool_()), ("scale", pa.float64()),
     ("thumb_frame_x", pa.float64()), ("thumb_frame_y", pa.float64()), ("frame_coverage", pa.float64()),
-    ("registration_doubtful", pa.bool_()), ("registered_png", pa.binary()),
+    ("registration_doubtful", pa.bool_()), ("keypoint_input", pa.binary()), ("registered_png", pa.binary()),
 ])
 
 
-class _PrepareBatch:
-    """Callable over a pandas batch of manifest rows → registered-table rows (as an Arrow table)."""
-
+class _Analyse:
     def __init__(self, storage_options: Mapping[str, Any] | None):
         self.storage_options = dict(storage_options or {})
 
-    def __call__(self, batch: pd.DataFrame) -> pa.Table:
-        rows = [prepare.prepare_row(row, self.storage_options) for row in batch.to_dict("records")]
-        return pa.Table.from_pylist(rows, schema=REGISTERED_SCHEMA)
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame([prepare.analyse_row(r, self.storage_options) for r in batch.to_dict("records")])
 
 
-def prepare_dataset(manifest: pd.DataFrame, config: Config) -> ray.data.Dataset:
-    """The lazy Ray Dataset of registered rows, one per manifest row."""
+def _register(batch: pd.DataFrame) -> pa.Table:
+    rows = []
+    for row in batch.to_dict("records"):
+        model = [row.pop(c, None) for c in prepare.MODEL_KEYPOINT_COLUMNS]
+        model = np.array(model, float).reshape(3, 2) if all(v is not None for v in model) else None
+        rows.append(prepare.register_row(row, model))
+    return pa.Table.from_pylist(rows, schema=REGISTERED_SCHEMA)
+
+
+def _analysed_without_arrays(batch: pd.DataFrame) -> pd.DataFrame:
+    """The geometric key points as columns, the in-flight arrays dropped (for key point training)."""
+    geometric = batch.pop(prepare._GEOMETRIC)
+    batch["keypoint_confidence"] = batch.pop(prepare._GEOMETRIC_CONFIDENCE)
+    for i, column in enumerate(prepare.KEYPOINT_COLUMNS):
+        batch[column] = [np.asarray(g, float).ravel()[i] if isinstance(g, np.ndarray) else None for g in geometric]
+    return batch.drop(columns=[prepare._CLEAN, prepare._MASK], errors="ignore")
+
+
+def _from_manifest(manifest: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
     records = manifest.astype(object).where(manifest.notna(), None).to_dict("records")
+    # Enough blocks that every CPU of the cluster gets work, few enough that each block is a batch.
+    blocks = max(1, min(len(records), math.ceil(len(records) / batch_size)))
+    return ray.data.from_items(records, override_num_blocks=blocks)
+
+
+def analyse_dataset(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Analyse (decode, mask, geometric key points, key point model input) without registering."""
+    ds = _from_manifest(manifest, config.preprocess.batch_size)
+    ds = ds.map_batches(_Analyse(config.data.storage_options), batch_size=config.preprocess.batch_size,
+                        batch_format="pandas", num_cpus=1)
+    return ds.map_batches(_analysed_without_arrays, batch_format="pandas").to_pandas()
+
+
+def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str | None = None) -> ray.data.Dataset:
+    """The lazy Ray Dataset of registered rows, one per manifest row."""
     batch = config.preprocess.batch_size
-    # Enough blocks that every CPU of the cluster gets work, few enough that each block is a few batches.
-    blocks = max(1, min(len(records), math.ceil(len(records) / batch)))
-    ds = ray.data.from_items(records, override_num_blocks=blocks)
-    return ds.map_batches(
-        _PrepareBatch(config.data.storage_options),
-        batch_size=batch,
-        batch_format="pandas",
-        num_cpus=1,
-    )
+    ds = _from_manifest(manifest, batch).map_batches(
+        _Analyse(config.data.storage_options), batch_size=batch, batch_format="pandas", num_cpus=1)
+    if keypoint_model:
+        from boneage.ray_keypoints import KeypointPredictor
+
+        kp = config.keypoints
+        ds = ds.map_batches(
+            KeypointPredictor,
+            fn_constructor_args=(keypoint_model, config.data.storage_options, kp.gpus_per_actor > 0),
+            compute=ActorPoolStrategy(size=kp.actors),
+            batch_size=batch * 4,
+            batch_format="pandas",
+            num_gpus=kp.gpus_per_actor,
+            # A fraction of a CPU on CPU-only clusters: inference at 130x100 is cheap, and a resource
+            # request unlike the tasks' keeps Ray Data from fusing the CPU stage into the (small) pool.
+            num_cpus=0.5 if kp.gpus_per_actor == 0 else 1,
+        )
+    return ds.map_batches(_register, batch_size=batch, batch_format="pandas", num_cpus=1)
 
 
-def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config) -> pd.DataFrame:
+def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_model: str | None = None
+                ) -> pd.DataFrame:
     """Prepare every manifest row on Ray and write the registered table to `out_uri` (a folder of
     parquet files). Returns the table without its image bytes (for summaries and QA)."""
-    ds = prepare_dataset(manifest, config)
+    ds = prepare_dataset(manifest, config, keypoint_model)
     filesystem = io.arrow_filesystem(out_uri, config.data.storage_options)
     ds.write_parquet(io.strip_protocol(out_uri) if filesystem else out_uri, filesystem=filesystem)
-    return read_registered(out_uri, config.data.storage_options, columns_without_images=True)
+    return read_registered(out_uri, config.data.storage_options, with_images=False)
 
 
-def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None,
-                    columns_without_images: bool = False) -> pd.DataFrame:
+def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, with_images: bool = True
+                    ) -> pd.DataFrame:
     """The registered table written by run_prepare, sorted by id."""
     filesystem = io.arrow_filesystem(uri, storage_options)
-    columns = [f.name for f in REGISTERED_SCHEMA if not (columns_without_images and f.name == "registered_png")]
+    images = ("keypoint_input", "registered_png")
+    columns = [f.name for f in REGISTERED_SCHEMA if with_images or f.name not in images]
     table = pq.read_table(io.strip_protocol(uri) if filesystem else uri, filesystem=filesystem, columns=columns)
     return table.to_pandas().sort_values("id", kind="stable").reset_index(drop=True)

@@ -104,7 +104,8 @@ def crop_zone(registered: np.ndarray, zone: frame.Zone, stored_scale: float = fr
     on the exact fractional box) to the zone's input size (height, width). CPU reference of the
     GPU crop."""
     s = stored_scale
-    box = (zone.x0 * s, zone.y0 * s, (zone.x0 + zone.width) * s, (zone.y0 + zone.height) * s)
+    # zone edges in stored pixel-index coordinates; PIL's box is in pixel-edge coordinates (+0.5)
+    box = tuple(v * s + 0.5 for v in (zone.x0, zone.y0, zone.x0 + zone.width, zone.y0 + zone.height))
     h, w = zone.input_size
     img = Image.fromarray(np.ascontiguousarray(registered, dtype=np.uint8))
     return np.asarray(img.resize((w, h), Image.BILINEAR, box=box, reducing_gap=None))

@@ -20,7 +20,7 @@ Layout of this module:
    from a blurred silhouette).
 5. Nuisance: pose, mirroring, exposure, gamma, gradients, collimation, frames, lead markers
    with letters, noise.
-6. Public API: `SynthCase`, `render_case`, `write_dataset`, `contact_sheet`, `age_strip`.
+6. Public API: `SynthCase`, `render_case`, `render_case_with_truth`, `write_dataset`, `age_strip`.
 
 Key point conventions (order `frame.KEYPOINT_NAMES`): the middle finger tip is the distal end
 of the *bone* of the middle finger's distal phalanx (the tuft), not the soft-tissue tip; the
@@ -34,8 +34,7 @@ from __future__ import annotations
 import csv
 import math
 import multiprocessing as mp
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -104,13 +103,13 @@ RAYS = (
     # thumb: the metacarpal's epiphysis is at its base, like a phalanx
     Ray("thumb", (25.5, -5.0), 42.0, (45, 31, 23), (10.0, 9.0, 7.0), 7.0,
         (2.2, 1.6, 1.8), (15.8, 15.8, 14.8)),
-    Ray("index", (10.5, -12.5), 9.0, (68, 41, 25, 17), (8.5, 8.5, 7.0, 5.5), 4.0,
+    Ray("index", (11.0, -12.5), 9.0, (68, 41, 25, 17), (7.5, 8.0, 6.5, 5.5), 4.0,
         (1.6, 1.3, 2.3, 2.0), (16.2, 16.0, 15.5, 15.0)),
-    Ray("middle", (0.0, -13.5), 0.0, (65, 46, 29, 19), (8.5, 8.5, 7.5, 6.0), 0.0,
+    Ray("middle", (0.0, -13.5), 0.0, (65, 46, 29, 19), (7.5, 8.0, 7.0, 6.0), 0.0,
         (1.6, 1.3, 2.3, 2.0), (16.2, 16.0, 15.5, 15.0)),
-    Ray("ring", (-10.0, -11.5), -9.0, (57, 43, 27, 19), (7.5, 8.0, 7.0, 5.5), -3.0,
+    Ray("ring", (-11.0, -11.5), -9.0, (57, 43, 27, 19), (6.8, 7.5, 6.5, 5.5), -3.0,
         (1.7, 1.4, 2.4, 2.1), (16.2, 16.0, 15.5, 15.0)),
-    Ray("little", (-19.0, -8.5), -19.0, (53, 34, 19, 17), (7.5, 7.0, 6.0, 5.0), -4.0,
+    Ray("little", (-20.5, -8.5), -19.0, (53, 34, 19, 17), (6.5, 6.5, 5.5, 5.0), -4.0,
         (1.8, 1.5, 2.6, 2.2), (16.2, 16.0, 15.5, 15.0)),
 )
 
@@ -134,14 +133,14 @@ class Carpal:
 # hamate in the first months, triquetrum 2-3 y, lunate 3-4 y, trapezium/trapezoid/scaphoid
 # 5-6 y, pisiform ~11 y, the thumb sesamoid at puberty.
 CARPALS = (
-    Carpal("capitate", (0.0, 0.0), (15.0, 23.0), 0.0, 3.0, 0.15, 13.0),
-    Carpal("hamate", (-13.0, -1.0), (14.5, 19.0), -12.0, 2.8, 0.3, 13.0),
-    Carpal("triquetrum", (-16.0, 13.0), (13.0, 12.0), 30.0, 2.6, 2.7, 13.0),
-    Carpal("lunate", (-2.5, 16.5), (15.0, 13.5), 0.0, 2.6, 3.8, 13.5),
-    Carpal("trapezium", (22.0, 4.0), (14.0, 14.0), 20.0, 2.8, 5.0, 14.0),
-    Carpal("trapezoid", (12.0, -5.0), (11.0, 12.0), 10.0, 3.0, 5.5, 14.0),
-    Carpal("scaphoid", (13.5, 14.0), (12.0, 23.0), 50.0, 2.3, 5.8, 14.0),
-    Carpal("pisiform", (-18.5, 9.5), (8.5, 8.5), 0.0, 2.0, 11.5, 14.5),
+    Carpal("capitate", (0.0, 0.0), (16.2, 24.8), 0.0, 3.0, 0.15, 13.0),
+    Carpal("hamate", (-13.0, -1.0), (15.7, 20.5), -12.0, 2.8, 0.3, 13.0),
+    Carpal("triquetrum", (-16.0, 13.0), (14.0, 13.0), 30.0, 2.6, 2.7, 13.0),
+    Carpal("lunate", (-2.5, 16.5), (16.2, 14.6), 0.0, 2.6, 3.8, 13.5),
+    Carpal("trapezium", (22.0, 4.0), (15.1, 15.1), 20.0, 2.8, 5.0, 14.0),
+    Carpal("trapezoid", (12.0, -5.0), (11.9, 13.0), 10.0, 3.0, 5.5, 14.0),
+    Carpal("scaphoid", (13.5, 14.0), (13.0, 24.8), 50.0, 2.3, 5.8, 14.0),
+    Carpal("pisiform", (-18.5, 9.5), (9.2, 9.2), 0.0, 2.0, 11.5, 14.5),
 )
 SESAMOID = Carpal("sesamoid", (0.0, 0.0), (4.0, 4.5), 0.0, 2.0, 13.0, 15.5)  # placed at MC1 head
 
@@ -183,19 +182,27 @@ class Hand:
     """A hand at one maturity, in millimetres (hand coordinates)."""
 
     shapes: list[Shape]
-    tissue: list[tuple[str, np.ndarray, float]]  # ('poly', points, 0) or ('capsule', ends, width)
+    polygons: list[np.ndarray]  # soft tissue: palm and forearm
+    capsules: list[tuple[np.ndarray, float]]  # soft tissue: ((2, 2) ends, width) per phalanx
     keypoints: np.ndarray  # (3, 2): finger tip (bone), capitate, thumb tip (bone)
     soft_tips: np.ndarray  # (2, 2): soft-tissue tips of the middle finger and thumb
-    extent: np.ndarray  # points that must stay in the picture
-    stats: dict = field(default_factory=dict)  # maturity measures for tests and plots
+    extent: np.ndarray  # outline points of the hand that must stay in the picture
+    stats: dict  # maturity measures for tests and plots
 
 
 def _unit(angle_deg: float) -> np.ndarray:
+    """Direction at angle_deg from 'up', positive towards +x (y down)."""
     a = math.radians(angle_deg)
     return np.array([math.sin(a), -math.cos(a)])
 
 
+def _normal(d: np.ndarray) -> np.ndarray:
+    """d turned by 90 degrees: towards +x (the thumb) for d pointing up."""
+    return np.array([-d[1], d[0]])
+
+
 def _superellipse(centre, w, h, angle_deg, p, n=28) -> np.ndarray:
+    """Rounded box w x h (p=2 an ellipse, larger p squarer), its h axis along _unit(angle)."""
     th = np.linspace(0, 2 * np.pi, n, endpoint=False)
     c, s = np.cos(th), np.sin(th)
     x = w / 2 * np.sign(c) * np.abs(c) ** (2 / p)
@@ -206,217 +213,232 @@ def _superellipse(centre, w, h, angle_deg, p, n=28) -> np.ndarray:
 
 
 def _along(start: np.ndarray, d: np.ndarray, s: np.ndarray, hw: np.ndarray) -> np.ndarray:
-    """Outline of a body of half-width hw(s) along the axis start + s d (s from 0 upwards)."""
-    n = np.array([-d[1], d[0]])
+    """Outline of a body of half-width hw(s) along the axis start + s d."""
+    n = _normal(d)
     left = start + s[:, None] * d + hw[:, None] * n
     right = start + s[:, None] * d - hw[:, None] * n
     return np.concatenate([left, right[::-1]])
 
 
 def _shaft(start, d, length, w_shaft, w_prox, w_dist, tuft=False, n=14) -> tuple[np.ndarray, np.ndarray]:
-    """A tubular bone from its proximal end: flared metaphyses, waisted shaft, rounded ends.
-    Returns the outline and the medullary cavity."""
+    """A tubular bone from its proximal end: flared metaphyses, waisted shaft, slightly rounded
+    ends (a distal phalanx instead narrows to its tuft). Returns the outline and the
+    medullary cavity."""
     u = np.linspace(0, 1, n)
-    if tuft:  # distal phalanx: wide base, narrow shaft, small tuft at the tip
+    if tuft:
         hw = np.interp(u, [0, 0.25, 0.7, 0.9, 1], [w_prox, 0.75 * w_shaft, 0.6 * w_shaft,
                                                     0.8 * w_shaft, 0.45 * w_shaft]) / 2
     else:
-        fz = min(0.3, 1.3 * max(w_prox, w_dist) / length)  # metaphyses: about a width long
-        flare_p = np.clip(1 - u / fz, 0, 1) ** 2
-        flare_d = np.clip((u - 1 + fz) / fz, 0, 1) ** 2
+        fz = min(0.45, 2.0 * max(w_prox, w_dist) / length)  # metaphyses: ~2 widths long
+        flare_p = np.clip(1 - u / fz, 0, 1) ** 1.7
+        flare_d = np.clip((u - 1 + fz) / fz, 0, 1) ** 1.7
         hw = (w_shaft + (w_prox - w_shaft) * flare_p + (w_dist - w_shaft) * flare_d) / 2
-    # round the ends a little so joints look like joints, not cut tubes
-    cap = np.sqrt(np.clip(1 - (np.minimum(u, 1 - u) * length / (0.35 * max(w_prox, w_dist)) - 1) ** 2, 0, 1))
-    hw = hw * np.where(np.minimum(u, 1 - u) * length < 0.35 * max(w_prox, w_dist), 0.55 + 0.45 * cap, 1)
+    r = 0.2 * max(w_prox, w_dist)
+    from_end = np.minimum(u, 1 - u) * length
+    cap = np.sqrt(np.clip(1 - (from_end / r - 1) ** 2, 0, 1))
+    hw = hw * np.where(from_end < r, 0.75 + 0.25 * cap, 1)
     outline = _along(start, d, u * length, hw)
-    cortex = 0.25 * w_shaft
     end = min(0.12 * length, 1.2 * max(w_prox, w_dist)) / length
     ui = np.linspace(end, 1 - end, n)
-    hwi = np.maximum(np.interp(ui, u, hw) - cortex, 0.05 * w_shaft)
-    hole = _along(start, d, ui * length, hwi)
-    return outline, hole
+    hwi = np.maximum(np.interp(ui, u, hw) - 0.25 * w_shaft, 0.05 * w_shaft)  # cortex: 1/4 width
+    return outline, _along(start, d, ui * length, hwi)
+
+
+class _HandBuilder:
+    """Evaluates the skeleton tables at one maturity. Lengths are adult millimetres times the
+    growth fraction g; the anatomy of maturation lives in the ratios: ossified centres
+    against the cartilage space reserved for them, joint and physis gaps, width/length."""
+
+    def __init__(self, age_months: float, male: bool, rng: np.random.Generator):
+        self.rng = rng
+        self.t = t = maturity_years(age_months, male)
+        self.g = g = growth(t)
+        self.wide = 1.0 + 0.45 * (1 - g) ** 1.5  # young tubular bones are relatively wide
+        self.dens = 0.75 + 0.25 * ramp(t, 0, 14)  # bone mineralises with age
+        self.jgap = (1.3 + 2.5 * (1 - g)) * g  # joint space: thick cartilage in children
+        self.physis = (0.9 + 1.2 * (1 - g)) * g  # growth plate before fusion
+        self.soft = 1.0 + 0.25 * (1 - g)  # children have more soft tissue around their bones
+        self.finger_length = rng.normal(1.0, 0.03)  # long or short fingers for this palm
+        self.shapes: list[Shape] = []
+        self.epi_ratio: list[float] = []
+        self.fused: list[float] = []
+
+    def epiphysis(self, name, centre, d, to_shaft, w_meta, appear, fuse, full, thick, squareness):
+        """Ossification centre of an epiphysis across axis d, its shaft on side `to_shaft`
+        (+-1): appears as a nodule, widens to the width of its metaphysis (`thick` is the
+        cartilage space along the axis), then fuses: the physis narrows and bone bridges it."""
+        t, g = self.t, self.g
+        s = centre_size(t, appear, full)
+        if s == 0:
+            self.epi_ratio.append(0.0)
+            self.fused.append(0.0)
+            return
+        w = w_meta * (0.25 + 0.8 * ramp(t, appear, full)) if t < full else w_meta * 1.05
+        h = thick * (0.45 + 0.55 * s)
+        f = ramp(t, fuse - 1.2, fuse)
+        centre = centre + to_shaft * d * self.physis * f * 0.7
+        ang = math.degrees(math.atan2(d[0], -d[1]))
+        self.shapes.append(Shape(_superellipse(centre, w, h, ang, squareness), 0.85 * self.dens, "epiphysis", name))
+        self.epi_ratio.append(w / w_meta)
+        self.fused.append(f)
+        if f > 0:
+            n = _normal(d) * min(w, w_meta) * 0.95 * f / 2
+            p0 = centre + to_shaft * d * (h / 2 - 0.3 * g)
+            p1 = centre + to_shaft * d * (h / 2 + self.physis * (1 - 0.7 * f) + 0.3 * g)
+            self.shapes.append(Shape(np.array([p0 + n, p1 + n, p1 - n, p0 - n]), 0.8 * self.dens * f, "bridge", name))
+
+    def ray(self, ray: Ray, spread: float) -> np.ndarray:
+        """Draw one ray's bones; returns its joint positions (base, then each bone's end)."""
+        g, rng = self.g, self.rng
+        jit = rng.normal(1.0, 0.02, len(ray.lengths)) * self.finger_length
+        if ray.name == "thumb":
+            angle, splay = ray.angle + rng.normal(0, 5.0), ray.splay + rng.normal(0, 2.0)
+        else:  # one spread factor per hand, so neighbouring fingers never cross
+            angle, splay = ray.angle * spread + rng.normal(0, 1.0), ray.splay * spread + rng.normal(0, 0.7)
+        pos = np.array(ray.base) * g
+        pts = [pos]
+        last = len(ray.lengths) - 1
+        for i, (length, width) in enumerate(zip(ray.lengths, ray.widths)):
+            d = _unit(angle)
+            ws = width * g * self.wide
+            w_prox = ws * 1.45
+            w_dist = ws * 0.8 if i == last else ws * (1.55 if i == 0 else 1.3)
+            # epiphyses sit at the base of phalanges and of the thumb metacarpal, at the head
+            # of the other metacarpals
+            proximal = i > 0 or ray.name == "thumb"
+            zone = (w_prox if proximal else w_dist) * 0.42  # cartilage space of the epiphysis
+            diaph = length * g * (jit[i] if i else 1.0) - zone - self.physis
+            if i > 0:
+                pos = pos + d * self.jgap
+            if proximal:
+                epi_c, start = pos + d * zone / 2, pos + d * (zone + self.physis)
+                pos = start + d * diaph
+            else:
+                start, epi_c = pos, pos + d * (diaph + self.physis + zone / 2)
+                pos = epi_c + d * zone / 2
+            outline, hole = _shaft(start, d, diaph, ws, w_prox, w_dist, tuft=i == last)
+            self.shapes.append(Shape(outline, self.dens, "shaft", f"{ray.name}{i}", hole))
+            self.epiphysis(f"{ray.name}{i}", epi_c, d, 1 if proximal else -1, w_prox if proximal else w_dist,
+                           ray.epi_appear[i], ray.epi_fuse[i], ray.epi_appear[i] + 9.0, zone,
+                           2.4 if proximal else 2.0)
+            pts.append(pos)
+            angle += splay if i else splay * 0.5
+        return np.array(pts)
+
+    def carpals(self, mc1: np.ndarray) -> tuple[int, float]:
+        """Draw the carpal centres and the thumb sesamoid; returns (count, area in adult mm^2)
+        of the carpals."""
+        t, g = self.t, self.g
+        count, area = 0, 0.0
+        for c in CARPALS + (SESAMOID,):
+            s = centre_size(t, c.appear, c.full)
+            if s == 0:
+                continue
+            if c.name == "sesamoid":  # at the thumb's MCP joint, ulnar side of the metacarpal head
+                d = (mc1[1] - mc1[0]) / np.linalg.norm(mc1[1] - mc1[0])
+                centre = mc1[1] - d * 2.0 * g - _normal(d) * 2.5 * g
+            elif c.name == "capitate":  # fixed: its centre is a key point
+                centre = np.array(c.centre) * g
+            else:
+                centre = (np.array(c.centre) + self.rng.normal(0, 0.5, 2)) * g
+            # young centres are small and round; the adult shape emerges as they grow
+            mature = ramp(t, c.appear, c.full)
+            w = c.size[0] * g * s
+            h = (c.size[0] + (c.size[1] - c.size[0]) * mature) * g * s
+            p = 2.0 + (c.squareness - 2.0) * mature
+            self.shapes.append(Shape(_superellipse(centre, w, h, c.angle * mature, p), 0.75 * self.dens, "carpal", c.name))
+            if c.name != "sesamoid":
+                count += 1
+                area += math.pi / 4 * w * h / (g * g)
+        return count, area
+
+    def forearm(self) -> None:
+        """Radius and ulna: shafts running out of the picture, distal metaphysis, epiphysis."""
+        g = self.g
+        down = _unit(180.0)
+        for b in (RADIUS, ULNA):
+            end = np.array([b.x, b.distal_y]) * g + [0.0, self.physis + 0.1 * b.distal_width * g]
+            ws = b.shaft * g * self.wide
+            outline, hole = _shaft(end, down, 260.0 * g, ws, b.distal_width * g * (0.8 + 0.2 * g), ws)
+            self.shapes.append(Shape(outline, self.dens * 1.05, "shaft", b.name, hole))
+            thick = b.distal_width * g * 0.28
+            self.epiphysis(b.name, end - down * (self.physis + thick / 2), _unit(180.0 + b.tilt), 1,
+                           b.distal_width * g, b.epi_appear, b.epi_fuse, b.epi_full, thick,
+                           3.5 if b is RADIUS else 2.3)
+
+    def soft_tissue(self, rays: dict[str, np.ndarray]):
+        """Finger capsules (one per phalanx, tapering, the last ending a pad beyond the bone
+        tip), the palm polygon around the metacarpals, the forearm. Returns (polygons,
+        capsules, soft tips of all rays, palm polygon down to the wrist)."""
+        g, soft = self.g, self.soft
+        capsules, tips = [], {}
+        for ray in RAYS:
+            pts = rays[ray.name]
+            d = (pts[-1] - pts[-2]) / np.linalg.norm(pts[-1] - pts[-2])
+            pad = (3.5 + 1.0 * (1 - g)) * g
+            tips[ray.name] = pts[-1] + d * pad
+            for k in range(1, len(pts) - 1):
+                fw = (ray.widths[k] * g * self.wide * 2.0 + 5.0 * g) * soft
+                p0 = pts[k] - (pts[k] - pts[k - 1]) * (0.35 if k == 1 else 0.0)  # starts in the palm
+                p1 = pts[k + 1] + (d * (pad - fw / 2) if k == len(pts) - 2 else 0.0)
+                capsules.append((np.array([p0, p1]), fw))
+        side = 10.5 * g * soft
+
+        def beside(name, u, off):
+            """Point at fraction u along a metacarpal, `off` mm to its thumb side."""
+            p0, p1 = rays[name][0], rays[name][1]
+            return p0 + (p1 - p0) * u + _normal((p1 - p0) / np.linalg.norm(p1 - p0)) * off
+
+        def web(name, u):
+            """Point at fraction u along a proximal phalanx (where the finger webs are)."""
+            return rays[name][1] + (rays[name][2] - rays[name][1]) * u
+
+        wrist_ulnar = [[ULNA.x * g - 16 * g * soft, 45 * g], [ULNA.x * g - 14 * g * soft, 18 * g]]
+        wrist_radial = [[RADIUS.x * g + 24 * g * soft, 20 * g], [RADIUS.x * g + 22 * g * soft, 45 * g]]
+        outline = np.array([
+            beside("little", 0.2, -side * 1.3),  # hypothenar eminence
+            beside("little", 0.6, -side * 1.25),
+            beside("little", 1.0, -side * 0.9),
+            web("little", 0.35),
+            web("index", 0.3),
+            beside("index", 1.05, side * 0.7),
+            beside("index", 0.75, side * 0.9),  # deepest point of the first web space
+            beside("thumb", 1.0, -side * 0.5),
+            beside("thumb", 1.1, side * 0.8),
+            beside("thumb", 0.5, side * 1.5),  # thenar eminence
+            beside("thumb", 0.0, side * 1.6),
+        ])
+        palm = np.concatenate([wrist_ulnar, outline, wrist_radial])
+        fore = np.array([palm[0], palm[-1], [RADIUS.x * g + 30 * g * soft, 330 * g],
+                         [ULNA.x * g - 26 * g * soft, 330 * g]])
+        return [palm, fore], capsules, tips, palm
 
 
 def build_hand(age_months: float, male: bool, rng: np.random.Generator) -> Hand:
     """The skeleton and soft tissue at one bone age, with individual proportions from rng."""
-    t = maturity_years(age_months, male)
-    g = growth(t)
-    # Young tubular bones are relatively wide; bone gets denser with age.
-    wide = 1.0 + 0.45 * (1 - g) ** 1.5
-    dens = 0.75 + 0.25 * ramp(t, 0, 14)
-    jgap = 1.3 + 2.5 * (1 - g)  # joint space (mm, at adult scale): cartilage is thick in children
-    physis = 0.9 + 1.2 * (1 - g)  # epiphyseal plate width before fusion (mm, adult scale)
-    length_jit = rng.normal(1.0, 0.03)  # fingers long or short relative to the palm
-    shapes: list[Shape] = []
-    tissue: list[tuple[str, np.ndarray, float]] = []
-    stats = {"t": t, "growth": g, "carpals": 0, "carpal_area": 0.0, "epi_ratio": [], "fused": []}
-    ray_pts = {}
-
-    def add_epiphysis(name, centre, d, to_shaft, w_meta, appear, fuse, full, thick, round_p):
-        """Ossification centre of an epiphysis across axis d, its shaft on side `to_shaft` (+-1):
-        appears as a nodule, widens to the width of its metaphysis, then fuses (bone bridges
-        the physis gap)."""
-        s = centre_size(t, appear, full)
-        if s == 0:
-            stats["epi_ratio"].append(0.0)
-            stats["fused"].append(0.0)
-            return
-        w = w_meta * (0.25 + 0.8 * ramp(t, appear, full)) if t < full else w_meta * 1.05
-        h = thick * (0.45 + 0.55 * s)
-        ang = math.degrees(math.atan2(d[0], -d[1]))
-        f = ramp(t, fuse - 1.2, fuse)
-        centre = centre + to_shaft * d * physis * g * f * 0.7  # the physis narrows as it fuses
-        shapes.append(Shape(_superellipse(centre, w, h, ang, round_p), 0.85 * dens, "epiphysis", name))
-        stats["epi_ratio"].append(w / w_meta)
-        stats["fused"].append(f)
-        if f > 0:
-            n = np.array([-d[1], d[0]])
-            bw = min(w, w_meta) * 0.95 * f / 2
-            p0 = centre + to_shaft * d * (h / 2 - 0.3 * g)
-            p1 = centre + to_shaft * d * (h / 2 + physis * g * (1 - 0.7 * f) + 0.3 * g)
-            shapes.append(Shape(np.array([p0 + n * bw, p1 + n * bw, p1 - n * bw, p0 - n * bw]),
-                                0.8 * dens * f, "bridge", name))
-
-    # how far the fingers are spread: one factor for the hand, so neighbours never cross
-    spread = rng.uniform(0.7, 1.4)
-    for ray in RAYS:
-        jit = rng.normal(1.0, 0.02, len(ray.lengths)) * length_jit
-        if ray.name == "thumb":
-            angle, splay = ray.angle + rng.normal(0, 5.0), ray.splay + rng.normal(0, 2.0)
-        else:
-            angle, splay = ray.angle * spread + rng.normal(0, 1.0), ray.splay * spread + rng.normal(0, 0.7)
-        pos = np.array(ray.base) * g
-        pts = [pos.copy()]
-        for i, (length, width) in enumerate(zip(ray.lengths, ray.widths)):
-            is_mc = i == 0
-            d = _unit(angle)
-            L = length * g * (jit[i] if i else 1.0)
-            ws = width * g * wide
-            w_prox, w_dist = ws * 1.45, ws * (1.55 if is_mc else 1.3)
-            if i == len(ray.lengths) - 1:
-                w_dist = ws * 0.8
-            proximal_epi = not is_mc or ray.name == "thumb"
-            epi_zone = (w_prox if proximal_epi else w_dist) * 0.42  # cartilage reserved for it
-            diaph = L - epi_zone - physis * g
-            if i > 0:
-                pos = pos + d * jgap * g
-            if proximal_epi:
-                epi_c = pos + d * epi_zone / 2
-                start = pos + d * (epi_zone + physis * g)
-            else:
-                start = pos
-                epi_c = pos + d * (diaph + physis * g + epi_zone / 2)
-            outline, hole = _shaft(start, d, diaph, ws, w_prox, w_dist, tuft=i == len(ray.lengths) - 1)
-            bone_name = f"{ray.name}{i}"
-            shapes.append(Shape(outline, dens, "shaft", bone_name, hole))
-            add_epiphysis(bone_name, epi_c, d, 1 if proximal_epi else -1, w_prox if proximal_epi else w_dist, ray.epi_appear[i],
-                          ray.epi_fuse[i], ray.epi_appear[i] + 9.0, epi_zone,
-                          2.4 if proximal_epi else 2.0)
-            if proximal_epi:
-                pos = start + d * diaph
-            else:
-                pos = epi_c + d * epi_zone / 2
-            pts.append(pos.copy())
-            if ray.name == "thumb" and is_mc:
-                mc1_head, mc1_dir = pos.copy(), d
-            angle += splay if i else splay * 0.5
-        ray_pts[ray.name] = (np.array(pts), ray.widths, g * wide)
-
-    # carpals, scaled with the hand; the capitate stays at the origin (it is a key point)
-    for c in CARPALS + (SESAMOID,):
-        s = centre_size(t, c.appear, c.full)
-        if s == 0:
-            continue
-        centre = np.array(c.centre) * g
-        if c.name == "sesamoid":
-            # at the metacarpophalangeal joint, on the ulnar side of the metacarpal head
-            centre = mc1_head - mc1_dir * 2.0 * g + np.array([mc1_dir[1], -mc1_dir[0]]) * 2.5 * g
-        elif c.name != "capitate":
-            centre = centre + rng.normal(0, 0.5, 2) * g
-        # young centres are round and small; the adult shape emerges as they grow
-        mature = ramp(t, c.appear, c.full)
-        w = c.size[0] * g * s
-        h = (c.size[0] + (c.size[1] - c.size[0]) * mature) * g * s
-        p = 2.0 + (c.squareness - 2.0) * mature
-        shapes.append(Shape(_superellipse(centre, w, h, c.angle * mature, p), 0.9 * dens, "carpal", c.name))
-        if c.name != "sesamoid":
-            stats["carpals"] += 1
-            stats["carpal_area"] += math.pi / 4 * w * h / (g * g)
-
-    # radius and ulna: long shafts leaving the picture, distal metaphysis plus epiphysis
-    for b in (RADIUS, ULNA):
-        end = np.array([b.x, b.distal_y]) * g + np.array([0.0, physis * g + 3.0 * g * b.distal_width / 30])
-        d = _unit(180.0)  # pointing down the forearm
-        ws = b.shaft * g * wide
-        outline, hole = _shaft(end, d, 260.0 * g, ws, b.distal_width * g * (0.8 + 0.2 * g), ws)
-        shapes.append(Shape(outline, dens * 1.05, "shaft", b.name, hole))
-        thick = b.distal_width * g * 0.28
-        epi_c = end - d * (physis * g + thick / 2)
-        rot = _unit(180.0 + b.tilt)
-        add_epiphysis(b.name, epi_c, rot, 1, b.distal_width * g, b.epi_appear, b.epi_fuse, b.epi_full,
-                      thick, 3.5 if b is RADIUS else 2.3)
-
-    # soft tissue: a finger capsule per ray over its phalanges, the palm, the forearm
-    thick = 1.0 + 0.25 * (1 - g)  # children have more soft tissue around their bones
-    keyp = {}
-    for name, (pts, widths, wscale) in ray_pts.items():
-        d = pts[-1] - pts[-2]
-        d = d / np.linalg.norm(d)
-        pad = (3.5 + 1.0 * (1 - g)) * g
-        soft_tip = pts[-1] + d * pad
-        keyp[name] = (pts[-1], soft_tip)
-        # one capsule per phalanx, tapering towards the tip; the tip capsule ends `pad` beyond
-        # the bone tip, the first one starts inside the palm
-        for k in range(1, len(pts) - 1):
-            fw = (widths[k] * wscale * 2.0 + 5.0 * g) * thick
-            p0 = pts[k] - (pts[k] - pts[k - 1]) * (0.35 if k == 1 else 0.0)
-            p1 = pts[k + 1] + (d * (pad - fw / 2) if k == len(pts) - 2 else 0.0)
-            tissue.append(("capsule", np.array([p0, p1]), fw))
-    mc = {n: ray_pts[n][0] for n in ray_pts}
-    side = 10.5 * g * thick
-
-    def beside(ray, u, off):
-        """A point at fraction u along a metacarpal, `off` mm to its radial (thumb) side."""
-        p0, p1 = mc[ray][0], mc[ray][1]
-        d = (p1 - p0) / np.linalg.norm(p1 - p0)
-        return p0 + (p1 - p0) * u + np.array([-d[1], d[0]]) * off
-
-    palm = np.array([
-        [ULNA.x * g - 16 * g * thick, 45 * g],
-        [ULNA.x * g - 14 * g * thick, 18 * g],
-        beside("little", 0.2, -side * 1.3),  # hypothenar bulge
-        beside("little", 0.6, -side * 1.25),
-        beside("little", 1.0, -side * 0.9),
-        mc["little"][1] + (mc["little"][2] - mc["little"][1]) * 0.35,  # finger webs
-        mc["index"][1] + (mc["index"][2] - mc["index"][1]) * 0.3,
-        beside("index", 1.05, side * 0.7),
-        beside("index", 0.75, side * 0.9),  # deepest point of the first web
-        beside("thumb", 1.0, -side * 0.5),
-        beside("thumb", 1.1, side * 0.8),
-        beside("thumb", 0.5, side * 1.5),  # thenar bulge
-        beside("thumb", 0.0, side * 1.6),
-        [RADIUS.x * g + 24 * g * thick, 20 * g],
-        [RADIUS.x * g + 22 * g * thick, 45 * g],
-    ])
-    tissue.append(("poly", palm, 0.0))
-    fore = np.array([palm[0], palm[-1], [RADIUS.x * g + 30 * g * thick, 330 * g],
-                     [ULNA.x * g - 26 * g * thick, 330 * g]])
-    tissue.append(("poly", fore, 0.0))
-
-    keypoints = np.array([keyp["middle"][0], [0.0, 0.0], keyp["thumb"][0]])
-    soft_tips = np.array([keyp["middle"][1], keyp["thumb"][1]])
-    extent = np.concatenate([soft_tips, [keyp[n][1] for n in ("index", "ring", "little")], palm[:-2]])
-    stats["epi_ratio"] = float(np.mean(stats["epi_ratio"]))
-    stats["fused"] = float(np.mean(stats["fused"]))
-    return Hand(shapes, tissue, keypoints, soft_tips, extent, stats)
+    b = _HandBuilder(age_months, male, rng)
+    spread = rng.uniform(0.85, 1.35)
+    rays = {ray.name: b.ray(ray, spread) for ray in RAYS}
+    count, area = b.carpals(rays["thumb"])
+    b.forearm()
+    polygons, capsules, tips, palm = b.soft_tissue(rays)
+    stats = {"t": b.t, "growth": b.g, "carpals": count, "carpal_area": area,
+             "epi_ratio": float(np.mean(b.epi_ratio)), "fused": float(np.mean(b.fused))}
+    return Hand(
+        shapes=b.shapes, polygons=polygons, capsules=capsules,
+        keypoints=np.array([rays["middle"][-1], [0.0, 0.0], rays["thumb"][-1]]),
+        soft_tips=np.array([tips["middle"], tips["thumb"]]),
+        extent=np.concatenate([np.array(list(tips.values())), palm]),  # hand and wrist
+        stats=stats,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # 4. Rasteriser
 # --------------------------------------------------------------------------------------------
 
-TISSUE_LEVEL = 0.5  # attenuation of the thickest soft tissue; bone adds ~0.25 on top
-BONE_LEVEL = 0.18
+TISSUE_LEVEL = 0.42  # attenuation of the thickest soft tissue; bone adds ~0.2-0.4 on top
+BONE_LEVEL = 0.2
 RIM_GAIN = 1.8  # cortical rim: bright inner edge of each bone
 
 
@@ -524,9 +546,7 @@ def rasterise(hand: Hand, pose: Pose, canvas: Canvas, rng: np.random.Generator):
     def tr(p):
         return canvas.to_inner(pose.apply(p))
 
-    polys = [tr(p) for kind, p, _ in hand.tissue if kind == "poly"]
-    caps = [(tr(p), w * px) for kind, p, w in hand.tissue if kind == "capsule"]
-    tmask = _draw_mask((hi, wi), polys, caps)
+    tmask = _draw_mask((hi, wi), [tr(p) for p in hand.polygons], [(tr(p), w * px) for p, w in hand.capsules])
     # soft-tissue thickness: rounded edges (small blur) and a thicker palm and forearm (a wide
     # blur, done at 1/4 resolution because it is smooth anyway)
     half = tmask[::2, ::2]
@@ -540,8 +560,8 @@ def rasterise(hand: Hand, pose: Pose, canvas: Canvas, rng: np.random.Generator):
         # a bridge is a sliver no thicker than the cortex: a rim would make it a bright bar
         _stamp(bone, tr(s.points), BONE_LEVEL * s.density, sigma,
                None if s.hole is None else tr(s.hole), 0.0 if s.kind == "bridge" else RIM_GAIN)
-    tex = _window(_noise_tile(1400, 1.5), (hi, wi), rng)
-    img += bone * (1.0 + 0.10 * tex)
+    tex = _window(_noise_tile(1400, 2.5), (hi, wi), rng)  # trabecular texture
+    img += bone * (1.0 + 0.06 * tex)
     return img, tmask > 0.5, bone > 0.05
 
 
@@ -663,8 +683,8 @@ def expose(img: np.ndarray, tmask: np.ndarray, hand_box: np.ndarray, rng: np.ran
     yy = (np.arange(hi, dtype=np.float32) / hi)[:, None]
     xx = (np.arange(wi, dtype=np.float32) / wi)[None, :]
     grey = rng.random() < 0.1  # some scans are washed out: grey background, low contrast
-    bg = rng.uniform(0.35, 0.5) if grey else rng.uniform(0.0, 0.12)
-    gain = rng.uniform(0.3, 0.5) if grey else rng.uniform(0.75, 1.15)
+    bg = rng.uniform(0.35, 0.5) if grey else rng.uniform(0.0, 0.1)
+    gain = rng.uniform(0.3, 0.5) if grey else rng.uniform(0.7, 1.05)
     a = rng.uniform(0, 2 * np.pi)
     ramp_ = (math.cos(a) * (xx - 0.5) + math.sin(a) * (yy - 0.5)) * rng.uniform(0, 0.12)
     heel = -rng.uniform(0, 0.08) * ((xx - rng.uniform(0.3, 0.7)) ** 2 + (yy - rng.uniform(0.3, 0.7)) ** 2)
@@ -682,7 +702,7 @@ def expose(img: np.ndarray, tmask: np.ndarray, hand_box: np.ndarray, rng: np.ran
         rot = np.array([[math.cos(ang), -math.sin(ang)], [math.sin(ang), math.cos(ang)]])
         rect = rect @ rot.T + c
         field_ = ndimage.gaussian_filter(_draw_mask((hi, wi), [rect]), 0.004 * hi)
-        outside = rng.uniform(0.25, 0.55) if rng.random() < 0.5 else rng.uniform(0.0, 0.06)
+        outside = rng.uniform(0.25, 0.55) if rng.random() < 0.35 else rng.uniform(0.0, 0.06)
         out = field_ * out + (1 - field_) * outside
         if rng.random() < 0.6:  # the bright edge of a cassette frame along the field
             edge = Image.new("L", (wi, hi))
@@ -740,7 +760,7 @@ def _render(seed: int, age_months: float | None, male: bool | None,
         img = ndimage.gaussian_filter(img, r_nuis.uniform(0.4, 1.0))
         img, field_ = expose(img, tmask, np.array([box.min(0), box.max(0)]), r_nuis)
     else:
-        img = np.clip(0.03 + img, 0, 1)
+        img = np.clip(0.03 + 0.85 * img, 0, 1)
         field_ = np.ones_like(tmask)
     u8 = _resize((img * 255 + 0.5).astype(np.uint8), height, width)
     if nuisance:
@@ -832,7 +852,7 @@ def write_dataset(n: int, out_dir, seed: int = 0, size: tuple[int, int] | None =
     return paths
 
 
-def age_strip(path, ages_years=(1, 3, 6, 10, 13, 16, 18), seed: int = 7, size=(640, 480)) -> None:
+def age_strip(path, ages_years=(1, 3, 6, 10, 13, 16, 18), seed: int = 7, size=(600, 400)) -> None:
     """One hand (same seed, no nuisance) at several ages, boys above girls: maturation at a glance."""
     h, w = size
     sheet = Image.new("L", (w * len(ages_years), h * 2 + 40))

@@ -66,6 +66,8 @@ def _autocast(device, cfg_bf16: bool):
 
 
 def _as_index(idx, device) -> torch.Tensor:
+    if isinstance(idx, torch.Tensor):
+        return idx.to(device=device, dtype=torch.long)
     return torch.as_tensor(np.asarray(idx), dtype=torch.long, device=device)
 
 
@@ -76,7 +78,9 @@ def _prepare(model, cfg: TrainConfig, device):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest convs
     if _cuda(device) and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run = torch.compile(model) if (_cuda(device) and cfg.compile) else model
+    # dynamic=False: every kind has fixed shapes; without it a second model in the same process
+    # (same forward code, new shapes) recompiles with symbolic shapes: slower to build and run.
+    run = torch.compile(model, dynamic=False) if (_cuda(device) and cfg.compile) else model
     return model, run
 
 

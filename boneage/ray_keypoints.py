@@ -1,0 +1,136 @@
+"""The key point model on Ray: training with Ray Train (one TorchTrainer worker: the net is small) and
+prediction as a Ray Data actor pool. The torch work itself is boneage.train.fit_keypoint_model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from boneage import io, prepare, train
+from boneage.config import Config
+
+STATE_FILE = "state.pt"
+
+
+def training_set(analysed: pd.DataFrame, annotations: dict[str, np.ndarray], min_confidence: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs uint8 (N,1,130,100), targets (N,3,2) in [0,1] of the image, is_annotation (N,)).
+
+    Annotated images use their annotation; the others, where the geometric estimate is confident,
+    use it as a pseudo-label (the seed hand-labelled 800 images; we have few or none)."""
+    inputs, targets, annotated = [], [], []
+    for row in analysed[analysed.status == "ok"].itertuples():
+        size = np.array([row.width, row.height], float)
+        if row.id in annotations:
+            points, is_annotation = annotations[row.id], True
+        elif row.keypoint_confidence is not None and row.keypoint_confidence >= min_confidence:
+            points, is_annotation = np.array([getattr(row, c) for c in prepare.KEYPOINT_COLUMNS]).reshape(3, 2), False
+        else:
+            continue
+        if not np.all(np.isfinite(points)):
+            continue
+        inputs.append(prepare.decode_png(row.keypoint_input)[None])
+        targets.append(np.asarray(points, float) / size)
+        annotated.append(is_annotation)
+    if not inputs:
+        return np.zeros((0, 1, *prepare.KEYPOINT_INPUT_HW), np.uint8), np.zeros((0, 3, 2)), np.zeros(0, bool)
+    return np.stack(inputs), np.stack(targets).astype(np.float32), np.array(annotated)
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker: fit, reporting every epoch with a resumable checkpoint."""
+    inputs, targets = ray.get(loop_config["data"])
+    cfg = train.TrainConfig(**loop_config["train"])
+    n = len(inputs)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    n_val = max(1, int(round(n * loop_config["val_fraction"])))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+
+    resume_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker continues from its last epoch
+        with checkpoint.as_directory() as folder:
+            resume_state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+
+    def report(epoch: int, metrics: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, os.path.join(folder, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    train.fit_keypoint_model(torch.from_numpy(inputs), targets, train_idx, val_idx, cfg,
+                             ray.train.torch.get_device(), report, resume_state)
+
+
+def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -> dict[str, Any]:
+    """Train the key point model with Ray Train; write its best weights to `out_uri` (a .pt file)."""
+    kp = config.keypoints
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"data": ray.put((inputs, targets)), "val_fraction": kp.val_fraction,
+                           "train": {"epochs": kp.epochs, "batch_size": kp.batch_size, "lr": kp.lr,
+                                     "width_mult": kp.width_mult, "patience": kp.patience,
+                                     "seed": config.data.seed, "schedule": "onecycle"}},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=kp.use_gpu,
+                                               resources_per_worker={"CPU": _worker_cpus(kp.use_gpu)}),
+        run_config=ray.train.RunConfig(
+            name="keypoints",
+            storage_path=_storage_path(config),
+            storage_filesystem=io.arrow_filesystem(config.output, config.data.storage_options),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per checkpoint
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+    compact = {"spec": state["spec"], "best": {"model": state["best"]["model"]}, "metrics": state["best"]["metrics"]}
+    with io.open_output(out_uri, "wb", config.data.storage_options) as f:
+        torch.save(compact, f)
+    return compact["metrics"]
+
+
+def _worker_cpus(use_gpu: bool) -> float:
+    """On CPU the one training worker gets the CPUs of a node (Ray sizes torch's thread pool by them);
+    on GPU one CPU is enough: the data is on the device."""
+    if use_gpu:
+        return 1
+    return max(1, min(node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]))
+
+
+def _storage_path(config: Config) -> str:
+    uri = io.join_uri(config.output, "train")
+    if io.arrow_filesystem(uri, config.data.storage_options) is not None:
+        return io.strip_protocol(uri)
+    return os.path.abspath(uri)  # Ray Train wants an absolute local path
+
+
+class KeypointPredictor:
+    """Ray Data actor: loads the model once, adds model_<point>_<x|y> columns (image pixels)."""
+
+    def __init__(self, model_uri: str, storage_options: dict | None = None, use_gpu: bool = False):
+        with io.open_output(model_uri, "rb", storage_options) as f:
+            state = torch.load(f, weights_only=False, map_location="cpu")
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = train.model_from_state(state).to(self.device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ok = (batch["status"] == "ok").to_numpy() & batch["keypoint_input"].notna().to_numpy()
+        predicted = np.full((len(batch), 3, 2), np.nan)
+        if ok.any():
+            images = np.stack([prepare.decode_png(b)[None] for b in batch["keypoint_input"][ok]])
+            points = train.predict_keypoints(self.model, torch.from_numpy(images), np.arange(len(images)),
+                                             device=self.device).cpu().numpy()
+            size = np.stack([batch["width"][ok].to_numpy(float), batch["height"][ok].to_numpy(float)], 1)
+            predicted[ok] = points * size[:, None, :]
+        for i, column in enumerate(prepare.MODEL_KEYPOINT_COLUMNS):
+            batch[column] = predicted.reshape(len(batch), 6)[:, i]
+        return batch
