@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from boneage import keypoints_geometric, preprocess, register
+from boneage.errors import ItemError
 
 DATA = "/work/shared/data/rsna-dev"
 
@@ -59,7 +60,7 @@ def main() -> None:
             for im in images:
                 try:
                     process(im)
-                except ValueError:  # no key points: still counted
+                except ItemError:  # no key points: still counted
                     pass
             t2 = time.perf_counter()
             t_dec.append((t1 - t0) / len(files))

@@ -3,9 +3,10 @@
 This is the fallback of the key point CNN and the source of its pseudo-labels. On a copy of the
 mask reduced to ~256 px: the forearm is where the mask meets the image border; the geodesic
 distance from there inside the mask peaks at the five fingertips, which the mask's outline
-visits in anatomical order; the thumb is the end finger with the deeper web, the middle finger
-the third from it; the capitate lies on the middle finger's axis, a calibrated multiple of the
-finger's length (tip to the webs beside it) below the tip.
+visits in anatomical order; the thumb is the end finger that stands apart with the deeper web,
+the middle finger the third from it; the capitate lies below the tip, towards the webs beside
+the middle finger and the palm centre, at a calibrated multiple of the tip-web and tip-palm
+distances.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def estimate_keypoints(mask: np.ndarray, image: np.ndarray | None = None):
     geo, _ = graph.MCP_Geometric(costs).find_costs([tuple(p) for p in entry])
     geo = np.where(m & np.isfinite(geo), geo, 0.0)
     gmax = float(geo.max())
+    # the palm centre proper: the widest point away from the forearm's cut (a bright wedge or
+    # frame joined to the forearm can be wider than the palm)
+    away = m & (geo > 0.3 * gmax)
+    if away.any():
+        palm = np.array(np.unravel_index(int(np.argmax(np.where(away, dt, 0))), m.shape), float)
     # the outline runs between pixels: read each point from the mask pixels next to it
     geo = ndi.maximum_filter(geo, 3)
 

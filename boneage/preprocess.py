@@ -15,6 +15,8 @@ from PIL import Image, ImageFilter
 from scipy import ndimage as ndi
 from skimage import filters, morphology
 
+from boneage.errors import ItemError
+
 WORK_SIZE = 256  # long side of the working copy
 
 
@@ -32,8 +34,8 @@ def _edt(b: np.ndarray, pad: int = 8) -> np.ndarray:
     return ndi.distance_transform_edt(np.pad(b, pad, mode="edge"))[pad:-pad, pad:-pad]
 
 
-# Binary morphology with a disk of radius r, through the distance transform (exact for a
-# Euclidean disk, and much faster than scipy's binary morphology for r > 1).
+# Binary morphology with a disk of radius r: through the distance transform (exact for a
+# Euclidean disk, and much faster than scipy's binary morphology for larger r), except r = 2.
 _DISK2 = morphology.disk(2).astype(bool)
 
 
@@ -191,6 +193,7 @@ def _upsample(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def hand_mask(image: np.ndarray) -> np.ndarray:
     """Bool mask (same shape as `image`, uint8 HxW) of the hand and forearm."""
+    check_image(image)
     g, _ = work_copy(image)
     m, _ = small_mask(g)
     return _upsample(m, image.shape)
@@ -222,12 +225,23 @@ def apply_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     hi = max(hi, lo + 1)
     lut = np.clip((np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
     out = np.array(Image.fromarray(image).point(lut.tolist()))  # PIL's LUT: faster than numpy's
-    out *= mask.view(np.uint8)
+    out *= np.asarray(mask, dtype=bool).view(np.uint8)
     return out
 
 
+def check_image(image: np.ndarray) -> None:
+    """Raise ItemError('bad_image') for what no mask can come from."""
+    if not isinstance(image, np.ndarray) or image.ndim != 2 or image.dtype != np.uint8:
+        raise ItemError("bad_image", f"expected a uint8 HxW array, got {getattr(image, 'dtype', type(image))} "
+                        f"{getattr(image, 'shape', '')}")
+    if min(image.shape) < 64:
+        raise ItemError("bad_image", f"too small: {image.shape}")
+
+
 def preprocess(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(clean uint8, mask bool, qa dict) of a raw uint8 HxW radiograph."""
+    """(clean uint8, mask bool, qa dict) of a raw uint8 HxW radiograph. The mask may be wrong:
+    qa['mask_doubtful'] says when it looks so. Raises ItemError('bad_image') on unusable input."""
+    check_image(image)
     g, f = work_copy(image)
     m, info = small_mask(g)
     mask = _upsample(m, image.shape)

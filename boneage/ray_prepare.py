@@ -40,7 +40,20 @@ class _Analyse:
         self.storage_options = dict(storage_options or {})
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame([prepare.analyse_row(r, self.storage_options) for r in batch.to_dict("records")])
+        rows = [prepare.analyse_row(r, self.storage_options) for r in batch.to_dict("records")]
+        for row in rows:
+            # Failed rows carry empty arrays, not None: a column must be all tensors for Arrow.
+            for key, empty in _EMPTY_ARRAYS.items():
+                row.setdefault(key, empty)
+        return pd.DataFrame(rows)
+
+
+_EMPTY_ARRAYS = {
+    prepare._CLEAN: np.zeros((0, 0), np.uint8),
+    prepare._MASK: np.zeros((0, 0), bool),
+    prepare._GEOMETRIC: np.full((3, 2), np.nan),
+    prepare._GEOMETRIC_CONFIDENCE: float("nan"),
+}
 
 
 def _register(batch: pd.DataFrame) -> pa.Table:
@@ -54,10 +67,10 @@ def _register(batch: pd.DataFrame) -> pa.Table:
 
 def _analysed_without_arrays(batch: pd.DataFrame) -> pd.DataFrame:
     """The geometric key points as columns, the in-flight arrays dropped (for key point training)."""
-    geometric = batch.pop(prepare._GEOMETRIC)
+    geometric = np.stack([np.asarray(g, float).reshape(6) for g in batch.pop(prepare._GEOMETRIC)])
     batch["keypoint_confidence"] = batch.pop(prepare._GEOMETRIC_CONFIDENCE)
     for i, column in enumerate(prepare.KEYPOINT_COLUMNS):
-        batch[column] = [np.asarray(g, float).ravel()[i] if isinstance(g, np.ndarray) else None for g in geometric]
+        batch[column] = geometric[:, i]
     return batch.drop(columns=[prepare._CLEAN, prepare._MASK], errors="ignore")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from boneage import frame
+from boneage.errors import ItemError
 
 
 def _similarity(src: np.ndarray, dst: np.ndarray, mirror: bool) -> np.ndarray:
@@ -31,13 +32,13 @@ def _similarity(src: np.ndarray, dst: np.ndarray, mirror: bool) -> np.ndarray:
 
 def registration_transform(keypoints: np.ndarray) -> np.ndarray:
     """3x3 affine matrix mapping image (x, y) into frame coordinates, from key points (3, 2) in
-    frame.KEYPOINT_NAMES order. Mirrored (reflection about the frame's vertical axis) when the
+    frame.KEYPOINT_NAMES order; ItemError('bad_keypoints') if they cannot define one. Mirrored (reflection about the frame's vertical axis) when the
     thumb would otherwise land left of the finger-capitate line."""
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.shape != (3, 2) or not np.isfinite(kp).all():
-        raise ValueError(f"key points must be a finite (3, 2) array, got {kp!r}")
+        raise ItemError("bad_keypoints", f"need finite (3, 2) key points, got {kp.tolist()}")
     if np.linalg.norm(kp[1] - kp[0]) < 1e-6:
-        raise ValueError("finger tip and capitate coincide")
+        raise ItemError("bad_keypoints", "finger tip and capitate coincide")
     dst = np.array([frame.FINGER_TIP_TARGET, frame.CAPITATE_TARGET])
     m = _similarity(kp[:2], dst, mirror=False)
     if transform_points(m, kp[2:])[0, 0] < frame.FINGER_TIP_TARGET[0]:

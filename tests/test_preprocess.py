@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
 from boneage import keypoints_geometric, preprocess, register
+from boneage.errors import ItemError
 from tests.conftest import REAL_DIR
 
 H, W = 640, 480
@@ -130,6 +131,13 @@ def test_empty_image_gives_doubtful_mask_not_crash():
     assert clean.shape == img.shape and qa["mask_doubtful"]
     kp, conf, info = keypoints_geometric.estimate_keypoints(mask)
     assert conf == 0.0 and kp.shape == (3, 2)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((30, 30), np.uint8), np.zeros((100, 100, 3), np.uint8),
+                                 np.zeros((100, 100), np.float32)])
+def test_unusable_image_raises_item_error(bad):
+    with pytest.raises(ItemError, match="bad_image"):
+        preprocess.preprocess(bad)
 
 
 @pytest.mark.parametrize("angle,mirror", [(0, False), (25, False), (-40, False), (0, True), (30, True), (90, False)])

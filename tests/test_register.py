@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from boneage import frame, register
+from boneage.errors import ItemError
 
 TIP, CAP = np.array(frame.FINGER_TIP_TARGET), np.array(frame.CAPITATE_TARGET)
 
@@ -60,10 +61,10 @@ def test_mirrored_hand_is_reflected(angle):
     assert out[2, 0] == pytest.approx(1300.0)  # the thumb's mirror image of the left-hand position
 
 
-def test_bad_key_points_raise():
-    with pytest.raises(ValueError):
+def test_bad_key_points_raise_item_error():
+    with pytest.raises(ItemError, match="bad_keypoints"):
         register.registration_transform(np.array([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ItemError, match="bad_keypoints"):
         register.registration_transform(np.full((3, 2), np.nan))
 
 

@@ -110,10 +110,17 @@ def test_mask_covers_bone_and_is_plausible(cases):
     assert (truth["bone"] & ~clean.mask).sum() == 0
 
 
-def test_key_points_inside_the_picture(cases):
-    for case, _ in cases:
+def test_key_points_inside_the_picture_and_exposed():
+    """Collimation, borders and markers never hide a key point."""
+    from scipy import ndimage
+
+    for s in range(40):
+        case = synth.render_case(s, size=(256, 190))
         h, w = case.image.shape
-        assert (case.keypoints >= 0).all() and (case.keypoints[:, 0] < w).all() and (case.keypoints[:, 1] < h).all()
+        kp = case.keypoints
+        assert (kp >= 0).all() and (kp[:, 0] < w).all() and (kp[:, 1] < h).all()
+        exposed = ndimage.binary_dilation(case.mask, iterations=2)
+        assert all(_inside(exposed, p) for p in kp), s
 
 
 def test_bone_brighter_than_soft_tissue_brighter_than_background():
