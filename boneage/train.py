@@ -302,6 +302,8 @@ def fit_keypoint_model(images, keypoints, train_idx, val_idx, cfg: TrainConfig, 
     images = images.to(device)
     points = torch.as_tensor(np.asarray(keypoints), dtype=torch.float32, device=device)
     train_idx, val_idx = _as_index(train_idx, device), _as_index(val_idx, device)
+    if val_idx.numel() == 0:
+        raise ValueError("val_idx is empty: the loop selects epochs on validation error")
     fc = cfg.fc or 512
     input_size = (FRAME_H // 16, FRAME_W // 16)
     spec = {"kind": "keypoints", "input_size": input_size, "width_mult": cfg.width_mult, "fc": fc}
