@@ -36,7 +36,7 @@ def main() -> None:
         length = np.linalg.norm(tip - wrist)
         found_tip = np.array([row.finger_tip_x, row.finger_tip_y])
         found_thumb = np.array([row.thumb_tip_x, row.thumb_tip_y])
-        matrix = np.vstack([np.asarray(row.transform).reshape(2, 3), [0, 0, 1]])
+        matrix = np.vstack([np.asarray(row["transform"]).reshape(2, 3), [0, 0, 1]])
         base, end = register.transform_points(matrix, [pts["middle_finger1"], pts["middle_finger4"]])
         angle = abs(np.degrees(np.arctan2(end[0] - base[0], base[1] - end[1])))
         results.append((rid, row.keypoint_source, 100 * np.linalg.norm(found_tip - tip) / length,

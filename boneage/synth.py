@@ -185,7 +185,7 @@ class Hand:
     shapes: list[Shape]
     polygons: list[np.ndarray]  # soft tissue: palm and forearm
     capsules: list[tuple[np.ndarray, float]]  # soft tissue: ((2, 2) ends, width) per phalanx
-    keypoints: np.ndarray  # (3, 2): finger tip (bone), capitate, thumb tip (bone)
+    keypoints: np.ndarray  # (3, 2): finger tip (soft tissue), capitate, thumb tip (soft tissue)
     soft_tips: np.ndarray  # (2, 2): soft-tissue tips of the middle finger and thumb
     extent: np.ndarray  # outline points of the hand that must stay in the picture
     stats: dict  # maturity measures for tests and plots
@@ -347,7 +347,8 @@ class _HandBuilder:
             w = c.size[0] * g * s
             h = (c.size[0] + (c.size[1] - c.size[0]) * mature) * g * s
             p = 2.0 + (c.squareness - 2.0) * mature
-            self.shapes.append(Shape(_superellipse(centre, w, h, c.angle * mature, p), 0.75 * self.dens, "carpal", c.name))
+            outline = _superellipse(centre, w, h, c.angle * mature, p)
+            self.shapes.append(Shape(outline, 0.75 * self.dens, "carpal", c.name))
             if c.name != "sesamoid":
                 count += 1
                 area += math.pi / 4 * w * h / (g * g)
@@ -427,7 +428,9 @@ def build_hand(age_months: float, male: bool, rng: np.random.Generator) -> Hand:
              "epi_ratio": float(np.mean(b.epi_ratio)), "fused": float(np.mean(b.fused))}
     return Hand(
         shapes=b.shapes, polygons=polygons, capsules=capsules,
-        keypoints=np.array([rays["middle"][-1], [0.0, 0.0], rays["thumb"][-1]]),
+        # Tips are soft-tissue tips, as annotated on real radiographs (rsna-dev's hand21 points) and as
+        # the 2017 registration used them; the distal phalanx ends ~2% of hand length short of them.
+        keypoints=np.array([tips["middle"], [0.0, 0.0], tips["thumb"]]),
         soft_tips=np.array([tips["middle"], tips["thumb"]]),
         extent=np.concatenate([np.array(list(tips.values())), palm]),  # hand and wrist
         stats=stats,
