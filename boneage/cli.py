@@ -4,6 +4,7 @@ None so that the configuration (boneage.config, YAML presets) stays the single s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Any
@@ -22,6 +23,13 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                       help='fsspec options for s3://, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
     data.add_argument("--synthetic-n", type=int, help="how many synthetic radiographs when no --images (default 240)")
     data.add_argument("--seed", type=int, help="seed for synthetic data, folds and training (default 0)")
+    kp = parser.add_argument_group("key points")
+    kp.add_argument("--keypoint-source", choices=["model", "geometric"],
+                    help="'model': the key point CNN (trained on --keypoints annotations and confident "
+                         "geometric pseudo-labels unless --keypoint-model is given), falling back to the "
+                         "geometric estimate where its registration fails QA; 'geometric': from the hand "
+                         "mask only (default: model)")
+    kp.add_argument("--keypoint-model", help="a trained key point model (.pt, local or s3://)")
     run = parser.add_argument_group("run")
     run.add_argument("--config", help="YAML preset (configs/embedded.yaml, configs/rsna.yaml); flags override it")
     run.add_argument("--output", help="run folder, local or s3:// (default runs/embedded)")
@@ -35,6 +43,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "images": args.images, "labels": args.labels, "keypoints": args.keypoints,
             "storage_options": args.storage_options, "synthetic_n": args.synthetic_n, "seed": args.seed,
         }.items() if v is not None},
+        "keypoints": {k: v for k, v in {"source": args.keypoint_source, "model": args.keypoint_model}.items()
+                      if v is not None},
         "ray": {k: v for k, v in {"address": args.address, "num_cpus": args.num_cpus}.items() if v is not None},
     }
     if args.output is not None:
@@ -101,13 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors(name: str):
+    """Whole-run input problems (a wrong folder, a bad config key) end with a message and exit status 2,
+    not a traceback; per-item problems never get here, they are rows with status 'error'."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, FileNotFoundError) as err:
+                print(f"{name}: error: {err}", file=sys.stderr)
+                return 2
+
+        return wrapped
+
+    return wrap
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # whole-run input problems: a message, not a traceback
-        print(f"boneage {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return user_errors(f"boneage {args.command}")(args.func)(args)
 
 
 if __name__ == "__main__":

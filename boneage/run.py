@@ -21,8 +21,11 @@ def save_config(config: Config) -> None:
 
 
 def resolve_data(config: Config) -> Config:
-    """With no images given, write the embedded synthetic data set (once) and point the config at it."""
+    """With no images given, write the embedded synthetic data set (once) and point the config at it.
+    Given images are listed once here, so that a wrong folder fails before Ray starts."""
     if config.data.images:
+        if not io.list_images(config.data.images, storage_options=config.data.storage_options):
+            raise ValueError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {config.data.images}")
         return config
     if "://" in config.output:
         raise ValueError("the embedded synthetic data set is written locally: give --images, or a local --output")

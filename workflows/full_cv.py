@@ -15,9 +15,10 @@ import sys
 import time
 
 from boneage import ray_env, run
-from boneage.cli import add_run_args, config_from_args
+from boneage.cli import add_run_args, config_from_args, user_errors
 
 
+@user_errors("full_cv")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser)

@@ -1,0 +1,44 @@
+"""The workflows end to end on the embedded default (a small synthetic set), on a real local Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from boneage.ray_prepare import read_registered
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_workflow(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "workflows" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_cv_on_the_embedded_default(tmp_path, ray_local):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("data:\n  synthetic_size: [320, 240]\nkeypoints:\n  epochs: 2\n  width_mult: 0.25\n")
+    out = tmp_path / "run"
+    assert _load_workflow("full_cv").main(["--config", str(preset), "--synthetic-n", "30",
+                                           "--output", str(out)]) == 0
+    assert (out / "config.yaml").exists() and "synthetic_n: 30" in (out / "config.yaml").read_text()
+    assert len(list((out / "synthetic" / "images").iterdir())) == 30
+    table = read_registered(str(out / "registered"), with_images=False)
+    assert len(table) == 30 and set(table.status) == {"ok"}
+    summary = json.loads((out / "qa" / "preprocess_summary.json").read_text())
+    assert summary["items"] == 30 and summary["keypoint_model"].endswith("keypoint_model.pt")
+    assert summary["keypoint_error_on_held_out_annotations"]["images"] == 6
+    assert (out / "qa" / "registered_sheet.png").stat().st_size > 10_000
+
+
+def test_full_cv_reports_a_bad_config_key(tmp_path, capsys):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("keypoints:\n  epoch: 2\n")
+    assert _load_workflow("full_cv").main(["--config", str(preset), "--output", str(tmp_path / "run")]) == 2
+    assert "unknown config key keypoints.'epoch'" in capsys.readouterr().err
