@@ -48,6 +48,7 @@ def training_set(analysed: pd.DataFrame, annotations: dict[str, np.ndarray], min
 def _train_loop(loop_config: dict[str, Any]) -> None:
     """Runs on the Ray Train worker: fit, reporting every epoch with a resumable checkpoint."""
     inputs, targets = ray.get(loop_config["data"])
+    inputs = torch.from_numpy(np.array(inputs))  # a writable copy: the object store hands out read-only views
     cfg = train.TrainConfig(**loop_config["train"])
     n = len(inputs)
     order = np.random.default_rng(cfg.seed).permutation(n)
@@ -65,7 +66,7 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
             torch.save(state, os.path.join(folder, STATE_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    train.fit_keypoint_model(torch.from_numpy(inputs), targets, train_idx, val_idx, cfg,
+    train.fit_keypoint_model(inputs, targets, train_idx, val_idx, cfg,
                              ray.train.torch.get_device(), report, resume_state)
 
 
