@@ -12,8 +12,11 @@ from boneage import frame, prepare
 ZONE_COLOURS = {"A": (80, 160, 255), "B": (255, 170, 40), "C": (90, 220, 120)}
 
 
-def registered_thumbnail(registered: np.ndarray, width: int = 160) -> Image.Image:
-    """One registered image (stored scale) as RGB with targets and zone boxes, `width` px wide."""
+def registered_thumbnail(registered: np.ndarray, width: int = 160, thumb: tuple[float, float] | None = None
+                         ) -> Image.Image:
+    """One registered image (stored scale) as RGB, `width` px wide, with the zone boxes, the finger tip
+    and capitate targets (red: registration puts those key points exactly there) and, when given, where
+    the thumb tip key point landed (frame coordinates; yellow)."""
     s = width / frame.FRAME_W
     height = round(frame.FRAME_H * s)
     img = Image.fromarray(registered).convert("RGB").resize((width, height), Image.BILINEAR)
@@ -23,6 +26,9 @@ def registered_thumbnail(registered: np.ndarray, width: int = 160) -> Image.Imag
                        outline=ZONE_COLOURS.get(name, (255, 255, 255)))
     for x, y in (frame.FINGER_TIP_TARGET, frame.CAPITATE_TARGET):
         draw.ellipse([x * s - 3, y * s - 3, x * s + 3, y * s + 3], outline=(255, 40, 40), width=2)
+    if thumb is not None and np.all(np.isfinite(thumb)):
+        x, y = thumb
+        draw.ellipse([x * s - 3, y * s - 3, x * s + 3, y * s + 3], outline=(255, 230, 0), width=2)
     return img
 
 
@@ -36,7 +42,9 @@ def contact_sheet(table: pd.DataFrame, columns: int = 8, width: int = 160, limit
     draw = ImageDraw.Draw(sheet)
     for i, row in enumerate(rows.itertuples(index=False)):
         x, y = (i % columns) * width, (i // columns) * cell_h
-        sheet.paste(registered_thumbnail(prepare.decode_png(row.registered_png), width), (x, y))
+        thumb = (getattr(row, "thumb_frame_x", np.nan), getattr(row, "thumb_frame_y", np.nan))
+        sheet.paste(registered_thumbnail(prepare.decode_png(row.registered_png), width,
+                                         np.array(thumb, dtype=float)), (x, y))
         caption = str(row.id)
         if getattr(row, "boneage", None) is not None and not pd.isna(row.boneage):
             caption += f" {row.boneage:.0f}m"
