@@ -37,6 +37,19 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
 
 
+def add_cv_args(parser: argparse.ArgumentParser) -> None:
+    """Options of the k-fold CV stage (the rest: YAML, e.g. configs/rsna.yaml)."""
+    cv = parser.add_argument_group("cross-validation")
+    cv.add_argument("--folds", type=int, help="k of k-fold CV (default 3; rsna.yaml: 5)")
+    cv.add_argument("--kinds", type=lambda s: tuple(s.split(",")),
+                    help="comma-separated model kinds, e.g. A-reg,B-cls (default: all six)")
+    cv.add_argument("--cv-epochs", type=int, help="epochs per CV trial (default 15; rsna.yaml: 50)")
+    cv.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
+    cv.add_argument("--gpus-per-trial", type=float,
+                    help="GPUs per trial; a fraction packs trials on a GPU (default 0: CPU)")
+    cv.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster holds")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
         "data": {k: v for k, v in {
@@ -46,6 +59,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "keypoints": {k: v for k, v in {"source": args.keypoint_source, "model": args.keypoint_model}.items()
                       if v is not None},
         "ray": {k: v for k, v in {"address": args.address, "num_cpus": args.num_cpus}.items() if v is not None},
+        "cv": {k: v for k, v in {
+            "k": getattr(args, "folds", None), "kinds": getattr(args, "kinds", None),
+            "epochs": getattr(args, "cv_epochs", None), "cpus_per_trial": getattr(args, "cpus_per_trial", None),
+            "gpus_per_trial": getattr(args, "gpus_per_trial", None),
+            "max_concurrent_trials": getattr(args, "max_concurrent_trials", None),
+        }.items() if v is not None},
     }
     if args.output is not None:
         overrides["output"] = args.output
@@ -72,6 +91,16 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cv(args: argparse.Namespace) -> int:
+    from boneage import ray_env, run
+
+    config = config_from_args(args)
+    run.check_registered(config)
+    ray_env.init_ray(config.ray)
+    run.cross_validate(config)  # saves its resolved config as OUTPUT/cv/config.yaml
+    return 0
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -84,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="boneage",
         description="Pediatric bone age from hand radiographs: synthetic data, preprocessing and "
-                    "registration on Ray Data. See README.md and docs/.",
+                    "registration on Ray Data, k-fold CV of the zone models on Ray Tune + Train. "
+                    "See README.md and docs/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per input, failures included) and OUTPUT/qa/registered_sheet.png.")
     add_run_args(p)
     p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("cv", help="k-fold CV of the zone models on a registered table, on Ray Tune + Train",
+                       description="Read OUTPUT/registered/*.parquet (from `boneage preprocess`), train every "
+                                   "(model kind, sex, fold) as a Ray Tune trial running a Ray Train TorchTrainer, "
+                                   "and write OUTPUT/cv/oof.parquet (one row per labelled image, an out-of-fold "
+                                   "prediction per kind), trials.parquet, models/<trial>.pt and summary.json. "
+                                   "Trials finished by an earlier run of the same OUTPUT are skipped.")
+    add_run_args(p)
+    add_cv_args(p)
+    p.set_defaults(func=_cv)
     return parser
 
 

@@ -40,7 +40,7 @@ class KeypointConfig:
     source: str = "model"
     model: str | None = None  # a trained key point model (.pt, local or s3://); None = train one
     # Training: the seed's VGG-like net (blocks 64-128-256, 2 FC of 512) on the image reduced to 130x100.
-    epochs: int = 40
+    epochs: int = 25  # on a CPU ~2 min for the embedded set; the geometric estimate backs the model up
     batch_size: int = 32
     lr: float = 2e-3
     width_mult: float = 0.5  # half the seed's widths: enough for 130x100 inputs on a CPU (rsna.yaml: 1.0)
@@ -56,6 +56,45 @@ class KeypointConfig:
 
 
 @dataclass
+class CVConfig:
+    """k-fold CV of the zone models: one Ray Tune trial per (kind, sex, fold), each a Ray Train run.
+
+    The defaults are the embedded CPU run (240 synthetic images, 2 cores, minutes): small inputs, thin
+    nets, few epochs. configs/rsna.yaml holds the seed's settings at RSNA scale on GPUs."""
+
+    # 3 folds: 240 synthetic images leave ~80 per sex to train each model and ~40 to score; fewer
+    # trials (36) than k=5 (60), and the Ray Train start-up per trial dominates tiny trainings.
+    k: int = 3
+    kinds: tuple[str, ...] = ("A-reg", "A-cls", "B-reg", "B-cls", "C-reg", "C-cls")  # zone x head: all 6
+    sexes: tuple[str, ...] = ("F", "M")  # a per-sex model per kind: 12 model kinds in all
+    # Inputs at 1/4 of the seed's sizes (zone A 125x94): the synthetic hands' age cues (bone lengths,
+    # growth plates) survive it, and a CPU step is ~16x cheaper.
+    input_scale: float = 0.25
+    width_mult: float = 0.125  # widths 4-8-16-16-32-48: enough for ~80 training images, fast on a CPU
+    fc: int = 256  # the seed's 2048 would be ~all of the parameters at this size
+    # The seed's 0.5 starves a net this thin: on the embedded set, 0.1 reached 17-22 months validation
+    # MAE in 20 epochs where 0.5 stayed near the median's ~38 (A-reg, fold 0 of the girls).
+    dropout: float = 0.1
+    epochs: int = 15  # ~5 steps an epoch: 15-20 epochs (~75-100 steps, ~10-15 s on one core) leave the median
+    batch_size: int = 16  # ~5 steps an epoch on ~80 images: BN still sees a fair batch
+    lr: float = 3e-3  # the one-cycle peak; 1e-3 had not left the median after 10 epochs, 1e-2 diverged
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"  # see train.SCHEDULES
+    # Early stopping on the fold's validation MAE. One-cycle warm-up makes the first ~half of the
+    # epochs noisy on ~40 validation images; 6 stopped runs there that later reached 18 months.
+    patience: int = 10
+    bf16: bool = True  # bf16 autocast, channels_last and compile take effect on CUDA only
+    channels_last: bool = True
+    compile: bool = False  # 33 s of compilation per trial would outweigh a few-second training
+    # Resources of one trial (its Ray Train worker; the Tune trial driver takes a sliver of a CPU):
+    # one CPU per trial on CPU, so a 2-core machine runs 2 trials at once, each torch on one thread.
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # > 0: train on GPUs; a fraction packs several trials on one GPU
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
+    max_failures: int = 2  # restarts of a failed Train worker, from its last epoch's checkpoint
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None = start a local Ray (or join RAY_ADDRESS when set)
     num_cpus: int | None = None  # for a local Ray; None = all cores
@@ -66,6 +105,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     output: str = "runs/embedded"  # local folder or s3:// URI for everything the run writes
 

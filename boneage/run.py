@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 
@@ -161,3 +162,55 @@ def print_summary(stage: str, summary: dict[str, Any]) -> None:
               f"{summary['keypoint_error_on_held_out_annotations']}")
     for item in summary["failed_items"][:10]:
         print(f"  {item['id']}: {item['error']}")
+
+
+def check_registered(config: Config) -> str:
+    """The registered table's URI; FileNotFoundError (before Ray starts) when there is none."""
+    uri = io.join_uri(config.output, "registered")
+    fs, path = fsspec.core.url_to_fs(uri, **config.data.storage_options)
+    if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/*.parquet"):
+        raise FileNotFoundError(f"no registered table in {uri}: run `boneage preprocess` (or "
+                                "workflows/full_cv.py without --skip-preprocess) on this --output first")
+    return uri
+
+
+def cross_validate(config: Config) -> dict[str, Any]:
+    """k-fold CV of every configured zone model kind and sex on the registered table under
+    `config.output` (Ray Tune trials, each a Ray Train run): writes OUTPUT/cv/{folds,oof,trials}.parquet,
+    models/<trial>.pt and a summary (OOF MAE per kind and sex against the per-sex median).
+    Trials finished by an earlier run of the same output are not trained again."""
+    from boneage import cv, ray_cv, ray_prepare  # import ray: only when this stage runs
+
+    started = time.time()
+    saved = io.join_uri(config.output, "cv", "config.yaml")
+    fs, path = fsspec.core.url_to_fs(saved, **config.data.storage_options)
+    if fs.exists(path):  # a rerun: finished trials are kept as they are, whatever the settings now
+        import yaml
+
+        before = (yaml.safe_load(fs.cat_file(path)) or {}).get("cv")
+        if before is not None and before != yaml.safe_load(config.to_yaml())["cv"]:
+            print(f"[cv] warning: the cv settings differ from {saved}; trials finished with the old ones "
+                  "are kept (use a fresh --output to retrain everything)")
+    io.write_bytes(saved, config.to_yaml().encode(), config.data.storage_options)
+    registered = check_registered(config)
+    table = ray_prepare.read_registered(registered, config.data.storage_options, with_images=False)
+    oof, trials = ray_cv.run_cv(table, registered, config)
+    table = cv.summary(oof, list(config.cv.kinds))
+    summary = {
+        "images": int(len(oof)), "folds": config.cv.k, "trials": int(len(trials)),
+        "seconds": round(time.time() - started, 1),
+        "trial_seconds_total": round(float(trials["seconds"].sum()), 1) if len(trials) else 0.0,
+        "mae": table.to_dict("records"),
+    }
+    io.write_bytes(io.join_uri(config.output, "cv", "summary.json"), json.dumps(summary, indent=2).encode(),
+                   config.data.storage_options)
+    print_cv_summary(summary)
+    return summary
+
+
+def print_cv_summary(summary: dict[str, Any]) -> None:
+    print(f"[cv] {summary['trials']} trials over {summary['folds']} folds, {summary['images']} images, "
+          f"{summary['seconds']} s; out-of-fold MAE in months:")
+    print(f"  {'model':<16}{'F':>8}{'M':>8}{'all':>8}")
+    for row in summary["mae"]:
+        print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")

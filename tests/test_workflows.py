@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from boneage.ray_prepare import read_registered
@@ -23,7 +24,9 @@ def _load_workflow(name: str):
 
 def test_full_cv_on_the_embedded_default(tmp_path, ray_local):
     preset = tmp_path / "tiny.yaml"
-    preset.write_text("data:\n  synthetic_size: [320, 240]\nkeypoints:\n  epochs: 2\n  width_mult: 0.25\n")
+    preset.write_text("data:\n  synthetic_size: [320, 240]\nkeypoints:\n  epochs: 2\n  width_mult: 0.25\n"
+                      "cv:\n  k: 2\n  kinds: [A-reg]\n  epochs: 1\n  input_scale: 0.125\n  width_mult: 0.0625\n"
+                      "  fc: 32\n  batch_size: 4\n")
     out = tmp_path / "run"
     assert _load_workflow("full_cv").main(["--config", str(preset), "--synthetic-n", "30",
                                            "--output", str(out)]) == 0
@@ -35,6 +38,13 @@ def test_full_cv_on_the_embedded_default(tmp_path, ray_local):
     assert summary["items"] == 30 and summary["keypoint_model"].endswith("keypoint_model.pt")
     assert summary["keypoint_error_on_held_out_annotations"]["images"] == 6
     assert (out / "qa" / "registered_sheet.png").stat().st_size > 10_000
+    # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every labelled ok image
+    oof = pd.read_parquet(out / "cv" / "oof.parquet")
+    assert len(oof) == 30 and oof["A-reg"].notna().all()
+    assert len(pd.read_parquet(out / "cv" / "trials.parquet")) == 4
+    assert len(list((out / "cv" / "models").glob("A-reg-*-fold*.pt"))) == 4
+    cv_summary = json.loads((out / "cv" / "summary.json").read_text())
+    assert {row["model"] for row in cv_summary["mae"]} == {"A-reg", "per-sex median"}
 
 
 def test_full_cv_reports_a_bad_config_key(tmp_path, capsys):

@@ -1,0 +1,265 @@
+"""k-fold CV of the zone models on Ray: a Ray Tune experiment with one trial per (kind, sex, fold),
+each trial fitting a Ray Train TorchTrainer (one worker) on that sex's registered images.
+
+    registered/*.parquet ─► CV/folds.parquet (driver) ─► Tune trials, max_concurrent_trials in parallel
+        trial = TorchTrainer ─► worker: read parquet, bank, fit_zone_model, checkpoint every epoch
+              ─► CV/models/<trial>.pt, CV/parts/<trial>.parquet ─► CV/oof.parquet, CV/trials.parquet
+
+Resuming: a trial is finished when its part exists, and a rerun schedules only the others; a trial
+cut off mid-training restarts from its last epoch (Ray Train restores a run of the same name and
+storage path). The torch work is boneage.train.fit_zone_model; the bookkeeping is boneage.cv.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import fsspec
+import ray
+import ray.train
+import ray.tune
+import torch
+from ray.train.torch import TorchTrainer
+
+from boneage import cv, io
+from boneage.config import Config, CVConfig
+from boneage.models import model_kind
+from boneage.train import TrainConfig, fit_zone_model
+
+STATE_FILE = "state.pt"
+VAL_IDS_FILE = "val_ids.json"
+# The Tune trial itself only waits on its Train run: it takes this sliver of a CPU, and its worker
+# the rest of `cpus_per_trial`, so that N trials fit exactly on N x cpus_per_trial CPUs.
+DRIVER_CPUS = 0.01
+
+
+# -- paths ----------------------------------------------------------------------------------------
+
+
+def cv_paths(cv_uri: str) -> dict[str, str]:
+    return {name: io.join_uri(cv_uri, name) for name in
+            ("folds.parquet", "oof.parquet", "trials.parquet", "parts", "models", "train")}
+
+
+def _storage(uri: str, storage_options: dict) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for a Ray RunConfig: s3 through the same fsspec options as
+    every other read, local folders as absolute paths (Ray wants them)."""
+    filesystem = io.arrow_filesystem(uri, storage_options)
+    return (io.strip_protocol(uri), filesystem) if filesystem is not None else (os.path.abspath(uri), None)
+
+
+def finished_trials(cv_uri: str, storage_options: dict | None = None) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """{trial name: (predictions, record)} of every readable part (a torn write counts as unfinished)."""
+    parts_uri = cv_paths(cv_uri)["parts"]
+    fs, path = fsspec.core.url_to_fs(parts_uri, **(storage_options or {}))
+    if not fs.exists(path):
+        return {}
+    out = {}
+    for found in sorted(fs.glob(path.rstrip("/") + "/*.parquet")):
+        name = os.path.basename(found)[: -len(".parquet")]
+        try:
+            out[name] = cv.read_part(io.join_uri(parts_uri, name + ".parquet"), storage_options)
+        except Exception as err:  # noqa: BLE001 - an unreadable part is retrained, not fatal
+            print(f"[cv] part {name} unreadable ({type(err).__name__}): training it again")
+    return out
+
+
+# -- the Train worker -----------------------------------------------------------------------------
+
+
+def _train_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on the Ray Train worker: read this sex's images, fit, checkpoint every epoch."""
+    trial = cv.parse_trial(loop_config["trial"])
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray sizes torch's pool from the worker's (fractional) CPUs: round it
+        torch.set_num_threads(max(1, round(loop_config["threads"])))
+    options = loop_config["storage_options"]
+    with io.open_output(loop_config["folds_uri"], "rb", options) as f:
+        folds = pq.read_table(f).to_pandas()
+    rows = cv.read_trial_rows(loop_config["registered_uri"], folds, trial.male, options)
+    bank, ages, _ = cv.load_bank(rows)
+    fold = rows["fold"].to_numpy()
+    train_idx, val_idx = np.flatnonzero(fold != trial.fold), np.flatnonzero(fold == trial.fold)
+    val_ids = rows["id"].iloc[val_idx].tolist()
+
+    resume_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker, or a rerun of a cut-off trial: from its last epoch
+        with checkpoint.as_directory() as folder:
+            resume_state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+
+    def report(epoch: int, metrics: dict, state: dict) -> None:
+        # Every epoch's metrics go with a checkpoint: the state to resume from and, at its best
+        # epoch, the out-of-fold predictions (of `val_ids`, in that order).
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, os.path.join(folder, STATE_FILE))
+            with open(os.path.join(folder, VAL_IDS_FILE), "w") as f:
+                json.dump({"val_ids": val_ids, "n_train": len(train_idx)}, f)
+            ray.train.report({**metrics, "best_val_mae": state["best"]["value"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    kind = model_kind(trial.kind, loop_config["input_scale"])
+    fit_zone_model(bank, ages, train_idx, val_idx, kind, TrainConfig(**loop_config["train"]), device,
+                   report, resume_state)
+
+
+# -- the Tune trial -------------------------------------------------------------------------------
+
+
+def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One Tune trial: fit its TorchTrainer, then write the trial's model and out-of-fold part.
+    `params` (in Tune's records) names the trial; `shared` (the run's settings, storage options
+    with any credentials) reaches it through the object store, never Tune's experiment files."""
+    started = time.time()
+    trial = cv.parse_trial(params["trial"])
+    cvc = CVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in shared["cv"].items()})
+    options = shared["storage_options"]
+    paths = cv_paths(shared["cv_uri"])
+    storage_path, storage_filesystem = _storage(paths["train"], options)
+    use_gpu = cvc.gpus_per_trial > 0
+    worker = {"CPU": max(cvc.cpus_per_trial - DRIVER_CPUS, DRIVER_CPUS)}
+    if use_gpu:
+        worker["GPU"] = cvc.gpus_per_trial  # a fraction packs several trials on one GPU
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "trial": trial.name, "input_scale": cvc.input_scale, "threads": cvc.cpus_per_trial,
+            "train": cv.train_config(cvc, trial, shared["seed"]).__dict__,
+            "folds_uri": paths["folds.parquet"], "registered_uri": shared["registered_uri"],
+            "storage_options": options,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=worker),
+        run_config=ray.train.RunConfig(
+            name=trial.name,  # the trial's key, no timestamp: a rerun finds and resumes this run
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=cvc.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False, map_location="cpu")
+        with open(os.path.join(folder, VAL_IDS_FILE)) as f:
+            meta = json.load(f)
+    val_ids = meta["val_ids"]
+    pred = state["best"]["pred"].numpy()
+    folds = cv_folds(paths["folds.parquet"], options).set_index("id")
+    record = cv.record_from_state(state, meta["n_train"], len(val_ids), time.time() - started)
+    record["finished_at"] = time.time()
+
+    # The model first, the part last: a part marks the trial finished.
+    with io.open_output(io.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:
+        torch.save(cv.compact_model(state, trial, cvc), f)
+    part = cv.part_table(trial, val_ids, folds.loc[val_ids, "boneage"].to_numpy(), pred, record)
+    cv.write_part(io.join_uri(paths["parts"], trial.name + ".parquet"), part, options)
+
+    # Tune keeps metrics only when they come with a checkpoint: the trial's record.
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "record.json"), "w") as f:
+            json.dump({"trial": trial.name, **record}, f)
+        ray.tune.report(record, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+
+def cv_folds(uri: str, storage_options: dict | None = None) -> pd.DataFrame:
+    with io.open_output(uri, "rb", storage_options) as f:
+        return pq.read_table(f).to_pandas()
+
+
+def concurrency(cvc: CVConfig) -> int:
+    """How many trials run at once: what the cluster's CPUs (and GPUs, when trials use them) hold."""
+    if cvc.max_concurrent_trials:
+        return int(cvc.max_concurrent_trials)
+    total = ray.cluster_resources()
+    n = math.floor(total.get("CPU", 1) / cvc.cpus_per_trial + 1e-9)
+    if cvc.gpus_per_trial > 0:
+        n = min(n, math.floor(total.get("GPU", 0) / cvc.gpus_per_trial + 1e-9))
+        if n < 1:
+            raise ValueError(f"cv.gpus_per_trial={cvc.gpus_per_trial} but the cluster has "
+                             f"{total.get('GPU', 0)} GPUs")
+    return max(1, n)
+
+
+# -- the experiment -------------------------------------------------------------------------------
+
+
+def run_cv(table: pd.DataFrame, registered_uri: str, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cross-validate every configured (kind, sex, fold) not finished yet; return (oof, trials), also
+    written to CV/oof.parquet and CV/trials.parquet. `table`: the registered table (no images needed).
+    Raises RuntimeError, after writing the tables, when some trial failed (a rerun retries it)."""
+    cvc, options = config.cv, config.data.storage_options
+    cv_uri = io.join_uri(config.output, "cv")
+    paths = cv_paths(cv_uri)
+
+    # 1. Folds, once per run folder: a rerun must score every image in the same fold.
+    fs, folds_path = fsspec.core.url_to_fs(paths["folds.parquet"], **options)
+    if fs.exists(folds_path):
+        folds = cv_folds(paths["folds.parquet"], options)
+        if int(folds["fold"].max()) + 1 != cvc.k:
+            raise ValueError(f"{paths['folds.parquet']} has {int(folds['fold'].max()) + 1} folds, not "
+                             f"cv.k={cvc.k}: use a fresh --output")
+    else:
+        folds = cv.folds_table(table, cvc.k, config.data.seed)
+        with io.open_output(paths["folds.parquet"], "wb", options) as f:
+            folds.to_parquet(f, index=False)
+
+    # 2. The trials still to train.
+    trials = cv.cv_trials(cvc.kinds, cv.sexes_present(folds, cvc.sexes), cvc.k)
+    done = finished_trials(cv_uri, options)
+    pending = cv.pending_trials(trials, done)
+    print(f"[cv] {len(folds)} images in {cvc.k} folds; {len(trials)} trials, {len(trials) - len(pending)} "
+          f"already finished, {len(pending)} to train")
+
+    errors: list[str] = []
+    if pending:
+        # 3. One Tune trial per (kind, sex, fold); each builds its own TorchTrainer (Train V2).
+        storage_path, storage_filesystem = _storage(cv_uri, options)
+        n_parallel = min(concurrency(cvc), len(pending))
+        print(f"[cv] {n_parallel} trials at a time ({cvc.cpus_per_trial} CPU, {cvc.gpus_per_trial} GPU each)")
+        shared = {"cv": cv_asdict(cvc), "seed": config.data.seed, "cv_uri": cv_uri,
+                  "registered_uri": registered_uri, "storage_options": options}
+        tuner = ray.tune.Tuner(
+            ray.tune.with_resources(ray.tune.with_parameters(_run_trial, shared=shared), {"CPU": DRIVER_CPUS}),
+            param_space={"trial": ray.tune.grid_search([t.name for t in pending])},
+            tune_config=ray.tune.TuneConfig(
+                max_concurrent_trials=n_parallel,
+                reuse_actors=True,  # one trial process per slot, not per trial: a Python start-up saved
+                trial_name_creator=lambda t: t.config["trial"],
+                trial_dirname_creator=lambda t: t.config["trial"],
+            ),
+            run_config=ray.tune.RunConfig(
+                name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem,
+                failure_config=ray.tune.FailureConfig(max_failures=0),  # Train already retries
+                verbose=0,
+            ),
+        )
+        results = tuner.fit()
+        errors = [f"{r.config['trial']}: {type(r.error).__name__}: {r.error}".split("\n")[0]
+                  for r in results if r.error is not None]
+
+    # 4. The experiment's tables, from every finished part (this run's and earlier runs').
+    done = finished_trials(cv_uri, options)
+    parts = [done[t.name] for t in trials if t.name in done]
+    oof = cv.oof_table(folds, parts, list(cvc.kinds))
+    records = cv.trials_table(parts)
+    with io.open_output(paths["oof.parquet"], "wb", options) as f:
+        oof.to_parquet(f, index=False)
+    with io.open_output(paths["trials.parquet"], "wb", options) as f:
+        records.to_parquet(f, index=False)
+    if errors:
+        raise RuntimeError(f"{len(errors)} CV trials failed (rerun to retry them):\n  " + "\n  ".join(errors))
+    return oof, records
+
+
+def cv_asdict(cvc: CVConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cvc).items()}

@@ -1,0 +1,203 @@
+"""boneage.cv without Ray: folds, trials, the bank, the out-of-fold tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from boneage import cv, prepare
+from boneage.config import CVConfig, load_config
+from boneage.frame import STORE_H, STORE_W
+
+
+def _table(n_f=53, n_m=61, seed=0) -> pd.DataFrame:
+    """A registered-like table: n_f girls and n_m boys with ages over 1-228 months, plus rows that
+    must take no part (an error row, one without a label, one without a sex)."""
+    rng = np.random.default_rng(seed)
+    rows = [{"id": f"f{i}", "male": False, "boneage": float(rng.uniform(1, 228)), "status": "ok"} for i in range(n_f)]
+    rows += [{"id": f"m{i}", "male": True, "boneage": float(rng.uniform(1, 228)), "status": "ok"} for i in range(n_m)]
+    rows += [{"id": "bad", "male": True, "boneage": 100.0, "status": "error"},
+             {"id": "nolabel", "male": False, "boneage": None, "status": "ok"},
+             {"id": "nosex", "male": None, "boneage": 50.0, "status": "ok"}]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_every_labelled_ok_image_is_in_exactly_one_fold(k):
+    table = _table()
+    folds = cv.assign_folds(table, k, seed=1)
+    used = cv.labelled(table)
+    assert used.sum() == 53 + 61
+    assert ((folds >= 0) == used).all()  # each labelled ok image in one fold, the rest in none
+    assert set(folds[used]) == set(range(k))
+    # no image is in its own training folds: training and validation of a fold are disjoint, and
+    # together they are every CV image
+    ids = table.id.to_numpy()
+    for f in range(k):
+        train, val = set(ids[used & (folds != f)]), set(ids[used & (folds == f)])
+        assert not train & val and train | val == set(ids[used])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_folds_are_stratified_by_sex_and_age(k):
+    table = _table(n_f=200, n_m=230)
+    folds = cv.assign_folds(table, k, seed=3)
+    ages = table.boneage.to_numpy(float)
+    for is_male, n in ((False, 200), (True, 230)):
+        sex = cv.labelled(table) & (table.male == is_male).to_numpy()
+        counts = np.bincount(folds[sex], minlength=k)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == n
+        # dealing sorted runs of k: each fold's ages track the sex's whole distribution closely
+        whole = np.percentile(ages[sex], [10, 25, 50, 75, 90])
+        for f in range(k):
+            per_fold = np.percentile(ages[sex & (folds == f)], [10, 25, 50, 75, 90])
+            assert np.abs(per_fold - whole).max() < 10  # months; ages span 1-228
+    # a plain random split is much less even (what stratification buys)
+    rng = np.random.default_rng(3)
+    female = cv.labelled(table) & (table.male == False).to_numpy()  # noqa: E712
+    rand = rng.integers(0, k, female.sum())
+    assert np.ptp(np.bincount(rand, minlength=k)) > 1
+
+
+def test_folds_are_fixed_by_seed_and_row_order_free():
+    table = _table()
+    a = cv.assign_folds(table, 5, seed=7)
+    np.testing.assert_array_equal(a, cv.assign_folds(table, 5, seed=7))
+    assert (a != cv.assign_folds(table, 5, seed=8)).any()
+    shuffled = table.sample(frac=1, random_state=0)
+    b = cv.assign_folds(shuffled, 5, seed=7)
+    np.testing.assert_array_equal(pd.Series(a, table.id).sort_index(), pd.Series(b, shuffled.id).sort_index())
+
+
+def test_folds_need_enough_images():
+    with pytest.raises(ValueError, match="cannot fill 5 folds"):
+        cv.assign_folds(_table(n_f=3, n_m=20), 5, seed=0)
+    with pytest.raises(ValueError, match="k >= 2"):
+        cv.assign_folds(_table(), 1, seed=0)
+    only_boys = cv.folds_table(_table(n_f=0, n_m=20), 4, seed=0)  # a sex with none: no trials for it
+    assert cv.sexes_present(only_boys, ("F", "M")) == ["M"]
+
+
+def test_folds_table():
+    folds = cv.folds_table(_table(), 3, seed=0)
+    assert list(folds.columns) == ["id", "male", "boneage", "fold"]
+    assert len(folds) == 114 and folds.id.is_monotonic_increasing and folds.male.dtype == bool
+
+
+def test_trial_names_and_selection():
+    trials = cv.cv_trials(["A-reg", "B-cls"], ["F", "M"], 3)
+    assert len(trials) == 12 and len({t.name for t in trials}) == 12
+    assert trials[0].name == "A-reg-F-fold0" and trials[-1].name == "B-cls-M-fold2"
+    for t in trials:
+        assert cv.parse_trial(t.name) == t
+    assert cv.parse_trial("C-cls-M-fold4") == cv.Trial("C-cls", "M", 4) and cv.parse_trial("C-cls-M-fold4").male
+    for bad in ("A-reg-X-fold0", "Z-reg-F-fold0", "A-reg-F-0", "A-reg-F-fold"):
+        with pytest.raises(ValueError):
+            cv.parse_trial(bad)
+    with pytest.raises(ValueError, match="unknown model kind"):
+        cv.cv_trials(["A-xyz"], ["F"], 2)
+    pending = cv.pending_trials(trials, {"A-reg-F-fold0", "B-cls-M-fold2", "not-a-trial"})
+    assert len(pending) == 10 and trials[0] not in pending
+    assert len(cv.cv_trials(CVConfig().kinds, CVConfig().sexes, 5)) == 60  # 12 model kinds x 5 folds
+
+
+def test_train_config_per_trial():
+    cfg = CVConfig(epochs=7, width_mult=0.5, fc=64, patience=3, schedule="cosine")
+    a = cv.train_config(cfg, cv.Trial("A-reg", "F", 0), seed=0)
+    assert (a.epochs, a.width_mult, a.fc, a.patience, a.schedule) == (7, 0.5, 64, 3, "cosine")
+    b = cv.train_config(cfg, cv.Trial("A-reg", "F", 1), seed=0)
+    assert a.seed != b.seed and a.seed == cv.train_config(cfg, cv.Trial("A-reg", "F", 0), seed=0).seed
+
+
+def test_load_bank_and_trial_rows(tmp_path):
+    images = [np.full((STORE_H, STORE_W), v, np.uint8) for v in (10, 20, 30)]
+    images[1][5, 7] = 255
+    png = [prepare.encode_png(image) for image in images]
+    registered = pd.DataFrame({
+        "id": ["b", "a", "c", "d", "e"], "male": [True, True, False, True, False],
+        "boneage": [20.0, 10.0, 30.0, 5.0, 40.0], "status": ["ok", "ok", "ok", "error", "ok"],
+        "registered_png": [png[1], png[0], png[2], None, png[2]],
+    })
+    (tmp_path / "reg").mkdir()
+    registered.to_parquet(tmp_path / "reg" / "part-0.parquet")
+    folds = cv.folds_table(registered, 2, seed=0)
+    assert list(folds.id) == ["a", "b", "c", "e"]
+    rows = cv.read_trial_rows(str(tmp_path / "reg"), folds, male=True)
+    assert list(rows.id) == ["a", "b"]  # boys only, sorted by id, error rows never
+    bank, ages, male = cv.load_bank(rows)
+    assert bank.shape == (2, 1, STORE_H, STORE_W) and bank.dtype == torch.uint8
+    assert bank[0].float().mean() == 10 and bank[1, 0, 5, 7] == 255
+    np.testing.assert_array_equal(ages, [10.0, 20.0]) and male.all()
+    with pytest.raises(ValueError, match="no registered image"):
+        cv.read_trial_rows(str(tmp_path / "reg"), pd.concat([folds, folds.iloc[:1].assign(id="zz")]), male=True)
+
+
+def _parts(folds):
+    """Parts of kind A-reg (every sex and fold) predicting age + 1."""
+    parts = []
+    for t in cv.cv_trials(["A-reg"], ["F", "M"], int(folds.fold.max()) + 1):
+        sel = folds[(folds.fold == t.fold) & (folds.male == t.male)]
+        part = cv.part_table(t, sel.id, sel.boneage, sel.boneage + 1, {"val_mae": 1.0, "seconds": 2.0})
+        parts.append((part.to_pandas(), cv.part_record(part)))
+    return parts
+
+
+def test_oof_table_has_one_row_per_image_and_a_column_per_kind(tmp_path):
+    folds = cv.folds_table(_table(), 3, seed=0)
+    parts = _parts(folds)
+    uri = str(tmp_path / "parts" / "x.parquet")
+    cv.write_part(uri, cv.part_table(cv.Trial("A-reg", "F", 0), ["f1"], [3.0], [4.0], {"seconds": 1.0}))
+    pred, record = cv.read_part(uri)
+    assert list(pred.id) == ["f1"] and record["trial"] == "A-reg-F-fold0" and record["seconds"] == 1.0
+
+    oof = cv.oof_table(folds, parts, ["A-reg", "B-cls"])
+    assert list(oof.columns) == ["id", "male", "boneage", "fold", "A-reg", "B-cls"]
+    assert len(oof) == len(folds) and oof.id.is_unique
+    np.testing.assert_allclose(oof["A-reg"], oof.boneage + 1)
+    assert oof["B-cls"].isna().all()  # no trial of that kind has finished
+    records = cv.trials_table(parts)
+    assert len(records) == 6 and list(records.trial)[:2] == ["A-reg-F-fold0", "A-reg-F-fold1"]
+
+    # a part must only predict its own fold and sex
+    t = cv.Trial("A-reg", "F", 0)
+    wrong = folds[(folds.fold == 1) & ~folds.male].iloc[:2]
+    bad = cv.part_table(t, wrong.id, wrong.boneage, wrong.boneage, {})
+    with pytest.raises(ValueError, match="outside its fold"):
+        cv.oof_table(folds, [(bad.to_pandas(), cv.part_record(bad))], ["A-reg"])
+
+
+def test_summary_and_median_baseline():
+    oof = pd.DataFrame({"id": list("abcdef"), "male": [False] * 3 + [True] * 3,
+                        "boneage": [10.0, 20.0, 30.0, 100.0, 110.0, 130.0], "fold": [0, 1, 1, 0, 1, 1],
+                        "A-reg": [12.0, 20.0, 30.0, 100.0, 110.0, np.nan]})
+    # each image gets the median of its sex's other folds: a (fold 0) -> median(20, 30) = 25, ...
+    np.testing.assert_allclose(cv.median_baseline(oof), [25, 10, 10, 120, 100, 100])
+    s = cv.summary(oof, ["A-reg"]).set_index("model")
+    assert s.loc["A-reg", "mae_F"] == pytest.approx(2 / 3) and s.loc["A-reg", "mae_M"] == 0
+    assert s.loc["A-reg", "n_M"] == 2 and s.loc["A-reg", "n_all"] == 5
+    assert s.loc["per-sex median", "mae_F"] == pytest.approx((15 + 10 + 20) / 3)
+
+
+def test_cv_config_from_yaml(tmp_path):
+    from pathlib import Path
+
+    rsna = load_config(Path(__file__).resolve().parents[1] / "configs" / "rsna.yaml")
+    assert (rsna.cv.k, rsna.cv.input_scale, rsna.cv.width_mult, rsna.cv.fc, rsna.cv.epochs) == (5, 1.0, 1.0, 2048, 50)
+    assert rsna.cv.gpus_per_trial > 0 and rsna.cv.compile and len(rsna.cv.kinds) == 6
+    (tmp_path / "x.yaml").write_text("cv:\n  k: 4\n  kinds: [A-reg]\n")
+    config = load_config(tmp_path / "x.yaml")
+    assert config.cv.k == 4 and config.cv.kinds == ("A-reg",)
+
+
+def test_cv_flags_override_the_config(tmp_path):
+    from boneage.cli import build_parser, config_from_args, main
+
+    args = build_parser().parse_args(["cv", "--folds", "5", "--kinds", "A-reg,B-cls", "--cv-epochs", "3",
+                                      "--gpus-per-trial", "0.25", "--output", str(tmp_path)])
+    config = config_from_args(args)
+    assert (config.cv.k, config.cv.kinds, config.cv.epochs, config.cv.gpus_per_trial) == \
+        (5, ("A-reg", "B-cls"), 3, 0.25)
+    assert config.cv.cpus_per_trial == CVConfig().cpus_per_trial  # unset flags keep the config's value
+    assert main(["cv", "--output", str(tmp_path / "empty")]) == 2  # no registered table: a message, not Ray

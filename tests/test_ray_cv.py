@@ -1,0 +1,101 @@
+"""k-fold CV through Ray Tune + Ray Train on a real local Ray: 30 small synthetic radiographs, 2 folds,
+2 model kinds, the girls only (4 trials; both sexes run in test_workflows), 2 epochs of a tiny net (this
+checks the wiring, the tables and resuming, not accuracy; accuracy: workflows/full_cv.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from boneage import cv, run, synth
+from boneage.config import load_config
+from boneage.train import model_from_state
+
+pytestmark = pytest.mark.slow
+
+KINDS = ["A-reg", "B-cls"]
+
+
+@pytest.fixture(scope="module")
+def registered_30(tmp_path_factory, ray_local):
+    """30 synthetic radiographs, registered with geometric key points (no key point CNN: faster)."""
+    folder = tmp_path_factory.mktemp("cv30")
+    data = synth.write_dataset(30, folder / "synthetic", seed=5, size=(384, 288), progress=False)
+    config = load_config(overrides={
+        "data": {"images": str(data["images"]), "labels": str(data["labels"])},
+        "keypoints": {"source": "geometric"},
+        "output": str(folder / "run"),
+    })
+    run.preprocess(config)
+    return config.output
+
+
+def _cv_config(output: str):
+    return load_config(overrides={
+        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F"], "input_scale": 0.125, "width_mult": 0.0625, "fc": 32,
+               "epochs": 2, "batch_size": 4, "patience": 0,
+               # 4 trials at once on the 2 CPUs of ray_local: these trials are mostly Ray start-up
+               "cpus_per_trial": 0.5},
+        "output": output,
+    })
+
+
+def test_cv_end_to_end_then_resume(registered_30, tmp_path):
+    import shutil
+
+    output = str(tmp_path / "run")
+    shutil.copytree(f"{registered_30}/registered", f"{output}/registered")
+    config = _cv_config(output)
+    summary = run.cross_validate(config)
+
+    oof = pd.read_parquet(f"{output}/cv/oof.parquet")
+    registered = pd.read_parquet(f"{output}/registered", columns=["id", "status", "boneage"])
+    n_cv = int(((registered.status == "ok") & registered.boneage.notna()).sum())
+    assert len(oof) == n_cv and oof.id.is_unique  # one row per labelled ok image
+    assert set(oof.fold) == {0, 1} and 0 < (~oof.male).sum() < n_cv
+    girls = ~oof.male
+    for kind in KINDS:  # one out-of-fold prediction per girl per kind, in the model's range
+        assert oof.loc[girls, kind].notna().all() and oof.loc[girls, kind].between(0, 240).all()
+        assert oof.loc[~girls, kind].isna().all()  # no trials for the boys here: no prediction
+    trials = pd.read_parquet(f"{output}/cv/trials.parquet")
+    assert len(trials) == 2 * 1 * 2 == summary["trials"]
+    assert set(trials.trial) == {t.name for t in cv.cv_trials(KINDS, "F", 2)}
+    assert (trials.epochs_run == 2).all() and trials.best_epoch.between(0, 1).all()
+    assert trials.val_mae.notna().all() and (trials.n_val + trials.n_train).groupby(trials.sex).nunique().eq(1).all()
+    # each part's validation MAE is the MAE of its out-of-fold predictions
+    for row in trials.itertuples():
+        sel = (oof.fold == row.fold) & (oof.male == (row.sex == "M"))
+        assert np.isclose(np.abs(oof.loc[sel, row.kind] - oof.loc[sel, "boneage"]).mean(), row.val_mae, atol=1e-3)
+
+    # the models: compact state that scores like the trial did
+    state = torch.load(f"{output}/cv/models/A-reg-F-fold0.pt", weights_only=False)
+    assert state["trial"] == "A-reg-F-fold0" and state["spec"]["kind"] == "A-reg"
+    assert isinstance(model_from_state(state), torch.nn.Module)
+    # Ray Tune and Ray Train kept their records under OUTPUT/cv
+    assert list((tmp_path / "run" / "cv" / "train" / "A-reg-F-fold0").glob("checkpoint_*"))
+    assert (tmp_path / "run" / "cv" / "tune").is_dir()
+
+    # Resume: one part gone → only that trial trains again; the others are untouched.
+    parts = tmp_path / "run" / "cv" / "parts"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+    gone = "B-cls-F-fold1.parquet"
+    (parts / gone).unlink()
+    run.cross_validate(config)
+    after = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+    assert set(after) == set(mtimes)
+    changed = {name for name in after if after[name] != mtimes.get(name)}
+    assert changed == {gone}
+    trials2 = pd.read_parquet(f"{output}/cv/trials.parquet")
+    kept = trials2.trial != gone[: -len(".parquet")]
+    pd.testing.assert_frame_equal(trials2[kept].reset_index(drop=True), trials[trials.trial != "B-cls-F-fold1"]
+                                  .reset_index(drop=True))
+    assert trials2.loc[~kept, "finished_at"].item() > trials.finished_at.max()
+    oof2 = pd.read_parquet(f"{output}/cv/oof.parquet")
+    pd.testing.assert_frame_equal(oof2.drop(columns="B-cls"), oof.drop(columns="B-cls"))
+    assert oof2.loc[girls, "B-cls"].notna().all()
+
+    # A third run with every part present trains nothing.
+    run.cross_validate(config)
+    assert {p.name: p.stat().st_mtime_ns for p in parts.iterdir()} == after
