@@ -52,7 +52,7 @@ def main() -> None:
             im.resize((im.width * 2, im.height * 2), Image.BICUBIC).save(out)
             files.append(out)
         shapes = np.array([decode(f).shape for f in files])
-        t_dec, t_proc, t_parts = [], [], []
+        t_dec, t_proc = [], []
         for _ in range(a.runs):
             t0 = time.perf_counter()
             images = [decode(f) for f in files]

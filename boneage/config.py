@@ -113,7 +113,21 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+        """The resolved configuration as saved next to every artefact, credentials redacted."""
+        plain = _plain(self.to_dict())
+        plain["data"]["storage_options"] = _redact(plain["data"]["storage_options"])
+        return yaml.safe_dump(plain, sort_keys=False)
+
+
+_SECRET_WORDS = ("secret", "key", "token", "password")
+
+
+def _redact(value: Any) -> Any:
+    """Storage options with every credential-like value replaced (an endpoint URL stays)."""
+    if isinstance(value, dict):
+        return {k: "<redacted>" if any(w in k.lower() for w in _SECRET_WORDS) and not isinstance(v, dict)
+                else _redact(v) for k, v in value.items()}
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -148,8 +148,7 @@ def read_trial_rows(registered_uri: str, folds: pd.DataFrame, male: bool,
     """The CV rows of one sex with their registered images: id, boneage, fold, registered_png,
     sorted by id. Reads only that sex's rows of the registered parquet."""
     mine = folds[folds["male"] == male]
-    filesystem = io.arrow_filesystem(registered_uri, storage_options)
-    path = io.strip_protocol(registered_uri) if filesystem else registered_uri
+    path, filesystem = io.arrow_location(registered_uri, storage_options)
     images = pq.read_table(path, filesystem=filesystem, columns=["id", "registered_png"],
                            filters=[("male", "==", male), ("status", "==", STATUS_OK)]).to_pandas()
     rows = mine.merge(images, on="id", how="left", validate="one_to_one")

@@ -963,6 +963,14 @@ def strip_protocol(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
+def arrow_location(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, Any]:
+    """(path, filesystem) as pyarrow and Ray (parquet, RunConfig storage) take them: a remote URI as
+    bucket/key with a filesystem built from `storage_options`, a local one as an absolute path with None
+    (Ray's storage_path must be absolute)."""
+    filesystem = arrow_filesystem(uri, storage_options)
+    return (strip_protocol(uri), filesystem) if filesystem is not None else (os.path.abspath(uri), None)
+
+
 def arrow_filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
     """A pyarrow filesystem for a remote URI, built from fsspec with the same storage options that
     every other read uses (so one endpoint/credential setting serves all); None for local paths."""

@@ -31,12 +31,11 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from boneage import cv, io
+from boneage.ray_checkpoints import read_state, report_state, resume_state
 from boneage.config import Config, CVConfig
 from boneage.models import model_kind
 from boneage.train import TrainConfig, fit_zone_model
 
-STATE_FILE = "state.pt"
-VAL_IDS_FILE = "val_ids.json"
 # The Tune trial itself only waits on its Train run: it takes this sliver of a CPU, and its worker
 # the rest of `cpus_per_trial`, so that N trials fit exactly on N x cpus_per_trial CPUs.
 DRIVER_CPUS = 0.01
@@ -48,13 +47,6 @@ DRIVER_CPUS = 0.01
 def cv_paths(cv_uri: str) -> dict[str, str]:
     return {name: io.join_uri(cv_uri, name) for name in
             ("folds.parquet", "oof.parquet", "trials.parquet", "parts", "models", "train")}
-
-
-def _storage(uri: str, storage_options: dict) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for a Ray RunConfig: s3 through the same fsspec options as
-    every other read, local folders as absolute paths (Ray wants them)."""
-    filesystem = io.arrow_filesystem(uri, storage_options)
-    return (io.strip_protocol(uri), filesystem) if filesystem is not None else (os.path.abspath(uri), None)
 
 
 def finished_trials(cv_uri: str, storage_options: dict | None = None) -> dict[str, tuple[pd.DataFrame, dict]]:
@@ -91,25 +83,15 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     train_idx, val_idx = np.flatnonzero(fold != trial.fold), np.flatnonzero(fold == trial.fold)
     val_ids = rows["id"].iloc[val_idx].tolist()
 
-    resume_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker, or a rerun of a cut-off trial: from its last epoch
-        with checkpoint.as_directory() as folder:
-            resume_state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
-
     def report(epoch: int, metrics: dict, state: dict) -> None:
         # Every epoch's metrics go with a checkpoint: the state to resume from and, at its best
         # epoch, the out-of-fold predictions (of `val_ids`, in that order).
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, os.path.join(folder, STATE_FILE))
-            with open(os.path.join(folder, VAL_IDS_FILE), "w") as f:
-                json.dump({"val_ids": val_ids, "n_train": len(train_idx)}, f)
-            ray.train.report({**metrics, "best_val_mae": state["best"]["value"]},
-                             checkpoint=ray.train.Checkpoint.from_directory(folder))
+        report_state({**metrics, "best_val_mae": state["best"]["value"]}, state,
+                     {"val_ids": val_ids, "n_train": len(train_idx)})
 
     kind = model_kind(trial.kind, loop_config["input_scale"])
     fit_zone_model(bank, ages, train_idx, val_idx, kind, TrainConfig(**loop_config["train"]), device,
-                   report, resume_state)
+                   report, resume_state())
 
 
 # -- the Tune trial -------------------------------------------------------------------------------
@@ -124,7 +106,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     cvc = CVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in shared["cv"].items()})
     options = shared["storage_options"]
     paths = cv_paths(shared["cv_uri"])
-    storage_path, storage_filesystem = _storage(paths["train"], options)
+    storage_path, storage_filesystem = io.arrow_location(paths["train"], options)
     use_gpu = cvc.gpus_per_trial > 0
     worker = {"CPU": max(cvc.cpus_per_trial - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
@@ -148,10 +130,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         ),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False, map_location="cpu")
-        with open(os.path.join(folder, VAL_IDS_FILE)) as f:
-            meta = json.load(f)
+    state, meta = read_state(result.checkpoint)
     val_ids = meta["val_ids"]
     pred = state["best"]["pred"].numpy()
     folds = cv_folds(paths["folds.parquet"], options).set_index("id")
@@ -223,7 +202,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config) -> tuple[pd
     errors: list[str] = []
     if pending:
         # 3. One Tune trial per (kind, sex, fold); each builds its own TorchTrainer (Train V2).
-        storage_path, storage_filesystem = _storage(cv_uri, options)
+        storage_path, storage_filesystem = io.arrow_location(cv_uri, options)
         n_parallel = min(concurrency(cvc), len(pending))
         print(f"[cv] {n_parallel} trials at a time ({cvc.cpus_per_trial} CPU, {cvc.gpus_per_trial} GPU each)")
         shared = {"cv": cv_asdict(cvc), "seed": config.data.seed, "cv_uri": cv_uri,

@@ -3,8 +3,6 @@ prediction as a Ray Data actor pool. The torch work itself is boneage.train.fit_
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -16,8 +14,8 @@ from ray.train.torch import TorchTrainer
 
 from boneage import io, prepare, train
 from boneage.config import Config
+from boneage.ray_checkpoints import read_state, report_state, resume_state
 
-STATE_FILE = "state.pt"
 
 
 def training_set(analysed: pd.DataFrame, annotations: dict[str, np.ndarray], min_confidence: float
@@ -55,24 +53,16 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     n_val = max(1, int(round(n * loop_config["val_fraction"])))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
 
-    resume_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restarted worker continues from its last epoch
-        with checkpoint.as_directory() as folder:
-            resume_state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
-
-    def report(epoch: int, metrics: dict, state: dict) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state, os.path.join(folder, STATE_FILE))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-    train.fit_keypoint_model(inputs, targets, train_idx, val_idx, cfg,
-                             ray.train.torch.get_device(), report, resume_state)
+    # A restarted worker continues from its last epoch.
+    train.fit_keypoint_model(inputs, targets, train_idx, val_idx, cfg, ray.train.torch.get_device(),
+                             lambda epoch, metrics, state: report_state(metrics, state), resume_state())
 
 
 def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -> dict[str, Any]:
     """Train the key point model with Ray Train; write its best weights to `out_uri` (a .pt file)."""
     kp = config.keypoints
+    storage_path, storage_filesystem = io.arrow_location(io.join_uri(config.output, "train"),
+                                                         config.data.storage_options)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"data": ray.put((inputs, targets)), "val_fraction": kp.val_fraction,
@@ -83,16 +73,15 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
                                                resources_per_worker={"CPU": _worker_cpus(kp.use_gpu)}),
         run_config=ray.train.RunConfig(
             name="keypoints",
-            storage_path=_storage_path(config),
-            storage_filesystem=io.arrow_filesystem(config.output, config.data.storage_options),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per checkpoint
         ),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
+    state, _ = read_state(result.checkpoint)
     compact = {"spec": state["spec"], "best": {"model": state["best"]["model"]}, "metrics": state["best"]["metrics"]}
     with io.open_output(out_uri, "wb", config.data.storage_options) as f:
         torch.save(compact, f)
@@ -105,13 +94,6 @@ def _worker_cpus(use_gpu: bool) -> float:
     if use_gpu:
         return 1
     return max(1, min(node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]))
-
-
-def _storage_path(config: Config) -> str:
-    uri = io.join_uri(config.output, "train")
-    if io.arrow_filesystem(uri, config.data.storage_options) is not None:
-        return io.strip_protocol(uri)
-    return os.path.abspath(uri)  # Ray Train wants an absolute local path
 
 
 class KeypointPredictor:

@@ -117,16 +117,16 @@ def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_m
     """Prepare every manifest row on Ray and write the registered table to `out_uri` (a folder of
     parquet files). Returns the table without its image bytes (for summaries and QA)."""
     ds = prepare_dataset(manifest, config, keypoint_model)
-    filesystem = io.arrow_filesystem(out_uri, config.data.storage_options)
-    ds.write_parquet(io.strip_protocol(out_uri) if filesystem else out_uri, filesystem=filesystem)
+    path, filesystem = io.arrow_location(out_uri, config.data.storage_options)
+    ds.write_parquet(path, filesystem=filesystem)
     return read_registered(out_uri, config.data.storage_options, with_images=False)
 
 
 def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, with_images: bool = True
                     ) -> pd.DataFrame:
     """The registered table written by run_prepare, sorted by id."""
-    filesystem = io.arrow_filesystem(uri, storage_options)
+    path, filesystem = io.arrow_location(uri, storage_options)
     images = ("keypoint_input", "registered_png")
     columns = [f.name for f in REGISTERED_SCHEMA if with_images or f.name not in images]
-    table = pq.read_table(io.strip_protocol(uri) if filesystem else uri, filesystem=filesystem, columns=columns)
+    table = pq.read_table(path, filesystem=filesystem, columns=columns)
     return table.to_pandas().sort_values("id", kind="stable").reset_index(drop=True)

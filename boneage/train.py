@@ -9,7 +9,7 @@ checkpoint; it must save `state` before it returns, since the tensors are live.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np

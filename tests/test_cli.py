@@ -53,3 +53,13 @@ def test_empty_image_folder_is_a_message(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["preprocess", "--images", str(tmp_path / "empty"), "--output", str(tmp_path / "run")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_saved_config_never_holds_credentials():
+    from boneage.config import load_config
+
+    config = load_config(overrides={"data": {"storage_options": {
+        "key": "AKIAEXAMPLE", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}}})
+    text = config.to_yaml()
+    assert "AKIAEXAMPLE" not in text and "s3cr3t" not in text
+    assert "http://127.0.0.1:9" in text and config.data.storage_options["secret"] == "s3cr3t"
