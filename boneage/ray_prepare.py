@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
@@ -122,11 +123,13 @@ def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_m
     return read_registered(out_uri, config.data.storage_options, with_images=False)
 
 
-def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, with_images: bool = True
-                    ) -> pd.DataFrame:
-    """The registered table written by run_prepare, sorted by id."""
+def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, with_images: bool = True,
+                    ids: list[str] | None = None) -> pd.DataFrame:
+    """The registered table written by run_prepare, sorted by id; only the rows of `ids` when given
+    (the images of a whole RSNA run are ~10 GB: a contact sheet reads just its own)."""
     path, filesystem = io.arrow_location(uri, storage_options)
     images = ("keypoint_input", "registered_png")
     columns = [f.name for f in REGISTERED_SCHEMA if with_images or f.name not in images]
-    table = pq.read_table(path, filesystem=filesystem, columns=columns)
+    filters = pc.field("id").isin(pa.array(list(ids), pa.string())) if ids is not None else None
+    table = pq.read_table(path, filesystem=filesystem, columns=columns, filters=filters)
     return table.to_pandas().sort_values("id", kind="stable").reset_index(drop=True)

@@ -124,7 +124,8 @@ def preprocess(config: Config) -> pd.DataFrame:
     model = keypoint_model(config, manifest, annotations)
     out = io.join_uri(config.output, "registered")
     table = ray_prepare.run_prepare(manifest, out, config, model)
-    sheet_rows = ray_prepare.read_registered(out, config.data.storage_options)
+    shown = table[table.status == STATUS_OK].id.head(config.preprocess.qa_sheet_size).tolist()
+    sheet_rows = ray_prepare.read_registered(out, config.data.storage_options, ids=shown)
     sheet = qa.contact_sheet(sheet_rows, limit=config.preprocess.qa_sheet_size)
     with io.open_output(io.join_uri(config.output, "qa", "registered_sheet.png"), "wb", config.data.storage_options) as f:
         sheet.save(f, format="PNG")

@@ -58,6 +58,9 @@ def test_every_input_becomes_one_row(tmp_path, ray_local, synthetic_small):
     for png in ok.registered_png:
         assert prepare.decode_png(png).shape == (frame.STORE_H, frame.STORE_W)
     assert full[full.status == "error"].registered_png.isna().all()
+    some = read_registered(str(tmp_path / "run" / "registered"), ids=["1402", "empty"])
+    assert list(some.id) == ["1402", "empty"] and some.registered_png.notna().tolist() == [True, False]
+    assert read_registered(str(tmp_path / "run" / "registered"), ids=[]).empty
     assert (tmp_path / "run" / "qa" / "registered_sheet.png").stat().st_size > 0
 
 
