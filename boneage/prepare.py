@@ -115,8 +115,7 @@ def register_row(row: Mapping[str, Any], model_keypoints: np.ndarray | None = No
                 candidates = [("geometric", geometric, max(geometric_confidence, model[2])), model]
             else:
                 candidates.insert(0, model)
-        source, points, confidence = _choose(candidates, clean.shape)
-        matrix = register.registration_transform(points)
+        source, points, confidence, matrix = _choose(candidates, clean.shape)
         registered = register.warp_to_frame(clean, matrix)
         registered_mask = register.warp_to_frame(mask.astype(np.uint8) * 255, matrix)
         qa = register.registration_qa(matrix, points, clean.shape, registered_mask)
@@ -130,16 +129,19 @@ def register_row(row: Mapping[str, Any], model_keypoints: np.ndarray | None = No
     return out
 
 
-def _choose(candidates, image_shape) -> tuple[str, np.ndarray, float]:
-    """The first candidate whose registration passes QA (before warping), else the first usable one."""
+def _choose(candidates, image_shape) -> tuple[str, np.ndarray, float, np.ndarray]:
+    """(source, points, confidence, transform) of the first candidate whose registration passes QA
+    (before warping), else of the first usable one."""
     usable = [c for c in candidates if np.all(np.isfinite(c[1]))]
     if not usable:
         raise ItemError("bad_image", "no key points found (the hand mask is empty or not hand-like)")
-    for candidate in usable:
-        matrix = register.registration_transform(candidate[1])
-        if not register.registration_qa(matrix, candidate[1], image_shape)["registration_doubtful"]:
-            return candidate
-    return usable[0]
+    first = None
+    for source, points, confidence in usable:
+        matrix = register.registration_transform(points)
+        first = first or (source, points, confidence, matrix)
+        if not register.registration_qa(matrix, points, image_shape)["registration_doubtful"]:
+            return source, points, confidence, matrix
+    return first
 
 
 def keypoint_disagreement(a: np.ndarray, b: np.ndarray) -> float:
