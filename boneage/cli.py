@@ -101,6 +101,18 @@ def _cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from boneage import bundle, ray_env, run
+    from boneage.config import RayConfig
+
+    bundle.read_manifest(args.bundle, args.storage_options)  # a wrong --bundle fails before Ray starts
+    ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus))
+    run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
+              subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,
+              gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size)
+    return 0
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -148,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     add_cv_args(p)
     p.set_defaults(func=_cv)
+
+    p = sub.add_parser("score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="bone age of every radiograph in a folder, with a bundle, to parquet (Ray Data)",
+                       description="Decode, preprocess, find key points, register and score every radiograph "
+                                   "with every fold model of a bundle and its ensemble. One row per input file, "
+                                   "bad files included (status 'error' and why); exit status 0 when the run "
+                                   "finishes, whatever the files. Columns: docs/scoring.md.")
+    p.add_argument("input", nargs="+", help="folder, s3:// prefix, .txt list, or image files (PNG, JPEG, DICOM)")
+    p.add_argument("--bundle", required=True, help="model bundle folder (OUTPUT/bundle of full_cv), local or s3://")
+    p.add_argument("--out", required=True, help="output parquet file, local or s3://")
+    p.add_argument("--subjects", help="CSV with id and sex (male or sex column) and/or chronological age in months "
+                                      "(age_months); else DICOM PatientSex and dates; else sex unknown")
+    p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for s3://")
+    p.add_argument("--actors", type=int, default=1, help="scoring actors (model copies)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU per scoring actor; 0: CPU")
+    p.add_argument("--batch-size", type=int, help="images per preprocessing task (default: the bundle's)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(func=_score)
     return parser
 
 

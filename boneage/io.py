@@ -661,6 +661,44 @@ def read_labels(
     return out, errors
 
 
+_CHRONO_AGE_COLUMNS = ("chronologicalage", "chronologicalagemonths", "agemonths", "age")
+
+
+def read_subjects(uri_or_path: str, storage_options: Mapping[str, Any] | None = None
+                  ) -> tuple[pd.DataFrame, dict[str, ItemError]]:
+    """For scoring: (DataFrame[id: str, male: bool or None, age_months: float], errors by id) from a CSV
+    with an id column and a sex column (any LABEL_VARIANTS spelling) and/or a chronological age in
+    months (column age, age_months, chronological_age or chronological_age_months). A bone age
+    column, if any, is ignored. Empty sex or age cells are None/NaN; unreadable ones are errors."""
+    df = _read_table(uri_or_path, storage_options)
+    id_col = _find_col(df.columns, _ID_COLUMNS)
+    sex_col = _find_col(df.columns, _MALE_COLUMNS) or _find_col(df.columns, _SEX_COLUMNS)
+    age_col = _find_col(df.columns, _CHRONO_AGE_COLUMNS)
+    if id_col is None or (sex_col is None and age_col is None):
+        raise ValueError(f"{uri_or_path}: needs an id column and a sex and/or chronological age column "
+                         f"(age_months); columns found: {list(df.columns)}")
+    parse_sex = _parse_male if sex_col and _norm_col(sex_col) in _MALE_COLUMNS else _parse_sex
+    rows, errors = [], {}
+    ids = [_label_id(v) for v in df[id_col]]
+    counts = pd.Series(ids).value_counts()
+    for i, rid in enumerate(ids):
+        if not rid or counts[rid] > 1:
+            errors[rid or f"<row {i + 2}>"] = ItemError("duplicate_id" if rid else "bad_label",
+                                                        f"id {rid} is on {counts[rid]} rows" if rid else "empty id")
+            continue
+        raw_sex = df[sex_col].iat[i] if sex_col else ""
+        male = parse_sex(raw_sex) if raw_sex else None
+        if raw_sex and male is None:
+            errors[rid] = ItemError("unknown_sex", f"id {rid}: {raw_sex!r}")
+            continue
+        age, problem = _parse_age(df[age_col].iat[i] if age_col else "", required=False)
+        if problem:
+            errors[rid] = ItemError("bad_label", f"id {rid}: chronological age: {problem.replace('bone age ', '')}")
+            continue
+        rows.append((rid, male, age))
+    return pd.DataFrame(rows, columns=["id", "male", "age_months"]).astype({"id": str, "age_months": float}), errors
+
+
 def _parse_age(raw: str, required: bool) -> tuple[float, str | None]:
     if raw == "" or raw.lower() in ("nan", "na", "n/a", "none", "null"):
         return math.nan, ("bone age is missing" if required else None)

@@ -26,7 +26,7 @@ KEYPOINT_COLUMNS = tuple(f"{name}_{axis}" for name in frame.KEYPOINT_NAMES for a
 MODEL_KEYPOINT_COLUMNS = tuple(f"model_{c}" for c in KEYPOINT_COLUMNS)
 # Columns every registered-table row has (besides the manifest's), None where a stage did not run.
 REGISTERED_COLUMNS = (
-    "height", "width", "format",
+    "height", "width", "format", "image_sex", "image_age_months", "image_age_source",
     "mask_area_fraction", "mask_doubtful",
     *KEYPOINT_COLUMNS, "keypoint_source", "keypoint_confidence", "keypoint_disagreement",
     "transform", "mirrored", "scale", "thumb_frame_x", "thumb_frame_y", "frame_coverage",
@@ -75,6 +75,9 @@ def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | Non
         clean, mask, mask_qa = preprocess.preprocess(record.image)
         points, confidence, _ = keypoints_geometric.estimate_keypoints(mask, clean)
         out.update(height=record.height, width=record.width, format=record.meta["format"],
+                   # DICOM PatientSex and age (from its dates): what scoring falls back on
+                   image_sex=record.meta.get("sex"), image_age_months=record.meta.get("age_months"),
+                   image_age_source=record.meta.get("age_source"),
                    mask_area_fraction=mask_qa["mask_area_fraction"], mask_doubtful=mask_qa["mask_doubtful"],
                    keypoint_input=encode_png(keypoint_input(clean)),
                    **{_CLEAN: clean, _MASK: mask, _GEOMETRIC: np.asarray(points, float),

@@ -83,15 +83,20 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     train_idx, val_idx = np.flatnonzero(fold != trial.fold), np.flatnonzero(fold == trial.fold)
     val_ids = rows["id"].iloc[val_idx].tolist()
 
+    # A restarted worker (or a rerun of a cut-off run) continues from the last checkpoint; which
+    # epoch that was goes into the trial's record (None: trained from the start).
+    resume = resume_state()
+    resumed_from = None if resume is None else int(resume["epoch"])
+
     def report(epoch: int, metrics: dict, state: dict) -> None:
         # Every epoch's metrics go with a checkpoint: the state to resume from and, at its best
         # epoch, the out-of-fold predictions (of `val_ids`, in that order).
         report_state({**metrics, "best_val_mae": state["best"]["value"]}, state,
-                     {"val_ids": val_ids, "n_train": len(train_idx)})
+                     {"val_ids": val_ids, "n_train": len(train_idx), "resumed_from_epoch": resumed_from})
 
     kind = model_kind(trial.kind, loop_config["input_scale"])
     fit_zone_model(bank, ages, train_idx, val_idx, kind, TrainConfig(**loop_config["train"]), device,
-                   report, resume_state())
+                   report, resume)
 
 
 # -- the Tune trial -------------------------------------------------------------------------------
@@ -136,6 +141,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     folds = cv_folds(paths["folds.parquet"], options).set_index("id")
     record = cv.record_from_state(state, meta["n_train"], len(val_ids), time.time() - started)
     record["finished_at"] = time.time()
+    record["resumed_from_epoch"] = meta.get("resumed_from_epoch")  # last checkpoint's epoch, or None
 
     # The model first, the part last: a part marks the trial finished.
     with io.open_output(io.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:

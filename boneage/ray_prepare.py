@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
@@ -26,6 +27,7 @@ REGISTERED_SCHEMA = pa.schema([
     ("id", pa.string()), ("uri", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
     ("status", pa.string()), ("error", pa.string()),
     ("height", pa.int64()), ("width", pa.int64()), ("format", pa.string()),
+    ("image_sex", pa.string()), ("image_age_months", pa.float64()), ("image_age_source", pa.string()),
     ("mask_area_fraction", pa.float64()), ("mask_doubtful", pa.bool_()),
     *[(c, pa.float64()) for c in prepare.KEYPOINT_COLUMNS],
     ("keypoint_source", pa.string()), ("keypoint_confidence", pa.float64()),
@@ -130,6 +132,12 @@ def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, 
     path, filesystem = io.arrow_location(uri, storage_options)
     images = ("keypoint_input", "registered_png")
     columns = [f.name for f in REGISTERED_SCHEMA if with_images or f.name not in images]
+    # Tables written before a column was added lack it: read what is there, the rest is null.
+    present = set(pa_dataset.dataset(path, filesystem=filesystem, format="parquet").schema.names)
     filters = pc.field("id").isin(pa.array(list(ids), pa.string())) if ids is not None else None
-    table = pq.read_table(path, filesystem=filesystem, columns=columns, filters=filters)
-    return table.to_pandas().sort_values("id", kind="stable").reset_index(drop=True)
+    table = pq.read_table(path, filesystem=filesystem, columns=[c for c in columns if c in present], filters=filters)
+    frame = table.to_pandas()
+    for column in columns:
+        if column not in frame:
+            frame[column] = None
+    return frame[columns].sort_values("id", kind="stable").reset_index(drop=True)

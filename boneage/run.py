@@ -215,3 +215,155 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
     print(f"  {'model':<16}{'F':>8}{'M':>8}{'all':>8}")
     for row in summary["mae"]:
         print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")
+
+
+def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
+          storage_options: dict | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
+          batch_size: int | None = None) -> pd.DataFrame:
+    """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri`
+    (parquet), with sex and chronological age from `subjects` (CSV) or the DICOM header. Bad files
+    are rows with status 'error'; the summary is printed. Ray is started by the caller."""
+    from boneage import bundle as bundle_mod, ray_score, score as score_mod
+    from boneage.config import load_config
+
+    started = time.time()
+    options = dict(storage_options or {})
+    loaded = bundle_mod.load_bundle(bundle_uri, options)  # a bad bundle fails here, before any work
+    trained = loaded.config or {}
+    config = load_config(None, {"preprocess": trained.get("preprocess", {}), "keypoints": trained.get("keypoints", {}),
+                                "data": {"storage_options": options}})
+    if batch_size:
+        config.preprocess.batch_size = batch_size
+    manifest = ingest.build_manifest(images, None, options)
+    ages: dict[str, float] = {}
+    if subjects:
+        table, errors = io.read_subjects(subjects, options)
+        manifest = score_mod.with_subjects(manifest, table, errors)
+        ages = {r.id: r.age_months for r in table.itertuples() if np.isfinite(r.age_months)}
+        unmatched = sorted(set(table.id) - set(manifest.id))
+        if unmatched:
+            print(f"[score] {len(unmatched)} ids in {subjects} have no image, e.g. {unmatched[:3]}")
+    print(f"[score] {len(manifest)} files; bundle {bundle_uri}: {len(loaded.kinds)} kinds x "
+          f"{len(loaded.sexes)} sexes x {loaded.manifest['folds']} folds")
+    manifest = manifest.drop(columns=["age_months"], errors="ignore")
+    table = ray_score.run_score(manifest, bundle_uri, config, out_uri, actors=actors,
+                                gpus_per_actor=gpus_per_actor, ages=ages)
+    result = score_mod.summary(table)
+    print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
+          f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
+          f"{result['registration_doubtful']} registrations doubtful; {time.time() - started:.0f} s → {out_uri}")
+    for row in table[table.status != STATUS_OK].head(10).itertuples():
+        print(f"  {row.id}: {row.error}")
+    return table
+
+
+def write_bundle(config: Config) -> str:
+    """OUTPUT/bundle (boneage.bundle): every fold model, the key point model, the ensemble weights, the
+    configuration and a summary of the training data and CV metrics. Refuses a CV with unfinished
+    trials: a bundle missing fold models would score differently from what its metrics say."""
+    from boneage import bundle, cv
+
+    options = config.data.storage_options
+    cv_uri = io.join_uri(config.output, "cv")
+    folds = pd.read_parquet(io.join_uri(cv_uri, "folds.parquet"), storage_options=options or None)
+    trials = cv.cv_trials(config.cv.kinds, cv.sexes_present(folds, config.cv.sexes), config.cv.k)
+    files: dict[str, bytes] = {}
+    models = []
+    records = pd.read_parquet(io.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
+    val_mae = dict(zip(records["trial"], records["val_mae"])) if len(records) else {}
+    missing = [t.name for t in trials if t.name not in val_mae]
+    if missing:
+        raise RuntimeError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
+    for t in trials:
+        path = f"models/{t.name}.pt"
+        files[path] = io.read_bytes(io.join_uri(cv_uri, "models", t.name + ".pt"), options)
+        models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "val_mae": float(val_mae[t.name])})
+    preprocess_summary = _read_json(io.join_uri(config.output, "qa", "preprocess_summary.json"), options)
+    keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
+    if config.keypoints.source == "model" and not keypoint_model:
+        print("[bundle] warning: no key point model found (no qa/preprocess_summary.json and no "
+              "keypoints.model): scoring will register with geometric key points only")
+    if keypoint_model:
+        files["keypoints/keypoint_model.pt"] = io.read_bytes(keypoint_model, options)
+    files["ensemble.json"] = io.read_bytes(io.join_uri(cv_uri, "ensemble.json"), options)
+    files["config.yaml"] = config.to_yaml().encode()
+    cv_summary = _read_json(io.join_uri(cv_uri, "summary.json"), options)
+    training = {
+        "images": int(len(folds)), "female": int((~folds["male"]).sum()), "male": int(folds["male"].sum()),
+        "boneage_months": {q: float(folds["boneage"].quantile(v)) for q, v in
+                           (("min", 0), ("p05", .05), ("median", .5), ("p95", .95), ("max", 1))},
+        "source": {"images": config.data.images, "labels": config.data.labels},
+        "preprocess": {k: preprocess_summary.get(k) for k in ("items", "ok", "errors", "errors_by_code",
+                                                              "registration_doubtful", "keypoint_model")},
+        "cv": cv_summary,
+    }
+    files["training.json"] = json.dumps(training, indent=2).encode()
+    out = io.join_uri(config.output, "bundle")
+    bundle.write_bundle(out, files, models, {
+        "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
+        "input_scale": config.cv.input_scale, "keypoint_model": "keypoints/keypoint_model.pt" if keypoint_model else None,
+        "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
+    }, options)
+    size = sum(len(v) for v in files.values()) / 1e6
+    print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB → {out}")
+    return out
+
+
+def _read_json(uri: str, storage_options: dict | None) -> dict[str, Any]:
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+
+
+def fit_ensembles(config: Config) -> dict[str, Any]:
+    """The ensemble weights per sex over the CV's out-of-fold table, by Ray Tune and by the two direct
+    solvers (LAD, NNLS), each with its honest cross-validated MAE. Scoring uses the fit with the lowest
+    of those ("use"). Writes OUTPUT/cv/ensemble.json and OUTPUT/cv/ensemble_oof.parquet (the OOF table
+    plus each fit's cross-validated prediction). Returns the ensemble.json content."""
+    from boneage import ensemble, ray_ensemble
+
+    options = config.data.storage_options
+    cv_uri = io.join_uri(config.output, "cv")
+    oof = pd.read_parquet(io.join_uri(cv_uri, "oof.parquet"), storage_options=options or None)
+    kinds = list(config.cv.kinds)
+    fits, predictions = {}, {}
+    fits["tune"], predictions["tune"] = ray_ensemble.tune_ensemble(
+        oof, kinds, io.join_uri(cv_uri, "ensemble_tune"), options, seed=config.data.seed,
+        cpus_per_trial=min(1.0, config.cv.cpus_per_trial))
+    for method in ("lad", "nnls"):
+        fits[method], predictions[method] = ensemble.fit_ensemble(oof, kinds, method)
+    use = min(fits, key=lambda m: fits[m]["cv_mae"]["all"])
+    result = {"use": use, "fits": fits,
+              "why": "the fit with the lowest cross-validated MAE (no row's prediction saw its own label)"}
+    io.write_bytes(io.join_uri(cv_uri, "ensemble.json"), json.dumps(result, indent=2).encode(), options)
+    table = oof.assign(**{f"ensemble_{m}": p for m, p in predictions.items()})
+    with io.open_output(io.join_uri(cv_uri, "ensemble_oof.parquet"), "wb", options) as f:
+        table.to_parquet(f, index=False)
+    best_kind = min(kinds, key=lambda k: ensemble.mae(oof[k].to_numpy(float), oof["boneage"].to_numpy(float)))
+    print(f"[ensemble] cross-validated MAE (months): " + ", ".join(
+        f"{m} {fits[m]['cv_mae']['all']:.2f}" for m in fits) +
+        f"; best single kind {best_kind} {ensemble.mae(oof[best_kind], oof['boneage']):.2f}; scoring uses {use}")
+    return result
+
+
+def report(config: Config, ensembles: dict[str, Any] | None = None, n_worst: int = 12) -> str:
+    """OUTPUT/report/report.html and its PNGs (boneage.report) from the CV's tables, the ensemble fits,
+    the preprocessing summary and the worst cases' registered images."""
+    from boneage import ray_prepare, report as report_mod
+
+    options = config.data.storage_options
+    cv_uri = io.join_uri(config.output, "cv")
+    ensembles = ensembles or _read_json(io.join_uri(cv_uri, "ensemble.json"), options)
+    table = pd.read_parquet(io.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
+    kinds = list(config.cv.kinds)
+    names = list(ensembles["fits"])
+    predictions = {m: table[f"ensemble_{m}"].to_numpy(float) for m in names}
+    worst = report_mod.worst_cases(table, predictions[ensembles["use"]], n_worst)["id"].tolist()
+    images = ray_prepare.read_registered(io.join_uri(config.output, "registered"), options, ids=worst)
+    trials = pd.read_parquet(io.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
+    uri = report_mod.write_report(
+        io.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
+        ensembles["fits"], predictions, trials=trials,
+        preprocess_summary=_read_json(io.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
+        worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options)
+    print(f"[report] {uri}")
+    return uri

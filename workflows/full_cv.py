@@ -10,10 +10,11 @@
 Stages: data (synthetic when no --images) → preprocess and register on Ray Data → k-fold CV of the 12
 zone models (6 kinds x 2 sexes), one Ray Tune trial per (kind, sex, fold), each a Ray Train run →
 OUTPUT/cv/oof.parquet (one row per labelled image, one out-of-fold prediction per kind),
-OUTPUT/cv/trials.parquet, OUTPUT/cv/models/<trial>.pt, OUTPUT/cv/summary.json. Rerun with the same
---output after an interruption: finished trials are not trained again. (Ensemble, bundle and report:
-being built, see docs/architecture.md.) Everything goes under --output (default runs/embedded); the
-resolved config is saved there first.
+OUTPUT/cv/trials.parquet, OUTPUT/cv/models/<trial>.pt, OUTPUT/cv/summary.json → ensemble weights per
+sex fit by Ray Tune and by LAD and NNLS, each cross-validated over the out-of-fold table
+(OUTPUT/cv/ensemble.json) → OUTPUT/bundle (everything `boneage score` needs) → OUTPUT/report/report.html.
+Rerun with the same --output after an interruption: finished trials are not trained again.
+Everything goes under --output (default runs/embedded); the resolved config is saved there first.
 """
 
 import argparse
@@ -51,6 +52,11 @@ def main(argv=None) -> int:
 
     # 4. k-fold CV of every zone model kind and sex: Ray Tune trials, each a Ray Train run.
     run.cross_validate(config)
+
+    # 5. Ensemble weights per sex (Ray Tune, checked against LAD and NNLS), the bundle, the report.
+    ensembles = run.fit_ensembles(config)
+    run.write_bundle(config)
+    run.report(config, ensembles)
 
     print(f"[full_cv] done in {time.time() - started:.0f} s; outputs under {config.output}")
     return 0

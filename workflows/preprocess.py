@@ -12,7 +12,12 @@ OUTPUT/qa/registered_sheet.png and OUTPUT/qa/preprocess_summary.json.
 
 import sys
 
-from boneage.cli import main
+from boneage import cli
+
+
+def main(argv=None) -> int:
+    return cli.main(["preprocess", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["preprocess", *sys.argv[1:]]))
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The model bundle: one folder (local or s3://) with everything scoring needs, loaded by path.
+
+    BUNDLE/manifest.json              format, version, packages, kinds, sexes, folds, zones, the file list
+    BUNDLE/models/<trial>.pt          every fold model of every kind and sex (CV/models)
+    BUNDLE/keypoints/keypoint_model.pt   the key point model (absent when registration used geometric ones)
+    BUNDLE/ensemble.json              the ensemble weights per sex (every fit, and which one scoring uses)
+    BUNDLE/config.yaml                the run's resolved configuration (preprocessing, key points, CV)
+    BUNDLE/training.json              a summary of the training data and the CV metrics
+
+The manifest is written last and lists every file with its size and SHA-256: a bundle without a
+manifest is incomplete (a run cut off while writing it), and one whose files do not match is damaged.
+A bundle of another format version, or cut with other zones than this code's, is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from io import BytesIO
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Mapping
+
+import fsspec
+import torch
+import yaml
+
+import boneage
+from boneage import frame, io
+
+BUNDLE_FORMAT = "boneage-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "manifest.json"
+PACKAGES = ("boneage", "torch", "ray", "numpy", "pillow", "pyarrow", "scikit-image", "scipy")
+
+
+class BundleError(ValueError):
+    """The bundle cannot be used: missing, incomplete, damaged or from an incompatible version."""
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def zones_record() -> dict[str, dict[str, float]]:
+    """The zone boxes in the frame, as the models were trained on them."""
+    return {name: {k: v for k, v in asdict(zone).items() if k != "name"} for name, zone in frame.ZONES.items()}
+
+
+def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, Any]], info: Mapping[str, Any],
+                 storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write `files` ({relative path: bytes}) under `uri`, then the manifest (last: it marks the bundle
+    complete). `models`: one record per fold model (file, kind, sex, fold, val_mae); `info`: kinds,
+    sexes, folds, keypoint_model, ensemble... merged into the manifest. Returns the manifest."""
+    listed = []
+    for path, data in sorted(files.items()):
+        io.write_bytes(io.join_uri(uri, path), data, storage_options)
+        listed.append({"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {
+        "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "packages": package_versions(), "frame": {"width": frame.FRAME_W, "height": frame.FRAME_H,
+                                                  "store_scale": frame.STORE_SCALE},
+        "zones": zones_record(), **info, "models": models, "files": listed,
+    }
+    io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    return manifest
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its manifest, the fold models' training states grouped by (kind, sex), the key
+    point model's URI (None: geometric key points), the ensemble record and the run's configuration."""
+
+    uri: str
+    manifest: dict[str, Any]
+    models: dict[tuple[str, str], list[dict[str, Any]]]
+    keypoint_model: str | None
+    ensemble: dict[str, Any]
+    config: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.manifest["kinds"])
+
+    @property
+    def sexes(self) -> list[str]:
+        return list(self.manifest["sexes"])
+
+
+def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    fs, path = fsspec.core.url_to_fs(io.join_uri(uri, MANIFEST), **dict(storage_options or {}))
+    if not fs.exists(path):
+        base_fs, base = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+        why = "is incomplete (no manifest.json: was the run that writes it cut off?)" if base_fs.exists(base) \
+            else "does not exist"
+        raise BundleError(f"bundle {uri} {why}")
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except ValueError as err:
+        raise BundleError(f"bundle {uri}: manifest.json is not valid JSON ({err})") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{uri} is not a boneage bundle (format {manifest.get('format')!r})")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"bundle {uri} has format version {manifest.get('version')}; this boneage "
+                          f"{boneage.__version__} reads version {BUNDLE_VERSION}: score with the boneage that wrote it "
+                          f"({(manifest.get('packages') or {}).get('boneage')}) or retrain")
+    if manifest.get("zones") != zones_record():
+        raise BundleError(f"bundle {uri} was trained on other zones than this boneage cuts "
+                          f"({manifest.get('zones')} vs {zones_record()}): its models would see the wrong crops")
+    return manifest
+
+
+def check_files(uri: str, manifest: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Every listed file present with its listed size (BundleError naming the ones that are not)."""
+    fs, base = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    problems = []
+    for item in manifest["files"]:
+        path = base.rstrip("/") + "/" + item["path"]
+        if not fs.exists(path):
+            problems.append(f"{item['path']} is missing")
+        elif fs.size(path) != item["bytes"]:
+            problems.append(f"{item['path']} has {fs.size(path)} bytes, the manifest says {item['bytes']}")
+    if problems:
+        raise BundleError(f"bundle {uri} is incomplete or damaged: " + "; ".join(problems[:10])
+                          + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+
+
+def _read(uri: str, path: str, manifest: Mapping[str, Any], storage_options) -> bytes:
+    data = io.read_bytes(io.join_uri(uri, path), storage_options)
+    listed = {f["path"]: f for f in manifest["files"]}
+    if path in listed and hashlib.sha256(data).hexdigest() != listed[path]["sha256"]:
+        raise BundleError(f"bundle {uri}: {path} does not match its checksum in the manifest (damaged)")
+    return data
+
+
+def load_bundle(uri: str, storage_options: Mapping[str, Any] | None = None) -> Bundle:
+    """Read and check a bundle; every fold model's state is loaded (on the CPU)."""
+    manifest = read_manifest(uri, storage_options)
+    check_files(uri, manifest, storage_options)
+    models: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in manifest["models"]:
+        state = torch.load(BytesIO(_read(uri, record["file"], manifest, storage_options)),
+                           weights_only=False, map_location="cpu")
+        models.setdefault((record["kind"], record["sex"]), []).append(state)
+    for key in models:
+        models[key].sort(key=lambda s: s["fold"])
+    missing = [f"{k}-{s}" for k in manifest["kinds"] for s in manifest["sexes"] if (k, s) not in models]
+    if missing:
+        raise BundleError(f"bundle {uri} has no fold models for {', '.join(missing)}")
+    ensemble = json.loads(_read(uri, "ensemble.json", manifest, storage_options))
+    config = yaml.safe_load(_read(uri, "config.yaml", manifest, storage_options)) or {}
+    training = json.loads(_read(uri, "training.json", manifest, storage_options))
+    keypoints = manifest.get("keypoint_model")
+    return Bundle(uri=uri, manifest=manifest, models=models,
+                  keypoint_model=io.join_uri(uri, keypoints) if keypoints else None,
+                  ensemble=ensemble, config=config, training=training)
+

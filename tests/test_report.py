@@ -1,0 +1,151 @@
+"""boneage.report: the static CV report, written, checked, and rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from boneage import ensemble, prepare, report
+from boneage.frame import STORE_H, STORE_W
+
+KINDS = ["A-reg", "A-cls", "B-reg", "B-cls"]
+CHROMIUM = Path("/usr/bin/chromium")
+ODD_ID = "<b>x&y</b>"  # ids are data: they must come out escaped
+
+
+def _oof(n_per_sex: int = 45, k: int = 3, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for male in (False, True):
+        age = rng.uniform(0, 228, n_per_sex)
+        frame = pd.DataFrame({"id": [f"{'m' if male else 'f'}{i}" for i in range(n_per_sex)], "male": male,
+                              "boneage": age, "fold": rng.permutation(np.arange(n_per_sex) % k)})
+        for j, kind in enumerate(KINDS):
+            frame[kind] = (0.9 - 0.1 * j) * age + (0.1 + 0.1 * j) * 120 + rng.normal(0, 8 + 4 * j, n_per_sex)
+        frames.append(frame)
+    oof = pd.concat(frames, ignore_index=True)
+    oof.loc[0, "id"] = ODD_ID
+    oof.loc[0, "A-reg"] = oof.loc[0, "boneage"] + 150  # a gross error: among the worst cases
+    return oof
+
+
+def _registered_png(seed: int) -> bytes:
+    """A registered-size image with some structure (a bright 'hand' on black)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((STORE_H, STORE_W), np.uint8)
+    yy, xx = np.mgrid[0:STORE_H, 0:STORE_W]
+    image[(xx - 400) ** 2 / 300**2 + (yy - 600) ** 2 / 380**2 < 1] = 140
+    for finger in range(5):
+        x0 = 160 + 120 * finger
+        image[80 + 20 * finger: 600, x0: x0 + 60] = 200
+    return prepare.encode_png(np.clip(image + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    oof = _oof()
+    ensembles, preds = {}, {}
+    for method in ("lad", "nnls"):
+        ensembles[method], preds[method] = ensemble.fit_ensemble(oof, KINDS, method)
+    worst = report.worst_cases(oof, preds["lad"], 8)
+    images = pd.DataFrame({"id": worst["id"].iloc[:2].tolist(),
+                           "registered_png": [_registered_png(1), _registered_png(2)],
+                           "registration_doubtful": [True, False], "keypoint_source": ["model", "geometric"]})
+    trials = pd.DataFrame([{"trial": f"{k}-{s}-fold{f}", "kind": k, "sex": s, "fold": f, "best_epoch": 3,
+                            "val_mae": 20.0 + f, "epochs_run": 5, "seconds": 12.5}
+                           for k in KINDS for s in "FM" for f in range(3)])
+    qa = {"items": 95, "ok": 90, "errors": 5, "errors_by_code": {"bad_image": 5}, "registration_doubtful": 7,
+          "mask_doubtful": 2, "keypoint_error_on_held_out_annotations": {"images": 20, "capitate_median_pct": 5.8},
+          "failed_items": [{"id": "14", "uri": "/data/14.png", "error": "bad_image: <no hand>"}]}
+    return {"oof": oof, "ensembles": ensembles, "preds": preds, "images": images, "trials": trials, "qa": qa}
+
+
+def _write_full(inputs, out: Path) -> Path:
+    uri = report.write_report(str(out), inputs["oof"], KINDS, inputs["ensembles"], inputs["preds"],
+                              trials=inputs["trials"], preprocess_summary=inputs["qa"],
+                              worst_images=inputs["images"], n_worst=8)
+    assert uri == str(out / "report.html")
+    return Path(uri)
+
+
+def test_worst_cases_are_the_largest_absolute_errors_first():
+    oof = _oof()
+    pred = oof["boneage"].to_numpy() + np.linspace(-1, 1, len(oof))
+    pred[5], pred[7] = np.nan, oof.loc[7, "boneage"] - 90
+    worst = report.worst_cases(oof, pred, 3)
+    assert worst["id"].tolist()[0] == oof.loc[7, "id"] and len(worst) == 3
+    assert (np.diff(np.abs(worst["error"])) <= 0).all() and worst["error"].notna().all()
+
+
+def test_report_links_existing_pngs_and_has_every_section(inputs, tmp_path):
+    page_path = _write_full(inputs, tmp_path / "report")
+    page = page_path.read_text()
+    sources = re.findall(r'src="([^"]+)"', page)
+    assert {"mae_by_band.png", "pred_vs_true.png", "bland_altman.png", "weights.png",
+            "worst_01.png", "worst_02.png"} <= set(sources)
+    for src in sources:
+        assert "/" not in src and (page_path.parent / src).is_file()  # relative, beside the page
+    with Image.open(page_path.parent / "worst_01.png") as thumb:
+        assert thumb.size == (report.THUMB_WIDTH, round(STORE_H * report.THUMB_WIDTH / STORE_W))
+    for section in ("Out-of-fold MAE", "Predicted vs true", "Bland-Altman", "Ensemble weights", "Worst cases",
+                    "Registration QA", "Trials", "0-2 y", "15-19 y", "per-sex median", "registration doubtful"):
+        assert section in page, section
+    assert "&lt;b&gt;x&amp;y&lt;/b&gt;" in page and ODD_ID not in page
+    assert "&lt;no hand&gt;" in page
+    assert page.count("no image") == 6  # 8 worst cases, 2 with images
+    lad_mae = inputs["ensembles"]["lad"]["cv_mae"]["all"]
+    assert f"{lad_mae:.2f}" in page  # the headline carries the cross-validated MAE
+
+
+def test_report_renders_with_missing_pieces_and_says_so(tmp_path):
+    oof = _oof(n_per_sex=20)
+    record, pred = ensemble.fit_ensemble(oof, KINDS, "lad")
+    page = Path(report.write_report(str(tmp_path / "bare"), oof, KINDS, {"lad": record}, {"lad": pred})).read_text()
+    assert "No CV trials table was given" in page
+    assert "No preprocessing summary was given" in page
+    assert "No registered images were given" in page
+    nothing = Path(report.write_report(str(tmp_path / "none"), oof, KINDS, {}, {})).read_text()
+    assert "No ensemble prediction was given" in nothing and "No ensemble was given" in nothing
+    assert "A-reg" in nothing  # the kinds' table is still there
+
+
+@pytest.mark.s3
+def test_report_writes_to_s3(s3_server):
+    import fsspec
+
+    oof = _oof(n_per_sex=15)
+    record, pred = ensemble.fit_ensemble(oof, KINDS, "nnls")
+    base = f"s3://{s3_server['bucket']}/report-test"
+    uri = report.write_report(base, oof, KINDS, {"nnls": record}, {"nnls": pred},
+                              storage_options=s3_server["storage_options"])
+    fs, _ = fsspec.core.url_to_fs(base, **s3_server["storage_options"])
+    names = {p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_server['bucket']}/report-test")}
+    assert uri == base + "/report.html" and {"report.html", "pred_vs_true.png", "weights.png"} <= names
+
+
+def test_report_renders_in_headless_chromium(inputs, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install chromium (apt-get install chromium) to render the report")
+    page_path = _write_full(inputs, tmp_path / "report")
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400", f"--screenshot={shot}",
+                    page_path.as_uri()], check=True, timeout=180, capture_output=True)
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2400)
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    non_white = (rgb.min(axis=2) < 235).mean()
+    colours = len(np.unique(rgb.reshape(-1, 3) @ np.array([65536, 256, 1])))
+    assert 0.05 < non_white < 0.8, non_white  # text, tables and plots on a white page
+    assert colours > 500, colours  # anti-aliased text and plots, not a blank or error page
+    # The plots were loaded, not just their alt text: matplotlib's first bar colour (#1f77b4) fills
+    # the age-band bars in the first screen.
+    bars = (np.abs(rgb - np.array([31, 119, 180])).max(axis=2) < 12).sum()
+    assert bars > 2000, bars

@@ -1,0 +1,114 @@
+"""Scoring without Ray: the bundle's fold models and ensemble on registered rows, sex and age sources,
+and the subjects CSV."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from boneage import ensemble, io, prepare, score, train
+from boneage.bundle import load_bundle
+from boneage.models import model_kind
+
+from tiny_bundle import KINDS, WEIGHTS, write_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle")
+    write_tiny_bundle(str(path))
+    return score.BundleModels(load_bundle(str(path)))
+
+
+@pytest.fixture(scope="module")
+def registered(synthetic_small):
+    """Four registered synthetic hands and one failed row, as the registered table has them."""
+    labels = pd.read_csv(synthetic_small["labels"])
+    rows = []
+    for rid in labels["id"].astype(str):
+        row = prepare.prepare_row({"id": rid, "uri": f"{synthetic_small['images']}/{rid}.png",
+                                   "boneage": None, "male": None, "status": "ok", "error": None})
+        rows += [row] if row["status"] == "ok" and len(rows) < 4 else []
+    rows.append({"id": "broken", "uri": "broken.png", "status": "error", "error": "empty_file: broken.png",
+                 "male": None, "registered_png": None})
+    table = pd.DataFrame(rows)
+    assert (table.status == "ok").sum() == 4
+    return table
+
+
+def by_hand(models, png: bytes, sex: str) -> tuple[float, float, list[float]]:
+    """Bone age, fold spread and fold-wise ensembles of one image, from the fold models and weights."""
+    bank = torch.from_numpy(prepare.decode_png(png).copy())[None, None]
+    fold_preds = {k: [float(train.predict(m, bank, [0], model_kind(k, 0.125))[0]) for m, _ in models.models[(k, sex)]]
+                  for k in KINDS}
+    intercept, weights = WEIGHTS[sex]
+    per_fold = [intercept + sum(weights[k] * fold_preds[k][f] for k in KINDS) for f in range(2)]
+    return float(np.mean(per_fold)), float(np.std(per_fold, ddof=1)), per_fold
+
+
+def test_scores_every_row_by_its_sex(models, registered):
+    rows = registered.copy()
+    rows["male"] = [True, False, None, None, None]  # from the CSV
+    rows["image_sex"] = [None, "M", "F", None, None]  # from DICOM PatientSex: the CSV wins
+    rows["age_months"] = [100.0, np.nan, np.nan, np.nan, 50.0]
+    rows["image_age_months"] = [np.nan, 90.0, np.nan, np.nan, np.nan]
+    rows["image_age_source"] = [None, "dates", None, None, None]
+    out = score.score_rows(rows, models)
+
+    assert list(out.columns) == list(score.OUTPUT_COLUMNS) + list(KINDS)
+    assert list(out.id) == list(rows.id)  # one row per input, in order
+    assert out.sex.tolist()[:3] == ["M", "F", "F"] and pd.isna(out.sex[3])
+    assert out.sex_source.tolist() == ["csv", "csv", "dicom", "unknown", "unknown"]
+    for i, sex in ((0, "M"), (1, "F"), (2, "F")):
+        expected, spread, _ = by_hand(models, rows.registered_png[i], sex)
+        assert out.boneage_months[i] == pytest.approx(expected, abs=1e-3)
+        assert out.boneage_sd_months[i] == pytest.approx(spread, abs=1e-3)
+        assert np.isnan(out.boneage_if_female_months[i]) and np.isnan(out.boneage_if_male_months[i])
+    # Unknown sex: both estimates, their mean, flagged; no per-kind columns (they differ by sex).
+    unknown = out.iloc[3]
+    assert unknown.sex_unknown and not out.sex_unknown[0]
+    female, _, female_folds = by_hand(models, rows.registered_png[3], "F")
+    male, _, male_folds = by_hand(models, rows.registered_png[3], "M")
+    assert unknown.boneage_if_female_months == pytest.approx(female, abs=1e-3)
+    assert unknown.boneage_if_male_months == pytest.approx(male, abs=1e-3)
+    assert unknown.boneage_months == pytest.approx((female + male) / 2, abs=1e-3)
+    assert unknown.boneage_sd_months == pytest.approx(np.std(female_folds + male_folds, ddof=1), abs=1e-3)
+    # Chronological age: CSV first, then DICOM dates; the difference from bone age.
+    assert out.chronological_age_months.tolist()[:2] == [100.0, 90.0]
+    assert out.age_source.tolist()[:2] == ["csv", "dicom_dates"] and pd.isna(out.age_source[2])
+    assert out.boneage_minus_age_months[0] == pytest.approx(out.boneage_months[0] - 100.0)
+    # The failed row stays, with its error and no bone age.
+    broken = out.iloc[4]
+    assert broken.status == "error" and broken.error.startswith("empty_file") and np.isnan(broken.boneage_months)
+
+
+def test_summary_counts(models, registered):
+    out = score.score_rows(registered.assign(male=[True, False, True, None, None]), models)
+    result = score.summary(out)
+    assert result["files"] == 5 and result["scored"] == 4 and result["failed"] == 1
+    assert result["failed_by_code"] == {"empty_file": 1}
+    assert result["sex_source"] == {"csv": 3, "unknown": 1}
+
+
+def test_ensemble_weights_are_the_bundles(models):
+    preds = pd.DataFrame({"A-reg": [100.0], "B-cls": [120.0]})
+    assert ensemble.predict(models.record, preds, [False])[0] == pytest.approx(6 + 25 + 90)
+
+
+def test_subjects_csv(tmp_path):
+    path = tmp_path / "subjects.csv"
+    path.write_text("id,sex,age_months,boneage\n1,M,100,50\n2,F,,\n3,,36.5,\n4,X,10,\n5,M,999,\n")
+    table, errors = io.read_subjects(str(path))
+    assert table.set_index("id").to_dict("index") == {
+        "1": {"male": True, "age_months": 100.0}, "2": {"male": False, "age_months": pytest.approx(np.nan, nan_ok=True)},
+        "3": {"male": None, "age_months": 36.5}}
+    assert sorted(errors) == ["4", "5"] and "unknown_sex" in str(errors["4"]) and "outside" in str(errors["5"])
+    manifest = pd.DataFrame({"id": ["1", "4", "9"], "uri": ["a", "b", "c"], "boneage": None, "male": None,
+                             "status": "ok", "error": None})
+    joined = score.with_subjects(manifest, table, errors)
+    assert joined.male.tolist() == [True, None, None] and joined.status.tolist() == ["ok", "error", "ok"]
+    with pytest.raises(ValueError, match="needs an id column"):
+        (tmp_path / "bad.csv").write_text("id,boneage\n1,50\n")
+        io.read_subjects(str(tmp_path / "bad.csv"))
