@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import torch
 
+from boneage import train
 from boneage.augment import Augment
 from boneage.frame import FRAME_H, FRAME_W, ZONES
 from boneage.models import model_kind
@@ -78,3 +79,15 @@ def test_plateau_schedule_and_early_stopping():
     cfg = small_cfg(epochs=5, lr=0.0, schedule="plateau", patience=1)  # lr 0: never improves again
     res = fit_zone_model(bank, ages, np.arange(16), np.arange(16, 24), model_kind("A-reg", 0.1), cfg)
     assert [m["epoch"] for m in res.history] == [0, 1] and res.metrics["epoch"] == 0
+
+
+def test_one_cycle_warm_up_does_not_count_towards_early_stopping():
+    # The shared loop with a validation metric that never improves after epoch 0.
+    model = torch.nn.Linear(4, 1)
+    cfg = small_cfg(epochs=10, schedule="onecycle", patience=1)
+    batch = lambda idx, gen: (torch.zeros(len(idx), 4), torch.zeros(len(idx)))  # noqa: E731
+    evaluate = lambda run: ({"val_mae": 1.0}, torch.zeros(1))  # noqa: E731
+    res = train._fit(model, {}, cfg, torch.device("cpu"), torch.arange(16), batch,
+                     lambda p, y: (p.squeeze(1) - y).abs().mean(), evaluate, "val_mae", 1.0, None, None)
+    # epoch 0 is the best; 1-2 are the warm-up (30% of 10 epochs); 3 is the one bad epoch allowed
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
