@@ -159,8 +159,12 @@ def load_bundle(uri: str, storage_options: Mapping[str, Any] | None = None) -> B
     ensemble = json.loads(_read(uri, "ensemble.json", manifest, storage_options))
     config = yaml.safe_load(_read(uri, "config.yaml", manifest, storage_options)) or {}
     training = json.loads(_read(uri, "training.json", manifest, storage_options))
-    keypoints = manifest.get("keypoint_model")
-    return Bundle(uri=uri, manifest=manifest, models=models,
-                  keypoint_model=io.join_uri(uri, keypoints) if keypoints else None,
+    return Bundle(uri=uri, manifest=manifest, models=models, keypoint_model=keypoint_model_uri(uri, manifest),
                   ensemble=ensemble, config=config, training=training)
+
+
+def keypoint_model_uri(uri: str, manifest: Mapping[str, Any]) -> str | None:
+    """Where the bundle's key point model is (None: the bundle registers with geometric key points)."""
+    path = manifest.get("keypoint_model")
+    return io.join_uri(uri, path) if path else None
 

@@ -19,7 +19,7 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from boneage import io, score
-from boneage.bundle import load_bundle
+from boneage.bundle import keypoint_model_uri, load_bundle, read_manifest
 from boneage.config import Config
 from boneage.ray_prepare import prepare_dataset
 
@@ -43,8 +43,8 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     """Score every manifest row (id, uri, status, error, male) with the bundle; write the table to
     `out_uri` (one parquet file) and return it, sorted by id. `config`: the bundle's preprocessing
     and key point settings with this run's storage options."""
-    bundle_keypoints = load_bundle(bundle_uri, config.data.storage_options).keypoint_model
-    ds = prepare_dataset(manifest, config, bundle_keypoints)
+    keypoint_model = keypoint_model_uri(bundle_uri, read_manifest(bundle_uri, config.data.storage_options))
+    ds = prepare_dataset(manifest, config, keypoint_model)
     ds = ds.map_batches(
         BundleScorer,
         fn_constructor_args=(bundle_uri, config.data.storage_options, gpus_per_actor > 0, dict(ages or {})),
