@@ -14,22 +14,15 @@ from PIL import Image
 from boneage import ensemble, prepare, report
 from boneage.frame import STORE_H, STORE_W
 
+from test_ensemble import synthetic_oof
+
 KINDS = ["A-reg", "A-cls", "B-reg", "B-cls"]
 CHROMIUM = Path("/usr/bin/chromium")
 ODD_ID = "<b>x&y</b>"  # ids are data: they must come out escaped
 
 
 def _oof(n_per_sex: int = 45, k: int = 3, seed: int = 0) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    frames = []
-    for male in (False, True):
-        age = rng.uniform(0, 228, n_per_sex)
-        frame = pd.DataFrame({"id": [f"{'m' if male else 'f'}{i}" for i in range(n_per_sex)], "male": male,
-                              "boneage": age, "fold": rng.permutation(np.arange(n_per_sex) % k)})
-        for j, kind in enumerate(KINDS):
-            frame[kind] = (0.9 - 0.1 * j) * age + (0.1 + 0.1 * j) * 120 + rng.normal(0, 8 + 4 * j, n_per_sex)
-        frames.append(frame)
-    oof = pd.concat(frames, ignore_index=True)
+    oof = synthetic_oof(n_per_sex, k, seed, kinds=KINDS)
     oof.loc[0, "id"] = ODD_ID
     oof.loc[0, "A-reg"] = oof.loc[0, "boneage"] + 150  # a gross error: among the worst cases
     return oof
