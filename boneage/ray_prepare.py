@@ -121,7 +121,9 @@ def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_m
     parquet files). Returns the table without its image bytes (for summaries and QA)."""
     ds = prepare_dataset(manifest, config, keypoint_model)
     path, filesystem = io.arrow_location(out_uri, config.data.storage_options)
-    ds.write_parquet(path, filesystem=filesystem)
+    # Replace, never append (Ray Data's default): a rerun on the same output, after a run cut off
+    # mid-preprocessing or after a finished one, must leave each input's row exactly once.
+    ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.OVERWRITE)
     return read_registered(out_uri, config.data.storage_options, with_images=False)
 
 
