@@ -129,7 +129,6 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     table's columns, plus optional `male` and `age_months` from the user's CSV). Failed rows keep
     their status and error and get no bone age."""
     rows = rows.reset_index(drop=True)
-    n = len(rows)
     sexes, sex_sources = resolve_sex(rows)
     ages, age_sources = resolve_age(rows)
     out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "status": rows["status"], "error": rows["error"],
