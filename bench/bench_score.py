@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boneage import io, prepare, ray_env, run, score, train
+from boneage import cv, io, prepare, ray_env, run, score, train
 from boneage.bundle import load_bundle
 from boneage.config import RayConfig
 
@@ -57,7 +57,7 @@ def stage_times(paths: list[str], bundle_uri: str) -> dict[str, float]:
         model_points, t["keypoint_model"] = timed(keypoints)
     registered, t["register"] = timed(lambda: [prepare.register_row(r, p) for r, p in zip(ok, model_points)])
     pngs = [r["registered_png"] for r in registered if r["status"] == "ok"]
-    bank, t["decode_registered"] = timed(score.decode_bank, pngs)
+    bank, t["decode_registered"] = timed(cv.decode_bank, pngs)
     _, t["fold_models_and_ensemble"] = timed(models.score, bank, "F")
     n = len(paths)
     out = {k: v / n for k, v in t.items()}

@@ -159,14 +159,21 @@ def read_trial_rows(registered_uri: str, folds: pd.DataFrame, male: bool,
     return rows.sort_values("id", kind="stable").reset_index(drop=True)
 
 
-def load_bank(rows: pd.DataFrame) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(uint8 bank (N, 1, 1040, 800), ages (N,) months float32, male (N,) bool) from registered rows."""
-    bank = torch.empty((len(rows), 1, STORE_H, STORE_W), dtype=torch.uint8)
-    for i, data in enumerate(rows["registered_png"]):
+def decode_bank(pngs: Sequence[bytes], ids: Sequence[str] | None = None) -> torch.Tensor:
+    """uint8 bank (N, 1, 1040, 800) from registered PNGs (training and scoring read them alike)."""
+    bank = torch.empty((len(pngs), 1, STORE_H, STORE_W), dtype=torch.uint8)
+    for i, data in enumerate(pngs):
         image = prepare.decode_png(data)
         if image.shape != (STORE_H, STORE_W):
-            raise ValueError(f"registered image {rows['id'].iloc[i]} is {image.shape}, not {(STORE_H, STORE_W)}")
+            name = ids[i] if ids is not None else f"#{i}"
+            raise ValueError(f"registered image {name} is {image.shape}, not {(STORE_H, STORE_W)}")
         bank[i, 0] = torch.from_numpy(image.copy())
+    return bank
+
+
+def load_bank(rows: pd.DataFrame) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(uint8 bank (N, 1, 1040, 800), ages (N,) months float32, male (N,) bool) from registered rows."""
+    bank = decode_bank(rows["registered_png"].tolist(), rows["id"].tolist())
     ages = rows["boneage"].to_numpy(dtype=np.float32)
     male = rows["male"].to_numpy(dtype=bool) if "male" in rows else np.zeros(len(rows), bool)
     return bank, ages, male

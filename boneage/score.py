@@ -11,15 +11,14 @@ mean, flagged `sex_unknown`, and the spread is over both sexes' 2k fold-wise ens
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 
-from boneage import ensemble, prepare, train
+from boneage import cv, ensemble, train
 from boneage.bundle import Bundle
-from boneage.frame import STORE_H, STORE_W
 from boneage.models import model_kind
 
 SEX_SOURCES = ("csv", "dicom", "unknown")
@@ -116,14 +115,6 @@ def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
     return ages, sources
 
 
-def decode_bank(pngs: Sequence[bytes]) -> torch.Tensor:
-    """uint8 (n, 1, 1040, 800) from registered PNGs."""
-    bank = torch.empty((len(pngs), 1, STORE_H, STORE_W), dtype=torch.uint8)
-    for i, data in enumerate(pngs):
-        bank[i, 0] = torch.from_numpy(prepare.decode_png(data).copy())
-    return bank
-
-
 def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     """The output table (OUTPUT_COLUMNS + one column per kind) for registered rows (the registered
     table's columns, plus optional `male` and `age_months` from the user's CSV). Failed rows keep
@@ -140,7 +131,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     ok = (rows["status"] == "ok").to_numpy() & rows["registered_png"].notna().to_numpy()
     if ok.any():
         at = np.flatnonzero(ok)
-        bank = decode_bank(rows["registered_png"].iloc[at].tolist())
+        bank = cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist())
         sex_of = np.array([sexes[i] for i in at], dtype=object)
         unknown = pd.isna(sex_of)
         both = {}
