@@ -58,7 +58,7 @@ def zones_record() -> dict[str, dict[str, float]]:
 def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, Any]], info: Mapping[str, Any],
                  storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write `files` ({relative path: bytes}) under `uri`, then the manifest (last: it marks the bundle
-    complete). `models`: one record per fold model (file, kind, sex, fold, val_mae); `info`: kinds,
+    complete). `models`: one record per fold model (file, kind, sex, fold, oof_mae); `info`: kinds,
     sexes, folds, keypoint_model, ensemble... merged into the manifest. Returns the manifest."""
     listed = []
     for path, data in sorted(files.items()):
@@ -70,6 +70,25 @@ def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, An
                                                   "store_scale": frame.STORE_SCALE},
         "zones": zones_record(), **info, "models": models, "files": listed,
     }
+    io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    return manifest
+
+
+def add_test_accuracy(uri: str, test: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Record the bundle's measured accuracy on the locked test split: training.json gains "test", the
+    manifest "accuracy" (the test split's overall numbers), with training.json's new size and hash."""
+    manifest = read_manifest(uri, storage_options)
+    training_uri = io.join_uri(uri, manifest.get("training", "training.json"))
+    training = json.loads(io.read_bytes(training_uri, storage_options))
+    training["test"] = dict(test)
+    data = json.dumps(training, indent=2).encode()
+    io.write_bytes(training_uri, data, storage_options)
+    for entry in manifest["files"]:
+        if entry["path"] == manifest.get("training", "training.json"):
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest.setdefault("accuracy", {})["test_split"] = {"images": test["images"], "scored": test["scored"],
+                                           "source": test.get("source"), **test["accuracy"]["all"]}
     io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     return manifest
 

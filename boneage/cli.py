@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from boneage.config import Config, load_config
+from boneage.errors import RunError
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +36,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--output", help="run folder, local or s3:// (default runs/embedded)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    run.add_argument("--verbose", action="store_true", default=None,
+                     help="also show Ray's INFO lines, the workers' output and per-operator progress bars "
+                          "(Ray's log files under /tmp/ray/session_latest/logs keep them either way)")
 
 
 def add_cv_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +52,19 @@ def add_cv_args(parser: argparse.ArgumentParser) -> None:
     cv.add_argument("--gpus-per-trial", type=float,
                     help="GPUs per trial; a fraction packs trials on a GPU (default 0: CPU)")
     cv.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster holds")
+    cv.add_argument("--inner-val-fraction", type=float,
+                    help="share of each trial's training folds held out to choose its epoch (default 0.15); "
+                         "0: a fixed schedule, the last epoch. The scored fold never chooses anything")
+
+
+def add_test_args(parser: argparse.ArgumentParser) -> None:
+    """The locked test split of a full run."""
+    test = parser.add_argument_group("locked test split (scored once, at the end, by the shipped bundle)")
+    test.add_argument("--test-fraction", type=float,
+                      help="share of the labelled images set aside before anything is fit, stratified by sex "
+                           "and age, fixed by --seed (default 0.1; 0: none)")
+    test.add_argument("--test-images", help="an official test set instead (folder, s3:// prefix or .txt list)")
+    test.add_argument("--test-labels", help="the test set's labels (with --test-images)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -55,15 +72,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "data": {k: v for k, v in {
             "images": args.images, "labels": args.labels, "keypoints": args.keypoints,
             "storage_options": args.storage_options, "synthetic_n": args.synthetic_n, "seed": args.seed,
+            "test_fraction": getattr(args, "test_fraction", None), "test_images": getattr(args, "test_images", None),
+            "test_labels": getattr(args, "test_labels", None),
         }.items() if v is not None},
         "keypoints": {k: v for k, v in {"source": args.keypoint_source, "model": args.keypoint_model}.items()
                       if v is not None},
-        "ray": {k: v for k, v in {"address": args.address, "num_cpus": args.num_cpus}.items() if v is not None},
+        "ray": {k: v for k, v in {"address": args.address, "num_cpus": args.num_cpus,
+                                  "verbose": args.verbose}.items() if v is not None},
         "cv": {k: v for k, v in {
             "k": getattr(args, "folds", None), "kinds": getattr(args, "kinds", None),
             "epochs": getattr(args, "cv_epochs", None), "cpus_per_trial": getattr(args, "cpus_per_trial", None),
             "gpus_per_trial": getattr(args, "gpus_per_trial", None),
             "max_concurrent_trials": getattr(args, "max_concurrent_trials", None),
+            "inner_val_fraction": getattr(args, "inner_val_fraction", None),
         }.items() if v is not None},
     }
     if args.output is not None:
@@ -106,7 +127,7 @@ def _score(args: argparse.Namespace) -> int:
     from boneage.config import RayConfig
 
     bundle.read_manifest(args.bundle, args.storage_options)  # a wrong --bundle fails before Ray starts
-    ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus))
+    ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose))
     run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
               subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,
               gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size)
@@ -178,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per preprocessing task (default: the bundle's)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's INFO lines and the workers' output")
     p.set_defaults(func=_score)
     return parser
 
@@ -191,7 +213,7 @@ def user_errors(name: str):
         def wrapped(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except (ValueError, FileNotFoundError) as err:
+            except (ValueError, FileNotFoundError, RunError) as err:
                 print(f"{name}: error: {err}", file=sys.stderr)
                 return 2
 

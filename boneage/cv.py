@@ -67,6 +67,29 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int) -> np.ndarray:
     return folds
 
 
+def inner_split(ages: np.ndarray, train_idx: np.ndarray, fraction: float, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, select): the training rows split into the rows a model fits on and its selection split,
+    `fraction` of them stratified by age (sorted by age, one row drawn from each consecutive run of
+    ~1/fraction). Deterministic by seed. fraction 0: (train_idx, empty)."""
+    train_idx = np.asarray(train_idx)
+    if fraction <= 0:
+        return train_idx, train_idx[:0]
+    if not 0 < fraction < 0.5:
+        raise ValueError(f"cv.inner_val_fraction must be 0 (fixed schedule) or in (0, 0.5), not {fraction}")
+    rng = np.random.default_rng(seed)
+    order = train_idx[np.argsort(np.asarray(ages)[train_idx], kind="stable")]
+    run = max(2, int(round(1 / fraction)))
+    picks = []
+    for start in range(0, len(order), run):
+        block = order[start : start + run]
+        # a short last run gets a pick in proportion to its length: the share stays `fraction`
+        if len(block) == run or rng.random() < len(block) / run:
+            picks.append(block[rng.integers(len(block))])
+    select = np.sort(np.asarray(picks, dtype=train_idx.dtype))
+    return np.setdiff1d(train_idx, select), select
+
+
 def folds_table(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
     """id, male, boneage, fold of every labelled ok row, sorted by id (CV/folds.parquet)."""
     folds = assign_folds(table, k, seed)
@@ -236,8 +259,8 @@ def oof_table(folds: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], k
 
 def trials_table(parts: Sequence[tuple[pd.DataFrame, dict]]) -> pd.DataFrame:
     """One row per finished trial: its record (kind, sex, fold, best epoch, val MAE, epochs, seconds...)."""
-    columns = ["trial", "kind", "sex", "fold", "best_epoch", "val_mae", "epochs_run", "seconds",
-               "n_train", "n_val", "finished_at"]
+    columns = ["trial", "kind", "sex", "fold", "best_epoch", "select_mae", "oof_mae", "epochs_run", "seconds",
+               "n_train", "n_select", "n_val", "finished_at"]
     records = [record for _, record in parts]
     table = pd.DataFrame(records, columns=list(dict.fromkeys(columns + [c for r in records for c in r])))
     return table.sort_values(["kind", "sex", "fold"], kind="stable").reset_index(drop=True)
@@ -269,12 +292,21 @@ def summary(oof: pd.DataFrame, kinds: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def record_from_state(state: Mapping[str, Any], n_train: int, n_val: int, seconds: float) -> dict:
-    """A trial's record from fit_zone_model's final state."""
+def record_from_state(state: Mapping[str, Any], n_train: int, n_select: int, n_val: int,
+                      oof_mae: float, seconds: float) -> dict:
+    """A trial's record from fit_zone_model's final state. best_epoch and select_mae come from the
+    selection split (NaN select_mae: a fixed schedule); oof_mae is the chosen model's MAE on the scored
+    fold, which chose nothing. With the scored fold watched (a diagnostic), watch_best_mae is the MAE
+    that choosing the epoch on the scored fold would have reported, and watch_best_epoch its epoch."""
     best = state["best"]
-    return {"best_epoch": int(best["epoch"]), "val_mae": float(best["value"]),
-            "epochs_run": int(state["epoch"]) + 1, "seconds": round(float(seconds), 1),
-            "n_train": int(n_train), "n_val": int(n_val)}
+    record = {"best_epoch": int(best["epoch"]), "select_mae": float(best["value"]), "oof_mae": float(oof_mae),
+              "epochs_run": int(state["epoch"]) + 1, "seconds": round(float(seconds), 1),
+              "n_train": int(n_train), "n_select": int(n_select), "n_val": int(n_val)}
+    watched = [h["watch_mae"] for h in state["history"] if "watch_mae" in h]
+    if watched:
+        record["watch_best_mae"] = float(min(watched))
+        record["watch_best_epoch"] = int(state["history"][int(np.argmin(watched))]["epoch"])
+    return record
 
 
 def compact_model(state: Mapping[str, Any], trial: Trial, config: CVConfig) -> dict:

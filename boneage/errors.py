@@ -41,3 +41,8 @@ def error_code(error: str | None) -> str | None:
     if not isinstance(error, str) or not error:
         return None
     return error.split(":", 1)[0]
+
+
+class RunError(RuntimeError):
+    """A whole-run failure whose message already says the cause and the fix: the command line prints
+    it without a traceback and exits with status 2."""

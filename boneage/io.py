@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from boneage.config import absolute
 from boneage.errors import ItemError
 from boneage.frame import KEYPOINT_NAMES
 
@@ -74,9 +75,6 @@ def _is_local(fs) -> bool:
 def _is_absolute(uri: str) -> bool:
     return "://" in uri or os.path.isabs(uri)
 
-
-def _absolute(uri: str) -> str:
-    return uri if _is_absolute(uri) else os.path.abspath(uri)
 
 
 def image_id(uri: str) -> str:
@@ -131,14 +129,14 @@ def list_images(
     result is sorted and without duplicates, so it is the same on every run.
     """
     if not isinstance(source, (str, os.PathLike)):
-        return sorted({_absolute(str(s)) for s in source})
+        return sorted({absolute(str(s)) for s in source})
     source = str(source)
     if source.lower().endswith(".txt"):
         with fsspec.open(source, "rt", encoding="utf-8-sig", **dict(storage_options or {})) as f:
             lines = [line.strip() for line in f]
         base = source.rsplit("/", 1)[0] if "/" in source else "."
         entries = {line for line in lines if line and not line.startswith("#")}
-        return sorted({e if _is_absolute(e) else _absolute(join_uri(base, e)) for e in entries})
+        return sorted({e if _is_absolute(e) else absolute(join_uri(base, e)) for e in entries})
 
     fs, root = _fs(source, storage_options)
     fs.invalidate_cache(root)  # s3fs caches listings per process; a re-listing must see new files

@@ -13,6 +13,7 @@ storage path). The torch work is boneage.train.fit_zone_model; the bookkeeping i
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -33,8 +34,10 @@ from ray.train.torch import TorchTrainer
 from boneage import cv, io
 from boneage.ray_checkpoints import read_state, report_state, resume_state
 from boneage.config import Config, CVConfig
+from boneage.errors import RunError
 from boneage.models import model_kind
-from boneage.train import TrainConfig, fit_zone_model
+from boneage.progress import Progress
+from boneage.train import TrainConfig, fit_zone_model, predict
 
 # The Tune trial itself only waits on its Train run: it takes this sliver of a CPU, and its worker
 # the rest of `cpus_per_trial`, so that N trials fit exactly on N x cpus_per_trial CPUs.
@@ -68,9 +71,13 @@ def finished_trials(cv_uri: str, storage_options: dict | None = None) -> dict[st
 # -- the Train worker -----------------------------------------------------------------------------
 
 
-def _train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on the Ray Train worker: read this sex's images, fit, checkpoint every epoch."""
+def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
+    """Runs on the Ray Train worker (or, in local mode, in the trial's own process): read this sex's
+    images, fit on the training folds with the epoch chosen on an inner selection split, then predict
+    the scored fold once. A worker hands the result back in its last checkpoint; local mode returns
+    (state, meta)."""
     trial = cv.parse_trial(loop_config["trial"])
+    local = loop_config["local"]
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # Ray sizes torch's pool from the worker's (fractional) CPUs: round it
         torch.set_num_threads(max(1, round(loop_config["threads"])))
@@ -80,26 +87,46 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     rows = cv.read_trial_rows(loop_config["registered_uri"], folds, trial.male, options)
     bank, ages, _ = cv.load_bank(rows)
     fold = rows["fold"].to_numpy()
-    train_idx, val_idx = np.flatnonzero(fold != trial.fold), np.flatnonzero(fold == trial.fold)
-    val_ids = rows["id"].iloc[val_idx].tolist()
+    train_cfg = TrainConfig(**loop_config["train"])
+    # The scored fold chooses nothing: the epoch is chosen on a split of the training folds.
+    fit_idx, select_idx = cv.inner_split(ages, np.flatnonzero(fold != trial.fold),
+                                         loop_config["inner_val_fraction"], train_cfg.seed)
+    scored_idx = np.flatnonzero(fold == trial.fold)
+    scored_ids = rows["id"].iloc[scored_idx].tolist()
+    meta = {"scored_ids": scored_ids, "n_train": len(fit_idx), "n_select": len(select_idx)}
 
     # A restarted worker (or a rerun of a cut-off run) continues from the last checkpoint; which
     # epoch that was goes into the trial's record (None: trained from the start).
-    resume = resume_state()
-    resumed_from = None if resume is None else int(resume["epoch"])
+    resume = None if local else resume_state()
+    meta["resumed_from_epoch"] = None if resume is None else int(resume["epoch"])
 
     def report(epoch: int, metrics: dict, state: dict) -> None:
-        # Every epoch's metrics go with a checkpoint: the state to resume from and, at its best
-        # epoch, the out-of-fold predictions (of `val_ids`, in that order).
-        report_state({**metrics, "best_val_mae": state["best"]["value"]}, state,
-                     {"val_ids": val_ids, "n_train": len(train_idx), "resumed_from_epoch": resumed_from})
+        # Every epoch's metrics go with a checkpoint: the state to resume from.
+        report_state({**metrics, "best_select_mae": state["best"]["value"]}, state, meta)
 
     kind = model_kind(trial.kind, loop_config["input_scale"])
-    fit_zone_model(bank, ages, train_idx, val_idx, kind, TrainConfig(**loop_config["train"]), device,
-                   report, resume)
+    # Local mode inside a Tune trial has nothing to resume and may not call ray.train.report (Tune's
+    # session owns reporting): no per-epoch reports there.
+    result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device, None if local else report, resume,
+                            watch_idx=scored_idx if loop_config["watch_scored_fold"] else None)
+    scored = predict(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
+                     train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
+    meta["scored_pred"] = scored.tolist()
+    if local:
+        return result.state, meta
+    report_state({"final": True}, result.state, meta)  # the last checkpoint carries the prediction
+    return None
 
 
 # -- the Tune trial -------------------------------------------------------------------------------
+
+
+def trial_resources(cvc: CVConfig) -> dict[str, float]:
+    """What one Tune trial's own process takes: all of the trial's CPUs (and GPUs) when it trains
+    itself (local mode), else a sliver that waits on its Train worker."""
+    if not cvc.train_in_trial_process:
+        return {"CPU": DRIVER_CPUS}
+    return {"CPU": cvc.cpus_per_trial, **({"GPU": cvc.gpus_per_trial} if cvc.gpus_per_trial > 0 else {})}
 
 
 def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
@@ -107,11 +134,13 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     `params` (in Tune's records) names the trial; `shared` (the run's settings, storage options
     with any credentials) reaches it through the object store, never Tune's experiment files."""
     started = time.time()
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per epoch report
     trial = cv.parse_trial(params["trial"])
     cvc = CVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in shared["cv"].items()})
     options = shared["storage_options"]
     paths = cv_paths(shared["cv_uri"])
     storage_path, storage_filesystem = io.arrow_location(paths["train"], options)
+    local = cvc.train_in_trial_process
     use_gpu = cvc.gpus_per_trial > 0
     worker = {"CPU": max(cvc.cpus_per_trial - DRIVER_CPUS, DRIVER_CPUS)}
     if use_gpu:
@@ -121,10 +150,12 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         train_loop_config={
             "trial": trial.name, "input_scale": cvc.input_scale, "threads": cvc.cpus_per_trial,
             "train": cv.train_config(cvc, trial, shared["seed"]).__dict__,
+            "inner_val_fraction": cvc.inner_val_fraction, "watch_scored_fold": cvc.watch_scored_fold,
             "folds_uri": paths["folds.parquet"], "registered_uri": shared["registered_uri"],
-            "storage_options": options,
+            "storage_options": options, "local": local,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=worker),
+        scaling_config=(ray.train.ScalingConfig(num_workers=0) if local else
+                        ray.train.ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=worker)),
         run_config=ray.train.RunConfig(
             name=trial.name,  # the trial's key, no timestamp: a rerun finds and resumes this run
             storage_path=storage_path,
@@ -135,18 +166,20 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         ),
     )
     result = trainer.fit()
-    state, meta = read_state(result.checkpoint)
-    val_ids = meta["val_ids"]
-    pred = state["best"]["pred"].numpy()
+    state, meta = result.return_value if local else read_state(result.checkpoint)
+    scored_ids, scored_pred = meta["scored_ids"], np.asarray(meta["scored_pred"], float)
     folds = cv_folds(paths["folds.parquet"], options).set_index("id")
-    record = cv.record_from_state(state, meta["n_train"], len(val_ids), time.time() - started)
+    truth = folds.loc[scored_ids, "boneage"].to_numpy(float)
+    record = cv.record_from_state(state, meta["n_train"], meta["n_select"], len(scored_ids),
+                                  float(np.mean(np.abs(scored_pred - truth))), time.time() - started)
     record["finished_at"] = time.time()
     record["resumed_from_epoch"] = meta.get("resumed_from_epoch")  # last checkpoint's epoch, or None
+    record["local_train"] = local
 
     # The model first, the part last: a part marks the trial finished.
     with io.open_output(io.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:
         torch.save(cv.compact_model(state, trial, cvc), f)
-    part = cv.part_table(trial, val_ids, folds.loc[val_ids, "boneage"].to_numpy(), pred, record)
+    part = cv.part_table(trial, scored_ids, truth, scored_pred, record)
     cv.write_part(io.join_uri(paths["parts"], trial.name + ".parquet"), part, options)
 
     # Tune keeps metrics only when they come with a checkpoint: the trial's record.
@@ -175,12 +208,99 @@ def concurrency(cvc: CVConfig) -> int:
     return max(1, n)
 
 
+# -- progress and failing fast --------------------------------------------------------------------
+
+# Failures of one trial's process or node (a lost node, a killed worker, out of memory): the trial is
+# retried and the others go on. Any other error (a missing file or package, a wrong setting, a bug)
+# will meet every trial alike: the first one stops the CV.
+ONE_TRIAL_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError,
+                    ray.exceptions.ObjectLostError, MemoryError, torch.OutOfMemoryError)
+
+
+def root_cause(err: BaseException | None) -> BaseException | None:
+    """The original exception under Ray's wrappers (RayTaskError, Train's worker/controller errors)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        inner = (getattr(err, "cause", None) or (next(iter(failures.values())) if failures else None)
+                 or getattr(err, "controller_failure", None) or err.__cause__)
+        if inner is None:
+            break
+        err = inner
+    return err
+
+
+def fix_for(err: BaseException) -> str:
+    """What a user can do about an error that hit every trial."""
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return ("every node must read the run folder and the registered table: on a cluster use s3:// "
+                "or shared storage for --output; locally check the path exists")
+    if isinstance(err, ImportError):
+        return "install the project and its dependencies on every Ray node (cluster.yaml setup_commands)"
+    return "fix the cause (a setting in OUTPUT/config.yaml or the code), then rerun with the same --output"
+
+
+class CVProgress(ray.tune.Callback):
+    """Trials done/total with elapsed time, ETA and the last finished trial's out-of-fold MAE; records
+    the first systemic error so that FirstSystemicError stops the experiment."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.progress: Progress | None = None
+        self.systemic: tuple[str, BaseException] | None = None
+        self.failed: list[str] = []
+
+    def setup(self, **info):
+        self.progress = Progress(self.total, "CV trials", unit="trials")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = trial.last_result or {}
+        note = f"{trial.config['trial']}: {result['oof_mae']:.1f} months out of fold" if "oof_mae" in result else ""
+        self.progress.update(1, note)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        name = trial.config["trial"]
+        self.failed.append(name)
+        try:
+            err = root_cause(trial.get_pickled_error())
+        except Exception:  # noqa: BLE001 - an unreadable error is not a reason to stop
+            err = None
+        if err is not None and not isinstance(err, ONE_TRIAL_ERRORS) and self.systemic is None:
+            self.systemic = (name, err)
+        self.progress.update(1, f"{name} FAILED")
+
+    def on_experiment_end(self, trials, **info):
+        if self.progress is not None:
+            self.progress.close()
+
+
+class FirstSystemicError(ray.tune.Stopper):
+    """Stops every trial once CVProgress has seen an error that every trial will meet."""
+
+    def __init__(self, progress: CVProgress):
+        self.progress = progress
+
+    def __call__(self, trial_id, result):
+        return False
+
+    def stop_all(self):
+        return self.progress.systemic is not None
+
+
 # -- the experiment -------------------------------------------------------------------------------
 
 
-def run_cv(table: pd.DataFrame, registered_uri: str, config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+class CVFailed(RunError):
+    """The CV stopped on an error that every trial would meet; the message names cause and fix."""
+
+
+def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
+           exclude: set[str] | frozenset[str] = frozenset()) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Cross-validate every configured (kind, sex, fold) not finished yet; return (oof, trials), also
-    written to CV/oof.parquet and CV/trials.parquet. `table`: the registered table (no images needed).
+    written to CV/oof.parquet and CV/trials.parquet. `table`: the registered table (no images needed),
+    without the `exclude` ids (the locked test split), which an existing folds table must not hold.
     Raises RuntimeError, after writing the tables, when some trial failed (a rerun retries it)."""
     cvc, options = config.cv, config.data.storage_options
     cv_uri = io.join_uri(config.output, "cv")
@@ -193,6 +313,9 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config) -> tuple[pd
         if int(folds["fold"].max()) + 1 != cvc.k:
             raise ValueError(f"{paths['folds.parquet']} has {int(folds['fold'].max()) + 1} folds, not "
                              f"cv.k={cvc.k}: use a fresh --output")
+        if folds["id"].isin(exclude).any():
+            raise ValueError(f"{paths['folds.parquet']} trains on images of the locked test split (it was "
+                             "made before the split): use a fresh --output")
     else:
         folds = cv.folds_table(table, cvc.k, config.data.seed)
         with io.open_output(paths["folds.parquet"], "wb", options) as f:
@@ -213,8 +336,9 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config) -> tuple[pd
         print(f"[cv] {n_parallel} trials at a time ({cvc.cpus_per_trial} CPU, {cvc.gpus_per_trial} GPU each)")
         shared = {"cv": cv_asdict(cvc), "seed": config.data.seed, "cv_uri": cv_uri,
                   "registered_uri": registered_uri, "storage_options": options}
+        progress = CVProgress(len(pending))
         tuner = ray.tune.Tuner(
-            ray.tune.with_resources(ray.tune.with_parameters(_run_trial, shared=shared), {"CPU": DRIVER_CPUS}),
+            ray.tune.with_resources(ray.tune.with_parameters(_run_trial, shared=shared), trial_resources(cvc)),
             param_space={"trial": ray.tune.grid_search([t.name for t in pending])},
             tune_config=ray.tune.TuneConfig(
                 max_concurrent_trials=n_parallel,
@@ -224,13 +348,26 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config) -> tuple[pd
             ),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem,
-                failure_config=ray.tune.FailureConfig(max_failures=0),  # Train already retries
+                # A Train worker retries itself from its checkpoint; a local trial has none: Tune
+                # retries it from the start.
+                failure_config=ray.tune.FailureConfig(
+                    max_failures=cvc.max_failures if cvc.train_in_trial_process else 0),
+                stop=FirstSystemicError(progress),
+                callbacks=[progress],
                 verbose=0,
             ),
         )
         results = tuner.fit()
-        errors = [f"{r.config['trial']}: {type(r.error).__name__}: {r.error}".split("\n")[0]
-                  for r in results if r.error is not None]
+        if progress.systemic is not None:
+            name, err = progress.systemic
+            raise CVFailed(f"CV stopped at the first failed trial, {name}, with an error every trial would "
+                           f"meet:\n  {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
+                           f"  fix: {fix_for(err)}\n  (the traceback: {io.join_uri(cv_uri, 'tune', name, 'error.txt')})")
+        errors = []
+        for r in results:
+            if r.error is not None:
+                err = root_cause(r.error)
+                errors.append(f"{r.config['trial']}: {type(err).__name__}: {err}".split("\n")[0])
 
     # 4. The experiment's tables, from every finished part (this run's and earlier runs').
     done = finished_trials(cv_uri, options)

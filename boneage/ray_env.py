@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
 from boneage.config import RayConfig
+from boneage.progress import interactive
 
 
 def init_ray(config: RayConfig) -> None:
-    """Join `config.address` (or RAY_ADDRESS, as `ray job submit` sets it), else start a local Ray."""
+    """Join `config.address` (or RAY_ADDRESS, as `ray job submit` sets it), else start a local Ray.
+    Quiet unless config.verbose: Ray's INFO lines and the workers' output stay in Ray's log files
+    (/tmp/ray/session_latest/logs), and the run tells its story in boneage's own lines."""
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if config.verbose else logging.WARNING
+    kwargs = {"log_to_driver": config.verbose, "logging_level": level}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **kwargs)
     else:
         # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train uses to watch its
         # controller; without it Train logs a warning every few seconds.
-        ray.init(num_cpus=config.num_cpus, log_to_driver=True)
+        ray.init(num_cpus=config.num_cpus, **kwargs)
+    quiet(config.verbose)
+
+
+def quiet(verbose: bool) -> None:
+    """Ray's driver-side loggers at WARNING; Ray Data's and Tune's console output off (their log files
+    keep it; boneage prints each stage's progress and outcome, and its own summary of any failure)."""
+    context = ray.data.DataContext.get_current()
+    # One bar per dataset on a terminal (rows done of all), not one per operator; none without one.
+    context.enable_progress_bars = verbose or interactive()
+    context.enable_operator_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if verbose:
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer console output prints a table even at verbose=0
+    for name in ("ray", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # trial errors: boneage.ray_cv says them
+    for handler in logging.getLogger("ray.data").handlers:  # its file handler keeps everything
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)

@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 
 from boneage import io, prepare, train
 from boneage.config import Config
+from boneage.progress import Progress
 from boneage.ray_checkpoints import read_state, report_state, resume_state
 
 
@@ -43,8 +44,9 @@ def training_set(analysed: pd.DataFrame, annotations: dict[str, np.ndarray], min
     return np.stack(inputs), np.stack(targets).astype(np.float32), np.array(annotated)
 
 
-def _train_loop(loop_config: dict[str, Any]) -> None:
-    """Runs on the Ray Train worker: fit, reporting every epoch with a resumable checkpoint."""
+def _train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on the Ray Train worker (reporting every epoch with a resumable checkpoint), or in local
+    mode in the calling process (a progress line per epoch; returns the final state)."""
     inputs, targets = ray.get(loop_config["data"])
     inputs = torch.from_numpy(np.array(inputs))  # a writable copy: the object store hands out read-only views
     cfg = train.TrainConfig(**loop_config["train"])
@@ -52,25 +54,40 @@ def _train_loop(loop_config: dict[str, Any]) -> None:
     order = np.random.default_rng(cfg.seed).permutation(n)
     n_val = max(1, int(round(n * loop_config["val_fraction"])))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    device = ray.train.torch.get_device()
+    if loop_config["local"]:
+        progress = Progress(cfg.epochs, "key point epochs", unit="epochs", every=15)
 
+        def report(epoch, metrics, state):
+            progress.update(1, f"validation error {metrics['val_dist_px']:.0f} frame px")
+
+        try:
+            return train.fit_keypoint_model(inputs, targets, train_idx, val_idx, cfg, device, report).state
+        finally:
+            progress.close()
     # A restarted worker continues from its last epoch.
-    train.fit_keypoint_model(inputs, targets, train_idx, val_idx, cfg, ray.train.torch.get_device(),
+    train.fit_keypoint_model(inputs, targets, train_idx, val_idx, cfg, device,
                              lambda epoch, metrics, state: report_state(metrics, state), resume_state())
+    return None
 
 
 def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -> dict[str, Any]:
-    """Train the key point model with Ray Train; write its best weights to `out_uri` (a .pt file)."""
+    """Train the key point model with Ray Train; write its best weights to `out_uri` (a .pt file).
+    On CPU in Ray Train's local mode (in this process: no worker to start, no checkpoint per epoch),
+    on a GPU as one Train worker that checkpoints every epoch and resumes after a failure."""
     kp = config.keypoints
+    local = not kp.use_gpu if kp.local_train is None else bool(kp.local_train)
     storage_path, storage_filesystem = io.arrow_location(io.join_uri(config.output, "train"),
                                                          config.data.storage_options)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"data": ray.put((inputs, targets)), "val_fraction": kp.val_fraction,
+        train_loop_config={"data": ray.put((inputs, targets)), "val_fraction": kp.val_fraction, "local": local,
                            "train": {"epochs": kp.epochs, "batch_size": kp.batch_size, "lr": kp.lr,
                                      "width_mult": kp.width_mult, "patience": kp.patience,
                                      "seed": config.data.seed, "schedule": "onecycle"}},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=kp.use_gpu,
-                                               resources_per_worker={"CPU": _worker_cpus(kp.use_gpu)}),
+        scaling_config=(ray.train.ScalingConfig(num_workers=0) if local else
+                        ray.train.ScalingConfig(num_workers=1, use_gpu=kp.use_gpu,
+                                                resources_per_worker={"CPU": _worker_cpus(kp.use_gpu)})),
         run_config=ray.train.RunConfig(
             name="keypoints",
             storage_path=storage_path,
@@ -81,7 +98,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
         ),
     )
     result = trainer.fit()
-    state, _ = read_state(result.checkpoint)
+    state = result.return_value if local else read_state(result.checkpoint)[0]
     compact = {"spec": state["spec"], "best": {"model": state["best"]["model"]}, "metrics": state["best"]["metrics"]}
     with io.open_output(out_uri, "wb", config.data.storage_options) as f:
         torch.save(compact, f)

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from boneage import ensemble, io, prepare
+from boneage import ensemble, io, metrics, prepare
 
 SEX_COLOURS = {"F": "#d6604d", "M": "#4393c3"}
 THUMB_WIDTH = 200  # px of a worst case's registered image in the report (the image is 800 wide)
@@ -230,6 +230,54 @@ def _headline(oof: pd.DataFrame, table: pd.DataFrame, primary: str | None, names
     return f'<div class="headline">{body}</div>'
 
 
+def _accuracy_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per group ({group: metrics.accuracy}), a column per metric, with intervals if any."""
+    head = "".join(f"<th>{_e(metrics.METRIC_NAMES[m])}</th>" for m in metrics.METRICS)
+    body = []
+    for group, acc in rows.items():
+        cells = []
+        for m in metrics.METRICS:
+            pct = m == "within_12"
+            fmt = (lambda v: f"{100 * v:.0f} %") if pct else (lambda v: _num(v, 2))
+            text = fmt(acc[m]) if m in acc else "–"
+            if m in acc.get("ci", {}):
+                lo, hi = acc["ci"][m]
+                text += f"<br><span class='meta'>{fmt(lo)} … {fmt(hi)}</span>"
+            cells.append(f"<td>{text}</td>")
+        body.append(f"<tr><td class='text'>{_e(group)}</td><td>{acc.get('n', 0)}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th class='text'>group</th><th>n</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _test_section(test: Mapping[str, Any] | None, png: str | None) -> str:
+    """The locked test split, scored by the shipped bundle: the report's headline."""
+    out = ["<h2>Locked test split: the shipped bundle</h2>"]
+    if not test or not test.get("accuracy", {}).get("all", {}).get("n"):
+        return "".join(out) + _missing("No locked test split was scored (test_fraction 0 and no --test-images).")
+    acc = test["accuracy"]
+    a = acc["all"]
+    ci = a.get("ci", {})
+    cards = [("primary", _num(a["mae"], 2), f"months MAE, 95 % interval {_num(ci.get('mae', [np.nan])[0], 2)} … "
+                                           f"{_num(ci.get('mae', [np.nan, np.nan])[1], 2)}"),
+             ("", _num(a["rmse"], 2), "months RMSE"),
+             ("", f"{100 * a['within_12']:.0f} %", "within ±12 months"),
+             ("", f"{a['bias']:+.2f}", "months bias (predicted − true)"),
+             ("", f"{test['scored']}/{test['images']}", "test images scored")]
+    out.append('<div class="headline">' + "".join(
+        f'<div class="card {c}"><div class="value">{v}</div><div class="label">{label}</div></div>'
+        for c, v, label in cards) + "</div>")
+    out.append(f"<p class='note'>Images set aside before anything was fit ({_e(test.get('source', ''))}): no stage "
+               "saw their labels. The finished bundle scored them through <code>boneage score</code> (fold-averaged "
+               f"models, ensemble, QA). Intervals: 95 % bootstrap over images ({test.get('bootstrap_resamples')} "
+               "resamples).</p>")
+    out.append(_accuracy_table({"all": a, **acc.get("by_sex", {}), **acc.get("by_age_band", {})}))
+    if test.get("failed"):
+        out.append("<p class='note'>Not scored: " + ", ".join(f"{_e(f['id'])} ({_e(f['error'])})"
+                                                            for f in test["failed"]) + "</p>")
+    if png:
+        out.append(f'<img class="plot" src="{_e(png)}" alt="test split: predicted vs true">')
+    return "".join(out)
+
+
 def _mae_section(table: pd.DataFrame, png: str) -> str:
     groups = ["all", "F", "M", *[label for label, _, _ in ensemble.AGE_BANDS]]
     head = "".join(f"<th>{_e(g)}<br><span class='meta'>n={int(table[f'n_{g}'].max())}</span></th>" for g in groups)
@@ -332,12 +380,14 @@ def _trials_section(trials: pd.DataFrame | None, ensembles) -> str:
     else:
         summary = trials.groupby(["kind", "sex"], sort=True).agg(
             trials=("trial", "size") if "trial" in trials else ("fold", "size"),
-            val_mae=("val_mae", "mean"), best_epoch=("best_epoch", "mean"),
+            select_mae=("select_mae", "mean"), oof_mae=("oof_mae", "mean"), best_epoch=("best_epoch", "mean"),
             epochs_run=("epochs_run", "mean"), seconds=("seconds", "sum")).reset_index()
         total = float(trials["seconds"].sum()) if "seconds" in trials else float("nan")
         out.append(f"<p class='note'>{len(trials)} CV trials, {_num(total / 60, 1)} trial-minutes in all. "
-                   "val_mae: the trial's best validation MAE (months, its own held-out fold; mean over folds); "
-                   "best_epoch, epochs_run: means over folds; seconds: sum.</p>")
+                   "select_mae: MAE on the trial's selection split (carved from its training folds; it chose "
+                   "the epoch; – for a fixed schedule); oof_mae: the chosen model's MAE on the scored fold, "
+                   "which chose nothing (months, means over folds); best_epoch, epochs_run: means over folds; "
+                   "seconds: sum.</p>")
         out.append(_frame_table(summary))
     out.append(_tune_trials(ensembles))
     return "".join(out)
@@ -410,6 +460,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  trials: pd.DataFrame | None = None, preprocess_summary: Mapping[str, Any] | None = None,
                  worst_images: pd.DataFrame | None = None, primary: str | None = None, n_worst: int = 12,
                  storage_options: Mapping[str, Any] | None = None,
+                 test: Mapping[str, Any] | None = None, test_table: pd.DataFrame | None = None,
                  title: str = "Bone age: cross-validation report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
@@ -417,7 +468,9 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     record}; ensemble_oof: {name: its cross-validated prediction of every oof row}; primary: the
     ensemble of the headline, Bland-Altman and worst cases (the first one by default). worst_images:
     rows with id and registered_png (and optionally registration_doubtful, keypoint_source) for the
-    worst cases' thumbnails. Anything else missing is said in its section."""
+    worst cases' thumbnails. test: the locked test split's result (run.evaluate_test), test_table its
+    rows (boneage, male, pred) for the plot; they come first. Anything else missing is said in its
+    section."""
     oof = oof.reset_index(drop=True)
     kinds = [k for k in kinds if k in oof.columns]
     ensemble_oof = {name: np.asarray(p, float) for name, p in ensemble_oof.items()}
@@ -439,10 +492,23 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     panels = [(n, ensemble_oof[n]) for n in ensemble_oof][:2]
     if best_kind:
         panels.append((f"best kind {best_kind}", oof[best_kind].to_numpy(float)))
+    test_png = None
+    if test_table is not None and len(test_table):
+        files["test_pred_vs_true.png"] = plot_pred_vs_true(
+            test_table, [("shipped bundle, locked test split", test_table["pred"].to_numpy(float))])
+        test_png = "test_pred_vs_true.png"
     sections = [f"<h1>{_e(title)}</h1><p class='meta'>written {_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}; "
-                "all numbers out-of-fold, months</p>",
+                "months</p>",
+                _test_section(test, test_png),
+                "<h2>Cross-validation (out of fold)</h2><p class='note'>Every image predicted by models that "
+                "never saw its label; each trial chose its epoch on a selection split of its training folds, "
+                "and the ensemble's weights (and its Tune setting) were fit without the fold they predict.</p>",
                 _headline(oof, table, primary, list(ensemble_oof), ensembles),
                 _mae_section(table, "mae_by_band.png")]
+    if primary is not None:
+        sections.append(f"<p class='note'>Ensemble {_e(primary)}, out of fold, every metric:</p>")
+        acc = metrics.accuracy_report(ensemble_oof[primary], y, oof["male"].to_numpy(bool))
+        sections.append(_accuracy_table({"all": acc["all"], **acc["by_sex"], **acc["by_age_band"]}))
 
     sections.append("<h2>Predicted vs true</h2>")
     if panels:

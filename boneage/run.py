@@ -13,8 +13,56 @@ import numpy as np
 import pandas as pd
 
 from boneage import frame, io, ingest, prepare, qa, synth
-from boneage.config import Config
+from boneage.config import Config, absolute
 from boneage.errors import STATUS_OK, error_code
+
+
+def check_config(config: Config, need_data: bool = True) -> None:
+    """Settings and input paths that would fail every trial or image, checked before any work starts:
+    ValueError or FileNotFoundError naming the setting and what it may be."""
+    from boneage.models import MODEL_KINDS
+    from boneage.train import SCHEDULES
+
+    cvc = config.cv
+    problems = []
+    unknown = [k for k in cvc.kinds if k not in MODEL_KINDS]
+    if unknown or not cvc.kinds:
+        problems.append(f"cv.kinds {list(cvc.kinds)}: known kinds are {', '.join(MODEL_KINDS)}")
+    if [s for s in cvc.sexes if s not in ("F", "M")] or not cvc.sexes:
+        problems.append(f"cv.sexes {list(cvc.sexes)}: each must be F or M")
+    if cvc.k < 2:
+        problems.append(f"cv.k={cvc.k}: k-fold CV needs at least 2 folds")
+    if cvc.epochs < 1 or cvc.batch_size < 1:
+        problems.append(f"cv.epochs={cvc.epochs}, cv.batch_size={cvc.batch_size}: both must be at least 1")
+    if cvc.cpus_per_trial <= 0 or cvc.gpus_per_trial < 0:
+        problems.append(f"cv.cpus_per_trial={cvc.cpus_per_trial} must be > 0 and cv.gpus_per_trial="
+                        f"{cvc.gpus_per_trial} >= 0")
+    if cvc.schedule not in SCHEDULES:
+        problems.append(f"cv.schedule={cvc.schedule!r}: one of {', '.join(SCHEDULES)}")
+    if not (cvc.inner_val_fraction == 0 or 0 < cvc.inner_val_fraction < 0.5):
+        problems.append(f"cv.inner_val_fraction={cvc.inner_val_fraction}: 0 (fixed schedule) or in (0, 0.5)")
+    if cvc.schedule == "plateau" and cvc.inner_val_fraction == 0:
+        problems.append("cv.schedule=plateau steps on the selection split: set cv.inner_val_fraction > 0")
+    if cvc.ensemble not in ("tune", "lad", "nnls"):
+        problems.append(f"cv.ensemble={cvc.ensemble!r}: one of tune, lad, nnls")
+    if not 0 <= config.data.test_fraction < 0.5:
+        problems.append(f"data.test_fraction={config.data.test_fraction}: in [0, 0.5)")
+    if config.keypoints.source not in ("model", "geometric"):
+        problems.append(f"keypoints.source={config.keypoints.source!r}: 'model' or 'geometric'")
+    if problems:
+        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+    if not need_data:
+        return
+    d = config.data
+    for flag, uri in (("--images", d.images), ("--labels", d.labels), ("--keypoints", d.keypoints),
+                      ("--keypoint-model", config.keypoints.model), ("--test-images", d.test_images),
+                      ("--test-labels", d.test_labels)):
+        if uri:
+            fs, path = fsspec.core.url_to_fs(uri, **d.storage_options)
+            if not fs.exists(path):
+                raise FileNotFoundError(f"{flag} {uri} does not exist")
+    if d.images and not d.labels:
+        raise ValueError("--images needs --labels (bone age and sex of each image) to train")
 
 
 def save_config(config: Config) -> None:
@@ -39,6 +87,95 @@ def resolve_data(config: Config) -> Config:
     config.data.labels = str(folder / "labels.csv")
     config.data.keypoints = str(folder / "keypoints.csv")
     return config
+
+
+# -- the locked test split ------------------------------------------------------------------------
+
+
+def test_split_uri(config: Config) -> str:
+    return io.join_uri(config.output, "test", "split.csv")
+
+
+def split_test(config: Config) -> pd.DataFrame:
+    """The locked test split, set aside before anything is fit: OUTPUT/test/split.csv (id, uri, male,
+    boneage, source). config.data.test_images + test_labels: that test set; else test_fraction of the
+    labelled images, stratified by sex and age and fixed by seed (none when 0). A rerun keeps the split
+    it finds, so that no image ever moves between test and training."""
+    from boneage import cv
+
+    options, uri = config.data.storage_options, test_split_uri(config)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            split = pd.read_csv(f, dtype={"id": str})
+        print(f"[test] keeping the locked test split of {len(split)} images in {uri}")
+        return split
+    if config.data.test_images:
+        if not config.data.test_labels:
+            raise ValueError("--test-images needs --test-labels (the test set's bone ages and sexes)")
+        manifest = ingest.build_manifest(config.data.test_images, config.data.test_labels, options)
+        split = manifest[manifest.status == STATUS_OK].assign(source="test_images")
+        if len(manifest) > len(split):
+            print(f"[test] {len(manifest) - len(split)} test items unusable, e.g. "
+                  f"{manifest[manifest.status != STATUS_OK].error.iloc[0]}")
+    else:
+        manifest = ingest.build_manifest(config.data.images, config.data.labels, options)
+        manifest = manifest[cv.labelled(manifest)].reset_index(drop=True)
+        picks = []
+        for male in (False, True):
+            rows = np.flatnonzero(manifest["male"].to_numpy(bool) == male)
+            picks.append(cv.inner_split(manifest["boneage"].to_numpy(float), rows, config.data.test_fraction,
+                                        config.data.seed + 1)[1])
+        split = manifest.iloc[np.sort(np.concatenate(picks))].assign(source="test_fraction")
+    split = split[["id", "uri", "male", "boneage", "source"]].reset_index(drop=True)
+    with io.open_output(uri, "wb", options) as f:
+        split.to_csv(f, index=False)
+    print(f"[test] {len(split)} images locked away as the test split ({int((~split.male.astype(bool)).sum())} F, "
+          f"{int(split.male.astype(bool).sum())} M; {split.source.iloc[0] if len(split) else 'none'}) → {uri}")
+    return split
+
+
+def read_test_ids(config: Config) -> set[str]:
+    """The ids of the locked test split (empty when the run has none)."""
+    fs, path = fsspec.core.url_to_fs(test_split_uri(config), **config.data.storage_options)
+    if not fs.exists(path):
+        return set()
+    with fs.open(path, "rb") as f:
+        return set(pd.read_csv(f, dtype={"id": str})["id"])
+
+
+def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[str, Any] | None:
+    """Score the locked test split with the finished bundle through `boneage score`'s code path
+    (fold-averaged models, ensemble, QA); OUTPUT/test/predictions.parquet and metrics.json; the
+    accuracy also goes into the bundle (training.json and manifest). None without a test split."""
+    from boneage import bundle, metrics
+
+    options = config.data.storage_options
+    fs, path = fsspec.core.url_to_fs(test_split_uri(config), **options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        split = pd.read_csv(f, dtype={"id": str})
+    if not len(split):
+        print("[test] no test split (test_fraction 0 and no --test-images): no locked-test accuracy")
+        return None
+    subjects = io.join_uri(config.output, "test", "subjects.csv")
+    with io.open_output(subjects, "wb", options) as f:
+        split[["id", "male"]].to_csv(f, index=False)
+    table = score(split["uri"].tolist(), bundle_uri, io.join_uri(config.output, "test", "predictions.parquet"),
+                  subjects=subjects, storage_options=options)
+    scored = split.merge(table[["id", "status", "error", "boneage_months"]], on="id", how="left")
+    ok = scored["status"] == STATUS_OK
+    acc = metrics.accuracy_report(scored.loc[ok, "boneage_months"], scored.loc[ok, "boneage"],
+                                  scored.loc[ok, "male"].astype(bool), n_boot=n_boot, seed=config.data.seed)
+    result = {"images": int(len(split)), "scored": int(ok.sum()), "source": str(split["source"].iloc[0]),
+              "bootstrap_resamples": n_boot, "failed": [{"id": r.id, "error": r.error} for r in scored[~ok].itertuples()],
+              "accuracy": acc}
+    io.write_bytes(io.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
+    bundle.add_test_accuracy(bundle_uri, result, options)
+    print(f"[test] the shipped bundle on the locked test split ({result['scored']}/{result['images']} scored): "
+          f"{metrics.describe(acc['all'])}")
+    return result
 
 
 def read_annotations(config: Config) -> dict[str, np.ndarray]:
@@ -78,7 +215,9 @@ def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str
     others = ok[~ok.id.isin(annotations)]
     room = max(0, kp.max_training_images - len(annotated))
     others = others.sample(n=min(room, len(others)), random_state=config.data.seed)
+    started = time.time()
     analysed = ray_prepare.analyse_dataset(pd.concat([annotated, others]), config)
+    print(f"[keypoints] {len(analysed)} images analysed for the key point model in {time.time() - started:.0f} s")
     inputs, targets, is_annotation = ray_keypoints.training_set(
         analysed, {i: annotations[i] for i in train_ids}, kp.pseudo_label_confidence)
     if len(inputs) < 20:
@@ -88,9 +227,10 @@ def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str
     print(f"[keypoints] training the key point model on {int(is_annotation.sum())} annotated and "
           f"{int((~is_annotation).sum())} pseudo-labelled images (Ray Train)")
     out = io.join_uri(config.output, "keypoints", "keypoint_model.pt")
+    started = time.time()
     metrics = ray_keypoints.fit(inputs, targets, config, out)
     print(f"[keypoints] best epoch {metrics.get('epoch')}: validation error {metrics.get('val_dist_px', float('nan')):.1f} "
-          "frame px")
+          f"frame px; trained in {time.time() - started:.0f} s")
     return out
 
 
@@ -123,7 +263,9 @@ def preprocess(config: Config) -> pd.DataFrame:
     annotations = read_annotations(config)
     model = keypoint_model(config, manifest, annotations)
     out = io.join_uri(config.output, "registered")
+    registering = time.time()
     table = ray_prepare.run_prepare(manifest, out, config, model)
+    print(f"[preprocess] {len(table)} images masked, key points found, registered in {time.time() - registering:.0f} s")
     shown = table[table.status == STATUS_OK].id.head(config.preprocess.qa_sheet_size).tolist()
     sheet_rows = ray_prepare.read_registered(out, config.data.storage_options, ids=shown)
     sheet = qa.contact_sheet(sheet_rows, limit=config.preprocess.qa_sheet_size)
@@ -195,7 +337,11 @@ def cross_validate(config: Config) -> dict[str, Any]:
     io.write_bytes(saved, config.to_yaml().encode(), config.data.storage_options)
     registered = check_registered(config)
     table = ray_prepare.read_registered(registered, config.data.storage_options, with_images=False)
-    oof, trials = ray_cv.run_cv(table, registered, config)
+    test_ids = read_test_ids(config)
+    if test_ids:  # the locked test split takes no part in CV
+        print(f"[cv] {len(test_ids)} images of the locked test split left out")
+        table = table[~table["id"].isin(test_ids)].reset_index(drop=True)
+    oof, trials = ray_cv.run_cv(table, registered, config, exclude=test_ids)
     table = cv.summary(oof, list(config.cv.kinds))
     summary = {
         "images": int(len(oof)), "folds": config.cv.k, "trials": int(len(trials)),
@@ -223,10 +369,13 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri`
     (parquet), with sex and chronological age from `subjects` (CSV) or the DICOM header. Bad files
     are rows with status 'error'; the summary is printed. Ray is started by the caller."""
-    from boneage import bundle as bundle_mod, ray_score, score as score_mod
+    from boneage import bundle as bundle_mod, metrics, ray_score, score as score_mod
     from boneage.config import load_config
 
     started = time.time()
+    # Local paths against the caller's working directory: Ray's workers run elsewhere.
+    images = [absolute(i) for i in images] if isinstance(images, (list, tuple)) else absolute(images)
+    bundle_uri, out_uri, subjects = absolute(bundle_uri), absolute(out_uri), absolute(subjects)
     options = dict(storage_options or {})
     loaded = bundle_mod.load_bundle(bundle_uri, options)  # a bad bundle fails here, before any work
     trained = loaded.config or {}
@@ -245,6 +394,11 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
             print(f"[score] {len(unmatched)} ids in {subjects} have no image, e.g. {unmatched[:3]}")
     print(f"[score] {len(manifest)} files; bundle {bundle_uri}: {len(loaded.kinds)} kinds x "
           f"{len(loaded.sexes)} sexes x {loaded.manifest['folds']} folds")
+    measured = loaded.manifest.get("accuracy", {})
+    if "test_split" in measured:
+        print(f"[score] the bundle's measured accuracy on its locked test split: {metrics.describe(measured['test_split'])}")
+    elif "out_of_fold" in measured:
+        print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
     table = ray_score.run_score(manifest, bundle_uri, config, out_uri, actors=actors,
                                 gpus_per_actor=gpus_per_actor, ages=ages)
@@ -261,7 +415,7 @@ def write_bundle(config: Config) -> str:
     """OUTPUT/bundle (boneage.bundle): every fold model, the key point model, the ensemble weights, the
     configuration and a summary of the training data and CV metrics. Refuses a CV with unfinished
     trials: a bundle missing fold models would score differently from what its metrics say."""
-    from boneage import bundle, cv
+    from boneage import bundle, cv, metrics
 
     options = config.data.storage_options
     cv_uri = io.join_uri(config.output, "cv")
@@ -270,14 +424,14 @@ def write_bundle(config: Config) -> str:
     files: dict[str, bytes] = {}
     models = []
     records = pd.read_parquet(io.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
-    val_mae = dict(zip(records["trial"], records["val_mae"])) if len(records) else {}
-    missing = [t.name for t in trials if t.name not in val_mae]
+    oof_mae = dict(zip(records["trial"], records["oof_mae"])) if len(records) else {}
+    missing = [t.name for t in trials if t.name not in oof_mae]
     if missing:
         raise RuntimeError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
     for t in trials:
         path = f"models/{t.name}.pt"
         files[path] = io.read_bytes(io.join_uri(cv_uri, "models", t.name + ".pt"), options)
-        models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "val_mae": float(val_mae[t.name])})
+        models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "oof_mae": float(oof_mae[t.name])})
     preprocess_summary = _read_json(io.join_uri(config.output, "qa", "preprocess_summary.json"), options)
     keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
     if config.keypoints.source == "model" and not keypoint_model:
@@ -288,6 +442,10 @@ def write_bundle(config: Config) -> str:
     files["ensemble.json"] = io.read_bytes(io.join_uri(cv_uri, "ensemble.json"), options)
     files["config.yaml"] = config.to_yaml().encode()
     cv_summary = _read_json(io.join_uri(cv_uri, "summary.json"), options)
+    ensembles = json.loads(files["ensemble.json"])
+    oof = pd.read_parquet(io.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
+    oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
+                    [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", f"ensemble_{ensembles['use']}")]}
     training = {
         "images": int(len(folds)), "female": int((~folds["male"]).sum()), "male": int(folds["male"].sum()),
         "boneage_months": {q: float(folds["boneage"].quantile(v)) for q, v in
@@ -296,6 +454,9 @@ def write_bundle(config: Config) -> str:
         "preprocess": {k: preprocess_summary.get(k) for k in ("items", "ok", "errors", "errors_by_code",
                                                               "registration_doubtful", "keypoint_model")},
         "cv": cv_summary,
+        # Out of fold: every prediction from a model (and ensemble weights) that never saw the image's
+        # label; the epoch was chosen on each trial's selection split. The test split's: evaluate_test.
+        "oof_accuracy": oof_accuracy,
     }
     files["training.json"] = json.dumps(training, indent=2).encode()
     out = io.join_uri(config.output, "bundle")
@@ -303,6 +464,8 @@ def write_bundle(config: Config) -> str:
         "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
         "input_scale": config.cv.input_scale, "keypoint_model": "keypoints/keypoint_model.pt" if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
+        "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
+                                     **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},
     }, options)
     size = sum(len(v) for v in files.values()) / 1e6
     print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB → {out}")
@@ -331,9 +494,14 @@ def fit_ensembles(config: Config) -> dict[str, Any]:
         cpus_per_trial=min(1.0, config.cv.cpus_per_trial))
     for method in ("lad", "nnls"):
         fits[method], predictions[method] = ensemble.fit_ensemble(oof, kinds, method)
-    use = min(fits, key=lambda m: fits[m]["cv_mae"]["all"])
+    # Which fit scores is fixed beforehand (cv.ensemble), not picked by the cross-validated MAE that is
+    # then reported: the other fits are comparisons.
+    use = config.cv.ensemble
+    if use not in fits:
+        raise ValueError(f"cv.ensemble must be one of {sorted(fits)}, not {use!r}")
     result = {"use": use, "fits": fits,
-              "why": "the fit with the lowest cross-validated MAE (no row's prediction saw its own label)"}
+              "why": "fixed beforehand by cv.ensemble; every MAE here is cross-validated over the OOF table's "
+                     "folds (no row's prediction saw its own label)"}
     io.write_bytes(io.join_uri(cv_uri, "ensemble.json"), json.dumps(result, indent=2).encode(), options)
     table = oof.assign(**{f"ensemble_{m}": p for m, p in predictions.items()})
     with io.open_output(io.join_uri(cv_uri, "ensemble_oof.parquet"), "wb", options) as f:
@@ -341,11 +509,13 @@ def fit_ensembles(config: Config) -> dict[str, Any]:
     best_kind = min(kinds, key=lambda k: ensemble.mae(oof[k].to_numpy(float), oof["boneage"].to_numpy(float)))
     print(f"[ensemble] cross-validated MAE (months): " + ", ".join(
         f"{m} {fits[m]['cv_mae']['all']:.2f}" for m in fits) +
-        f"; best single kind {best_kind} {ensemble.mae(oof[best_kind], oof['boneage']):.2f}; scoring uses {use}")
+        f"; best single kind {best_kind} {ensemble.mae(oof[best_kind], oof['boneage']):.2f}; scoring uses {use} "
+        "(fixed beforehand)")
     return result
 
 
-def report(config: Config, ensembles: dict[str, Any] | None = None, n_worst: int = 12) -> str:
+def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
+           n_worst: int = 12) -> str:
     """OUTPUT/report/report.html and its PNGs (boneage.report) from the CV's tables, the ensemble fits,
     the preprocessing summary and the worst cases' registered images."""
     from boneage import ray_prepare, report as report_mod
@@ -360,10 +530,46 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, n_worst: int
     worst = report_mod.worst_cases(table, predictions[ensembles["use"]], n_worst)["id"].tolist()
     images = ray_prepare.read_registered(io.join_uri(config.output, "registered"), options, ids=worst)
     trials = pd.read_parquet(io.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
+    test = test or _read_json(io.join_uri(config.output, "test", "metrics.json"), options) or None
+    test_table = None
+    if test:
+        scored = pd.read_parquet(io.join_uri(config.output, "test", "predictions.parquet"),
+                                 storage_options=options or None)
+        with io.open_output(test_split_uri(config), "rb", options) as f:
+            split = pd.read_csv(f, dtype={"id": str})
+        test_table = split.merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
+        test_table = test_table.rename(columns={"boneage_months": "pred"})
     uri = report_mod.write_report(
         io.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
         ensembles["fits"], predictions, trials=trials,
         preprocess_summary=_read_json(io.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
-        worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options)
+        worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
+        test=test, test_table=test_table)
     print(f"[report] {uri}")
     return uri
+
+
+def print_final_summary(config: Config, test: dict[str, Any] | None, seconds: float) -> None:
+    """The run's closing table: out-of-fold MAE per kind and of the ensemble, the locked test split's
+    accuracy, and where each output is."""
+    from boneage import metrics
+
+    options = config.data.storage_options
+    cv_uri = io.join_uri(config.output, "cv")
+    summary = _read_json(io.join_uri(cv_uri, "summary.json"), options)
+    ensembles = _read_json(io.join_uri(cv_uri, "ensemble.json"), options)
+    print(f"\n== done in {seconds / 60:.1f} min ==")
+    print(f"  {'out-of-fold MAE, months':<28}{'F':>8}{'M':>8}{'all':>8}")
+    for row in summary.get("mae", []):
+        print(f"  {row['model']:<28}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")
+    for name, fit in ensembles.get("fits", {}).items():
+        mae = fit["cv_mae"]
+        label = f"ensemble {name}" + (" (ships)" if name == ensembles.get("use") else "")
+        print(f"  {label:<28}{mae.get('F', float('nan')):>8.2f}{mae.get('M', float('nan')):>8.2f}{mae['all']:>8.2f}")
+    if test:
+        print(f"  locked test split, shipped bundle: {metrics.describe(test['accuracy']['all'])}")
+    for what, where in (("report", io.join_uri(config.output, "report", "report.html")),
+                        ("bundle", io.join_uri(config.output, "bundle")),
+                        ("out-of-fold table", io.join_uri(cv_uri, "oof.parquet")),
+                        ("test predictions", io.join_uri(config.output, "test", "predictions.parquet"))):
+        print(f"  {what:<18} {where}")

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
-from tqdm import tqdm
 
 from boneage.frame import KEYPOINT_NAMES
+from boneage.progress import track
 
 FULL_SIZE = (2044, 1514)  # (height, width) of a typical RSNA radiograph
 MAX_AGE = 228.0  # months, the RSNA range
@@ -837,10 +837,11 @@ def write_dataset(n: int, out_dir, seed: int = 0, size: tuple[int, int] | None =
     if workers > 1:
         # spawn: safe with threads (Ray, torch) in the parent and the same on every platform
         with mp.get_context("spawn").Pool(workers) as pool:
-            rows = list(tqdm(pool.imap(_write_one, jobs, chunksize=4), total=n, disable=not progress,
-                             desc="synth"))
+            made = pool.imap(_write_one, jobs, chunksize=4)
+            rows = list(track(made, n, "synthetic radiographs", "images") if progress else made)
     else:
-        rows = [_write_one(j) for j in tqdm(jobs, disable=not progress, desc="synth")]
+        made = map(_write_one, jobs)
+        rows = list(track(made, n, "synthetic radiographs", "images") if progress else made)
 
     paths = {"images": out / "images", "labels": out / "labels.csv", "truth": out / "truth.csv",
              "keypoints": out / "keypoints.csv"}

@@ -182,7 +182,9 @@ def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, met
     """The loop both model families share.
 
     make_batch(idx, gen) -> (x, y); loss_fn(pred, y) -> scalar; evaluate(run) -> (metrics, preds);
-    `metric` (lower is better) picks the best epoch and drives plateau and early stopping;
+    `metric` (lower is better) picks the best epoch and drives plateau and early stopping. When the
+    evaluation has no `metric` (no selection split: a fixed schedule), nothing is chosen: the last
+    epoch is the result, and neither early stopping nor plateau steps apply.
     `train_scale` turns the mean training loss into the reported `train_loss`.
     """
     model, run = _prepare(model, cfg, device)
@@ -233,13 +235,17 @@ def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, met
         train_loss = loss_sum.item() / steps * train_scale
         train_s = time.perf_counter() - t0
         metrics, preds = evaluate(run)
+        selecting = metric in metrics
         if cfg.schedule == "plateau":
+            if not selecting:
+                raise ValueError("the plateau schedule needs a selection split (it steps on its metric)")
             sched.step(metrics[metric])
         metrics = {"epoch": epoch, "train_loss": train_loss, **metrics, "lr": opt.param_groups[0]["lr"],
                    "train_img_per_s": steps * bs / train_s, "epoch_s": time.perf_counter() - t0}
-        if metrics[metric] < best["value"]:
-            best = {"value": metrics[metric], "epoch": epoch, "model": _clone(model.state_dict()),
-                    "pred": preds.detach().cpu(), "metrics": metrics}
+        if not selecting or metrics[metric] < best["value"]:  # a fixed schedule keeps the last epoch
+            best = {"value": metrics.get(metric, float("nan")), "epoch": epoch,
+                    "model": _clone(model.state_dict()),
+                    "pred": None if preds is None else preds.detach().cpu(), "metrics": metrics}
             bad = 0
         elif epoch >= warmup_epochs:
             bad += 1
@@ -266,17 +272,20 @@ def _seeded(cfg: TrainConfig, device):
 
 
 def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainConfig, device="cpu",
-                   report: Callable | None = None, resume_state: dict | None = None) -> FitResult:
+                   report: Callable | None = None, resume_state: dict | None = None,
+                   watch_idx=None) -> FitResult:
     """Train one zone model on bank[train_idx] (uint8 (N, 1, H, W), moved to `device` once).
 
-    ages: (N,) months. Returns the best epoch's model and its predictions for val_idx (months).
+    ages: (N,) months. val_idx: the selection split, whose MAE picks the best epoch and drives early
+    stopping; empty for a fixed schedule (the last epoch is the model). Returns the chosen model and
+    its predictions for val_idx (months). watch_idx (a diagnostic, e.g. the scored fold): its MAE is
+    recorded every epoch as `watch_mae` and never chooses anything.
     """
     device = torch.device(device)
     bank = bank.to(device)
     ages = torch.as_tensor(np.asarray(ages), dtype=torch.float32, device=device)
     train_idx, val_idx = _as_index(train_idx, device), _as_index(val_idx, device)
-    if val_idx.numel() == 0:
-        raise ValueError("val_idx is empty: the loop selects epochs on validation MAE")
+    watch_idx = None if watch_idx is None else _as_index(watch_idx, device)
     fc = cfg.fc or 2048
     spec = {"kind": kind.name, "input_scale": kind.input_scale, "width_mult": cfg.width_mult,
             "fc": fc, "dropout": cfg.dropout}
@@ -286,8 +295,15 @@ def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainCo
         return sampler(bank, idx, gen, train=True), to_scaled(ages[idx])
 
     def evaluate(run):
-        pred = predict(run, bank, val_idx, kind, cfg.eval_batch_size, device, cfg.bf16, cfg.channels_last)
-        return {"val_mae": (pred - ages[val_idx]).abs().mean().item()}, pred
+        metrics, pred = {}, None
+        if val_idx.numel():
+            pred = predict(run, bank, val_idx, kind, cfg.eval_batch_size, device, cfg.bf16, cfg.channels_last)
+            metrics["val_mae"] = (pred - ages[val_idx]).abs().mean().item()
+        if watch_idx is not None and watch_idx.numel():
+            watched = predict(run, bank, watch_idx, kind, cfg.eval_batch_size, device, cfg.bf16,
+                              cfg.channels_last)
+            metrics["watch_mae"] = (watched - ages[watch_idx]).abs().mean().item()
+        return metrics, pred
 
     with _seeded(cfg, device):
         torch.manual_seed(cfg.seed)

@@ -80,6 +80,25 @@ def test_folds_need_enough_images():
     assert cv.sexes_present(only_boys, ("F", "M")) == ["M"]
 
 
+def test_inner_split_is_a_stratified_part_of_the_training_rows():
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(0, 228, 300)
+    train_idx = np.sort(rng.choice(300, 200, replace=False))
+    fit, select = cv.inner_split(ages, train_idx, 0.15, seed=3)
+    assert not set(fit) & set(select) and set(fit) | set(select) == set(train_idx)  # nothing from outside
+    assert 0.12 <= len(select) / len(train_idx) <= 0.18
+    # stratified: the selection split's ages cover the range like the training rows'
+    assert abs(np.median(ages[select]) - np.median(ages[train_idx])) < 20
+    assert ages[select].min() < 20 and ages[select].max() > 200
+    again = cv.inner_split(ages, train_idx, 0.15, seed=3)
+    np.testing.assert_array_equal(again[1], select)
+    assert not np.array_equal(cv.inner_split(ages, train_idx, 0.15, seed=4)[1], select)
+    fit0, select0 = cv.inner_split(ages, train_idx, 0.0, seed=3)  # a fixed schedule: no selection split
+    np.testing.assert_array_equal(fit0, train_idx) and len(select0) == 0
+    with pytest.raises(ValueError, match="inner_val_fraction"):
+        cv.inner_split(ages, train_idx, 0.7, seed=3)
+
+
 def test_folds_table():
     folds = cv.folds_table(_table(), 3, seed=0)
     assert list(folds.columns) == ["id", "male", "boneage", "fold"]
@@ -139,7 +158,7 @@ def _parts(folds):
     parts = []
     for t in cv.cv_trials(["A-reg"], ["F", "M"], int(folds.fold.max()) + 1):
         sel = folds[(folds.fold == t.fold) & (folds.male == t.male)]
-        part = cv.part_table(t, sel.id, sel.boneage, sel.boneage + 1, {"val_mae": 1.0, "seconds": 2.0})
+        part = cv.part_table(t, sel.id, sel.boneage, sel.boneage + 1, {"oof_mae": 1.0, "seconds": 2.0})
         parts.append((part.to_pandas(), cv.part_record(part)))
     return parts
 

@@ -51,6 +51,7 @@ cv:
   batch_size: 4
   patience: 0
   cpus_per_trial: 1          # one trial per node
+  local_train: false         # a Ray Train worker per trial, as on a GPU cluster: the process killed here
 """
 
 

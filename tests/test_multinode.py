@@ -36,7 +36,10 @@ cv:
   fc: 32
   epochs: 2
   batch_size: 4
-  cpus_per_trial: 0.5        # all 4 trials at once, 2 per node (tiny trials are mostly Ray Train start-up)
+  cpus_per_trial: 0.5        # all 4 trials at once, 2 per node
+  local_train: false         # Ray Train workers, as on a GPU cluster
+data:
+  test_fraction: 0.1         # 2 images locked away, scored at the end by the bundle, from S3
 """
 
 
@@ -70,7 +73,9 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
 
     # The out-of-fold table: one row per labelled image, a prediction of the trained kind for each.
     oof = pd.read_parquet(f"{out}/cv/oof.parquet", storage_options=options)
-    assert len(oof) == N_IMAGES and oof.id.is_unique and oof.male.nunique() == 2
+    split = pd.read_csv(f"{out}/test/split.csv", storage_options=options)
+    assert len(split) == 2 and not set(split.id.astype(str)) & set(oof.id)  # the test split is not in CV
+    assert len(oof) == N_IMAGES - 2 and oof.id.is_unique and oof.male.nunique() == 2
     assert oof[KINDS].notna().all().all() and oof[KINDS].apply(lambda c: c.between(0, 240)).all().all()
     trials = pd.read_parquet(f"{out}/cv/trials.parquet", storage_options=options)
     assert len(trials) == len(KINDS) * 2 * 2
@@ -82,6 +87,7 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
     files = manifest["files"]
     assert files and all(fs.exists(f"{out}/bundle/{item['path']}") for item in files)
     assert {f"models/{name}.pt" for name in trials.trial} <= {item["path"] for item in files}
+    assert manifest["accuracy"]["test_split"]["n"] + len(json.loads(fs.cat_file(f"{out}/test/metrics.json"))["failed"]) == 2
 
     # Both nodes worked: Ray Train's workers (half a CPU each, all four at once) ran on both.
     from ray.util.state import list_actors

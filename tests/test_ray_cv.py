@@ -35,7 +35,7 @@ def registered_30(tmp_path_factory, ray_local):
 def _cv_config(output: str):
     return load_config(overrides={
         "cv": {"k": 2, "kinds": KINDS, "sexes": ["F"], "input_scale": 0.125, "width_mult": 0.0625, "fc": 32,
-               "epochs": 2, "batch_size": 4, "patience": 0,
+               "epochs": 3, "batch_size": 4, "patience": 0,
                # 4 trials at once on the 2 CPUs of ray_local: these trials are mostly Ray start-up
                "cpus_per_trial": 0.5},
         "output": output,
@@ -62,20 +62,24 @@ def test_cv_end_to_end_then_resume(registered_30, tmp_path):
     trials = pd.read_parquet(f"{output}/cv/trials.parquet")
     assert len(trials) == 2 * 1 * 2 == summary["trials"]
     assert set(trials.trial) == {t.name for t in cv.cv_trials(KINDS, "F", 2)}
-    assert (trials.epochs_run == 2).all() and trials.best_epoch.between(0, 1).all()
-    assert trials.val_mae.notna().all() and (trials.n_val + trials.n_train).groupby(trials.sex).nunique().eq(1).all()
-    # each part's validation MAE is the MAE of its out-of-fold predictions
-    for row in trials.itertuples():
+    assert (trials.epochs_run == 3).all() and trials.best_epoch.between(0, 2).all()
+    assert trials.local_train.all()  # CPU trials train inside the Tune trial (Ray Train's local mode)
+    # Every girl is in exactly one of a trial's three sets: fit, selection split, scored fold.
+    assert (trials.n_train + trials.n_select + trials.n_val).eq(int(girls.sum())).all()
+    assert (trials.n_select > 0).all() and trials.select_mae.notna().all()
+    for row in trials.itertuples():  # oof_mae: the chosen model's MAE on the scored fold
         sel = (oof.fold == row.fold) & (oof.male == (row.sex == "M"))
-        assert np.isclose(np.abs(oof.loc[sel, row.kind] - oof.loc[sel, "boneage"]).mean(), row.val_mae, atol=1e-3)
+        assert row.n_val == sel.sum()
+        assert np.isclose(np.abs(oof.loc[sel, row.kind] - oof.loc[sel, "boneage"]).mean(), row.oof_mae, atol=1e-3)
 
     # the models: compact state that scores like the trial did
     state = torch.load(f"{output}/cv/models/A-reg-F-fold0.pt", weights_only=False)
     assert state["trial"] == "A-reg-F-fold0" and state["spec"]["kind"] == "A-reg"
     assert isinstance(model_from_state(state), torch.nn.Module)
-    # Ray Tune and Ray Train kept their records under OUTPUT/cv
-    assert list((tmp_path / "run" / "cv" / "train" / "A-reg-F-fold0").glob("checkpoint_*"))
+    # Ray Tune kept its records under OUTPUT/cv; local-mode Train runs keep no checkpoints (the fault
+    # tests cover the Train-worker path, which does)
     assert (tmp_path / "run" / "cv" / "tune").is_dir()
+    assert not list((tmp_path / "run" / "cv").glob("train/*/checkpoint_*"))
 
     # Resume: one part gone → only that trial trains again; the others are untouched.
     parts = tmp_path / "run" / "cv" / "parts"
@@ -99,3 +103,50 @@ def test_cv_end_to_end_then_resume(registered_30, tmp_path):
     # A third run with every part present trains nothing.
     run.cross_validate(config)
     assert {p.name: p.stat().st_mtime_ns for p in parts.iterdir()} == after
+
+
+def test_the_scored_folds_labels_choose_nothing(registered_30, tmp_path):
+    """Corrupt the labels of fold 0 in the folds table: the trials that score fold 0 choose the same
+    epoch and predict exactly the same (its labels never reach them); the trials that train on fold 0
+    do change (so the corruption did reach the CV)."""
+    import shutil
+
+    runs = {}
+    for name, corrupt in (("clean", False), ("corrupt", True)):
+        output = str(tmp_path / name)
+        shutil.copytree(f"{registered_30}/registered", f"{output}/registered")
+        config = _cv_config(output)
+        table = pd.read_parquet(f"{output}/registered", columns=["id", "status", "boneage", "male"])
+        folds = cv.folds_table(table, config.cv.k, config.data.seed)
+        if corrupt:
+            scored = folds.fold == 0
+            folds.loc[scored, "boneage"] = np.random.default_rng(1).uniform(0, 228, int(scored.sum()))
+        (tmp_path / name / "cv").mkdir(parents=True)
+        folds.to_parquet(tmp_path / name / "cv" / "folds.parquet", index=False)
+        run.cross_validate(config)
+        runs[name] = pd.read_parquet(f"{output}/cv/trials.parquet").set_index("trial")
+    for trial in runs["clean"].index:
+        clean = pd.read_parquet(tmp_path / "clean" / "cv" / "parts" / f"{trial}.parquet")
+        corrupt = pd.read_parquet(tmp_path / "corrupt" / "cv" / "parts" / f"{trial}.parquet")
+        if trial.endswith("fold0"):
+            assert runs["clean"].loc[trial, "best_epoch"] == runs["corrupt"].loc[trial, "best_epoch"]
+            np.testing.assert_array_equal(clean["pred"], corrupt["pred"])
+        else:
+            assert not np.allclose(clean["pred"], corrupt["pred"])
+
+
+def test_an_error_every_trial_would_meet_stops_the_cv_with_one_message(registered_30, tmp_path):
+    import shutil
+
+    from boneage.ray_cv import CVFailed
+
+    output = str(tmp_path / "run")
+    shutil.copytree(f"{registered_30}/registered", f"{output}/registered")
+    config = _cv_config(output)
+    config.cv.input_scale = 0.001  # a zone crop of a pixel or two: building the net fails in every trial
+    with pytest.raises(CVFailed) as caught:
+        run.cross_validate(config)
+    message = str(caught.value)
+    assert message.startswith("CV stopped at the first failed trial") and "fix:" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 4
+    assert not list((tmp_path / "run" / "cv").glob("parts/*.parquet"))

@@ -50,8 +50,8 @@ def inputs():
     images = pd.DataFrame({"id": worst["id"].iloc[:2].tolist(),
                            "registered_png": [_registered_png(1), _registered_png(2)],
                            "registration_doubtful": [True, False], "keypoint_source": ["model", "geometric"]})
-    trials = pd.DataFrame([{"trial": f"{k}-{s}-fold{f}", "kind": k, "sex": s, "fold": f, "best_epoch": 3,
-                            "val_mae": 20.0 + f, "epochs_run": 5, "seconds": 12.5}
+    trials = pd.DataFrame([{"trial": f"{k}-{s}-fold{f}", "kind": k, "sex": s, "fold": f, "best_epoch": 3, "select_mae": 19.0,
+                            "oof_mae": 20.0 + f, "epochs_run": 5, "seconds": 12.5}
                            for k in KINDS for s in "FM" for f in range(3)])
     qa = {"items": 95, "ok": 90, "errors": 5, "errors_by_code": {"bad_image": 5}, "registration_doubtful": 7,
           "mask_doubtful": 2, "keypoint_error_on_held_out_annotations": {"images": 20, "capitate_median_pct": 5.8},

@@ -91,3 +91,26 @@ def test_one_cycle_warm_up_does_not_count_towards_early_stopping():
                      lambda p, y: (p.squeeze(1) - y).abs().mean(), evaluate, "val_mae", 1.0, None, None)
     # epoch 0 is the best; 1-2 are the warm-up (30% of 10 epochs); 3 is the one bad epoch allowed
     assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
+
+
+def test_fixed_schedule_keeps_the_last_epoch_and_never_stops_early():
+    bank, ages = toy_bank(24, seed=3)
+    cfg = small_cfg(epochs=4, patience=1)
+    res = fit_zone_model(bank, ages, np.arange(24), np.arange(0), model_kind("B-reg", 0.1), cfg)
+    assert [m["epoch"] for m in res.history] == [0, 1, 2, 3] and res.metrics["epoch"] == 3
+    assert "val_mae" not in res.metrics and np.isnan(res.state["best"]["value"])
+    for k, v in res.state["model"].items():  # the model returned is the last epoch's
+        torch.testing.assert_close(res.model.state_dict()[k], v)
+
+
+def test_a_watched_set_is_recorded_and_chooses_nothing():
+    bank, ages = toy_bank(40, seed=4)
+    tr, va, watch = np.arange(24), np.arange(24, 32), np.arange(32, 40)
+    kind, cfg = model_kind("B-reg", 0.1), small_cfg(epochs=4)
+    plain = fit_zone_model(bank, ages, tr, va, kind, cfg)
+    watched_ages = ages.copy()
+    watched_ages[watch] = np.random.default_rng(0).uniform(0, 228, len(watch))  # its labels: noise
+    watched = fit_zone_model(bank, watched_ages, tr, va, kind, cfg, watch_idx=watch)
+    assert all("watch_mae" in m for m in watched.history) and "watch_mae" not in plain.history[0]
+    assert watched.metrics["epoch"] == plain.metrics["epoch"]
+    np.testing.assert_array_equal(watched.val_pred, plain.val_pred)

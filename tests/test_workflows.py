@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -26,21 +28,34 @@ def _load_workflow(name: str):
 
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory, ray_local) -> Path:
-    """full_cv.py on a shrunken embedded default: 30 synthetic images, one kind, 2 folds, 1 epoch."""
+    """full_cv.py on a shrunken embedded default (30 synthetic images, one kind, 2 folds, 2 epochs), run
+    as a user would: from a working directory that is not the repository, with relative paths
+    (Ray Tune runs each trial in a directory of its own: a relative path must still work there)."""
     tmp_path = tmp_path_factory.mktemp("embedded")
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text("data:\n  synthetic_size: [320, 240]\nkeypoints:\n  epochs: 2\n  width_mult: 0.25\n"
-                      "cv:\n  k: 2\n  kinds: [A-reg]\n  epochs: 1\n  input_scale: 0.125\n  width_mult: 0.0625\n"
-                      "  fc: 32\n  batch_size: 4\n")
-    out = tmp_path / "run"
-    assert _load_workflow("full_cv").main(["--config", str(preset), "--synthetic-n", "30",
-                                           "--output", str(out)]) == 0
-    return out
+    (tmp_path / "tiny.yaml").write_text(
+        "data:\n  synthetic_size: [320, 240]\nkeypoints:\n  epochs: 2\n"
+        "cv:\n  k: 2\n  kinds: [A-reg]\n  epochs: 2\n  input_scale: 0.125\n  width_mult: 0.0625\n"
+        "  fc: 32\n  batch_size: 4\n")
+    with _working_directory(tmp_path):
+        assert _load_workflow("full_cv").main(["--config", "tiny.yaml", "--synthetic-n", "30",
+                                               "--output", "run"]) == 0
+    return tmp_path / "run"
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def test_full_cv_on_the_embedded_default(embedded_run):
     out = embedded_run
     assert (out / "config.yaml").exists() and "synthetic_n: 30" in (out / "config.yaml").read_text()
+    assert f"output: {out}" in (out / "config.yaml").read_text()  # resolved against the working directory
     assert len(list((out / "synthetic" / "images").iterdir())) == 30
     table = read_registered(str(out / "registered"), with_images=False)
     assert len(table) == 30 and set(table.status) == {"ok"}
@@ -48,25 +63,40 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert summary["items"] == 30 and summary["keypoint_model"].endswith("keypoint_model.pt")
     assert summary["keypoint_error_on_held_out_annotations"]["images"] == 6
     assert (out / "qa" / "registered_sheet.png").stat().st_size > 10_000
-    # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every labelled ok image
+    # The locked test split: 10% of the images, both sexes, set aside before anything was fit.
+    split = pd.read_csv(out / "test" / "split.csv", dtype={"id": str})
+    assert len(split) == 3 and split.male.nunique() == 2 and set(split.source) == {"test_fraction"}
+    # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every other labelled image
     oof = pd.read_parquet(out / "cv" / "oof.parquet")
-    assert len(oof) == 30 and oof["A-reg"].notna().all()
+    assert len(oof) == 27 and oof["A-reg"].notna().all() and not set(oof.id) & set(split.id)
     assert len(pd.read_parquet(out / "cv" / "trials.parquet")) == 4
     assert len(list((out / "cv" / "models").glob("A-reg-*-fold*.pt"))) == 4
     cv_summary = json.loads((out / "cv" / "summary.json").read_text())
     assert {row["model"] for row in cv_summary["mae"]} == {"A-reg", "per-sex median"}
-    # Ensemble: three fits, each with a cross-validated MAE; scoring uses the lowest.
+    # Ensemble: three fits, each with a cross-validated MAE; the one that scores was fixed beforehand.
     ensembles = json.loads((out / "cv" / "ensemble.json").read_text())
-    assert set(ensembles["fits"]) == {"tune", "lad", "nnls"}
-    assert ensembles["use"] == min(ensembles["fits"], key=lambda m: ensembles["fits"][m]["cv_mae"]["all"])
+    assert set(ensembles["fits"]) == {"tune", "lad", "nnls"} and ensembles["use"] == "tune"
     assert pd.read_parquet(out / "cv" / "ensemble_oof.parquet")[["ensemble_tune", "ensemble_lad"]].notna().all().all()
-    # The bundle: every fold model, the key point model, weights, config; loads for scoring.
+    # The bundle: every fold model, the key point model, weights, config; loads for scoring; carries
+    # the accuracy measured on the test split it never saw, and its out-of-fold accuracy.
     bundle = load_bundle(str(out / "bundle"))
     assert sorted(bundle.models) == [("A-reg", "F"), ("A-reg", "M")]
     assert all(len(states) == 2 for states in bundle.models.values())
-    assert bundle.keypoint_model.endswith("keypoints/keypoint_model.pt") and bundle.training["images"] == 30
-    # The report, with every picture it links to.
+    assert bundle.keypoint_model.endswith("keypoints/keypoint_model.pt") and bundle.training["images"] == 27
+    test = json.loads((out / "test" / "metrics.json").read_text())
+    assert test["images"] == 3 and test["scored"] + len(test["failed"]) == 3
+    acc = test["accuracy"]["all"]
+    assert set(acc) >= {"n", "mae", "rmse", "median_ae", "within_12", "bias", "ci"} and acc["n"] == test["scored"]
+    assert acc["ci"]["mae"][0] <= acc["mae"] <= acc["ci"]["mae"][1]
+    predictions = pd.read_parquet(out / "test" / "predictions.parquet").set_index("id")
+    truth = split.set_index("id").boneage
+    ok = predictions.status == "ok"
+    assert abs((predictions.boneage_months[ok] - truth[ok[ok].index]).abs().mean() - acc["mae"]) < 1e-9
+    assert bundle.manifest["accuracy"]["test_split"]["mae"] == acc["mae"] and bundle.training["test"]["scored"] == 3
+    assert bundle.manifest["accuracy"]["out_of_fold"]["n"] == 27
+    # The report, test split first, with every picture it links to.
     html = (out / "report" / "report.html").read_text()
+    assert html.index("Locked test split") < html.index("Cross-validation (out of fold)")
     pictures = re.findall(r'src="([^"]+\.png)"', html)
     assert len(pictures) >= 4 and all((out / "report" / p).stat().st_size > 1000 for p in pictures)
 
@@ -77,10 +107,12 @@ def test_scoring_with_the_trained_bundle(embedded_run, tmp_path):
     for path in sorted((embedded_run / "synthetic" / "images").iterdir())[:5]:
         (images / path.name).write_bytes(path.read_bytes())
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    out = tmp_path / "predictions.parquet"
-    assert _load_workflow("score").main([str(images), "--bundle", str(embedded_run / "bundle"), "--out", str(out),
-                                         "--subjects", str(embedded_run / "synthetic" / "labels.csv")]) == 0
-    table = pd.read_parquet(out)
+    bundle = os.path.relpath(embedded_run / "bundle", tmp_path)
+    labels = os.path.relpath(embedded_run / "synthetic" / "labels.csv", tmp_path)
+    with _working_directory(tmp_path):  # relative paths, from a directory that is not the repository
+        assert _load_workflow("score").main(["images", "--bundle", bundle, "--out", "predictions.parquet",
+                                             "--subjects", labels]) == 0
+    table = pd.read_parquet(tmp_path / "predictions.parquet")
     assert len(table) == 6 and table.set_index("id").loc["broken", "status"] == "error"
     ok = table[table.status == "ok"]
     assert len(ok) >= 4 and ok.boneage_months.between(0, 240).all() and ok["A-reg"].notna().all()
@@ -92,3 +124,14 @@ def test_full_cv_reports_a_bad_config_key(tmp_path, capsys):
     preset.write_text("keypoints:\n  epoch: 2\n")
     assert _load_workflow("full_cv").main(["--config", str(preset), "--output", str(tmp_path / "run")]) == 2
     assert "unknown config key keypoints.'epoch'" in capsys.readouterr().err
+
+
+def test_full_cv_checks_its_settings_before_any_work(tmp_path, capsys):
+    code = _load_workflow("full_cv").main(["--kinds", "A-reg,D-reg", "--folds", "1", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cv.kinds" in err and "D-reg" in err and "cv.k=1" in err
+    assert not (tmp_path / "run").exists()  # nothing was written, no Ray was started for it
+    code = _load_workflow("full_cv").main(["--images", str(tmp_path / "nowhere"), "--labels", "x.csv",
+                                           "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--images {tmp_path / 'nowhere'} does not exist" in err

@@ -37,7 +37,7 @@ def write_tiny_bundle(uri: str, storage_options: dict | None = None) -> dict:
                 torch.save(fold_state(kind, sex, fold), buffer)
                 path = f"models/{kind}-{sex}-fold{fold}.pt"
                 files[path] = buffer.getvalue()
-                models.append({"file": path, "kind": kind, "sex": sex, "fold": fold, "val_mae": 20.0})
+                models.append({"file": path, "kind": kind, "sex": sex, "fold": fold, "oof_mae": 20.0})
     record = ensemble.make_record("lad", KINDS, WEIGHTS)
     files["ensemble.json"] = json.dumps({"use": "lad", "fits": {"lad": record}}).encode()
     config = yaml.safe_load(Config().to_yaml())

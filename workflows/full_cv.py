@@ -7,14 +7,14 @@
 
     python workflows/full_cv.py --output runs/embedded --skip-preprocess   # CV again on the registered table
 
-Stages: data (synthetic when no --images) → preprocess and register on Ray Data → k-fold CV of the 12
-zone models (6 kinds x 2 sexes), one Ray Tune trial per (kind, sex, fold), each a Ray Train run →
-OUTPUT/cv/oof.parquet (one row per labelled image, one out-of-fold prediction per kind),
-OUTPUT/cv/trials.parquet, OUTPUT/cv/models/<trial>.pt, OUTPUT/cv/summary.json → ensemble weights per
-sex fit by Ray Tune and by LAD and NNLS, each cross-validated over the out-of-fold table
-(OUTPUT/cv/ensemble.json) → OUTPUT/bundle (everything `boneage score` needs) → OUTPUT/report/report.html.
-Rerun with the same --output after an interruption: finished trials are not trained again.
-Everything goes under --output (default runs/embedded); the resolved config is saved there first.
+Stages: data (synthetic when no --images) → a locked test split set aside (--test-fraction, or
+--test-images/--test-labels) → preprocess and register on Ray Data → k-fold CV of the 12 zone models
+(6 kinds x 2 sexes), one Ray Tune trial per (kind, sex, fold), each a Ray Train run whose epoch is
+chosen on a split of its training folds → OUTPUT/cv/oof.parquet (one out-of-fold prediction per kind)
+→ ensemble weights per sex by Ray Tune (LAD and NNLS beside it), cross-validated → OUTPUT/bundle →
+the bundle scores the locked test split through `boneage score`'s code path (the headline number)
+→ OUTPUT/report/report.html. Rerun with the same --output after an interruption: finished trials are
+not trained again. Every local path is taken relative to the directory you run this from.
 """
 
 import argparse
@@ -22,7 +22,8 @@ import sys
 import time
 
 from boneage import ray_env, run
-from boneage.cli import add_cv_args, add_run_args, config_from_args, user_errors
+from boneage.cli import add_cv_args, add_run_args, add_test_args, config_from_args, user_errors
+from boneage.progress import stage
 
 
 @user_errors("full_cv")
@@ -30,35 +31,44 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser)
     add_cv_args(parser)
+    add_test_args(parser)
     parser.add_argument("--skip-preprocess", action="store_true",
                         help="use OUTPUT/registered as it is (from an earlier run) and go straight to CV")
     args = parser.parse_args(argv)
-    config = config_from_args(args)
+    config = config_from_args(args)  # every local path made absolute here, before Ray starts
+    run.check_config(config, need_data=not args.skip_preprocess)
     started = time.time()
 
-    # 1. Data: the user's, or the embedded synthetic set.
+    stage("1/7 data")  # the user's, or the embedded synthetic set; then the locked test split
     if args.skip_preprocess:
         run.check_registered(config)  # the registered data's config.yaml stays; CV saves cv/config.yaml
     else:
         config = run.resolve_data(config)
         run.save_config(config)
+        run.split_test(config)
 
-    # 2. Ray: join the cluster this job was submitted to, or start a local one.
-    ray_env.init_ray(config.ray)
+    ray_env.init_ray(config.ray)  # join the cluster this job was submitted to, or start a local one
 
-    # 3. Preprocess and register every radiograph (Ray Data), one row per input.
     if not args.skip_preprocess:
+        stage("2/7 preprocess and register (Ray Data)")
         run.preprocess(config)
 
-    # 4. k-fold CV of every zone model kind and sex: Ray Tune trials, each a Ray Train run.
+    stage("3/7 k-fold CV of the zone models (Ray Tune trials, each a Ray Train run)")
     run.cross_validate(config)
 
-    # 5. Ensemble weights per sex (Ray Tune, checked against LAD and NNLS), the bundle, the report.
+    stage("4/7 ensemble weights per sex (Ray Tune; LAD and NNLS beside it)")
     ensembles = run.fit_ensembles(config)
-    run.write_bundle(config)
-    run.report(config, ensembles)
 
-    print(f"[full_cv] done in {time.time() - started:.0f} s; outputs under {config.output}")
+    stage("5/7 bundle")
+    bundle = run.write_bundle(config)
+
+    stage("6/7 the shipped bundle on the locked test split (boneage score)")
+    test = run.evaluate_test(config, bundle)
+
+    stage("7/7 report")
+    run.report(config, ensembles, test)
+
+    run.print_final_summary(config, test, time.time() - started)
     return 0
 
 

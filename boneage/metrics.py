@@ -1,0 +1,72 @@
+"""Accuracy the way the field reports it (Deeplasia's and BoneXpert's evaluations): MAE, RMSE, median
+absolute error, the share of images within ±12 months, and the mean error (bias, predicted − true),
+overall, by sex and by age band, with 95% bootstrap intervals where asked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from boneage.ensemble import groups
+
+METRICS = ("mae", "rmse", "median_ae", "within_12", "bias")
+METRIC_NAMES = {"mae": "MAE", "rmse": "RMSE", "median_ae": "median |error|", "within_12": "within ±12 mo",
+                "bias": "bias (pred − true)"}
+
+
+def _point(err: np.ndarray) -> dict[str, float]:
+    a = np.abs(err)
+    return {"mae": float(a.mean()), "rmse": float(np.sqrt((err**2).mean())), "median_ae": float(np.median(a)),
+            "within_12": float((a <= 12).mean()), "bias": float(err.mean())}
+
+
+def accuracy(pred: np.ndarray, truth: np.ndarray, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
+    """{"n", metric: value, ...} over the rows with a finite prediction; with n_boot > 0 also
+    "ci": {metric: [low, high]}, the 2.5 and 97.5 percentiles over n_boot resamples of the rows."""
+    err = np.asarray(pred, float) - np.asarray(truth, float)
+    err = err[np.isfinite(err)]
+    out: dict[str, Any] = {"n": int(len(err))}
+    if not len(err):
+        return out
+    out.update(_point(err))
+    if n_boot and len(err) > 1:
+        rng = np.random.default_rng(seed)
+        draws = err[rng.integers(0, len(err), size=(n_boot, len(err)))]
+        a = np.abs(draws)
+        boot = {"mae": a.mean(1), "rmse": np.sqrt((draws**2).mean(1)), "median_ae": np.median(a, 1),
+                "within_12": (a <= 12).mean(1), "bias": draws.mean(1)}
+        out["ci"] = {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for m, v in boot.items()}
+    return out
+
+
+def accuracy_report(pred: np.ndarray, truth: np.ndarray, male: np.ndarray, n_boot: int = 0,
+                    seed: int = 0) -> dict[str, Any]:
+    """{"all": accuracy, "by_sex": {"F", "M"}, "by_age_band": {label: accuracy}} (empty groups left
+    out; age bands by true bone age, as in the report's tables)."""
+    pred, truth = np.asarray(pred, float), np.asarray(truth, float)
+    masks = groups(pd.DataFrame({"boneage": truth, "male": np.asarray(male, bool)}))
+    out: dict[str, Any] = {"all": accuracy(pred, truth, n_boot, seed), "by_sex": {}, "by_age_band": {}}
+    for name, mask in masks.items():
+        if name != "all" and mask.any():
+            out["by_sex" if name in ("F", "M") else "by_age_band"][name] = accuracy(
+                pred[mask], truth[mask], n_boot, seed)
+    return out
+
+
+def describe(acc: dict[str, Any]) -> str:
+    """One line: 'MAE 9.8 [8.1, 11.6] months, RMSE …, within ±12 mo 71%, bias -1.2 (n=24)'."""
+    if not acc.get("n"):
+        return "no scored images"
+    ci = acc.get("ci", {})
+
+    def part(m: str, fmt: str) -> str:
+        text = fmt.format(acc[m])
+        if m in ci:
+            text += " [" + ", ".join(fmt.format(v) for v in ci[m]) + "]"
+        return text
+
+    return (f"MAE {part('mae', '{:.2f}')} months, RMSE {part('rmse', '{:.2f}')}, median |error| "
+            f"{part('median_ae', '{:.2f}')}, within ±12 months {part('within_12', '{:.0%}')}, "
+            f"bias {part('bias', '{:+.2f}')} (n={acc['n']})")
