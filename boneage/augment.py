@@ -13,6 +13,7 @@ maps to the same place at every resolution. align_corners=False throughout: pixe
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,30 @@ class Augment:
 
 
 NO_AUGMENT = Augment(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+# The pooled float bank is pooled once and kept (per bank and factor) instead of per batch: pooling
+# the whole 1040x800 image of every batch was most of a small CPU trial's time (the same crops, 10-60x
+# faster to cut; docs/benchmarks.md). On a GPU, where per-batch pooling is cheap and memory dearer,
+# only from 4x (the pooled float bank then takes at most a quarter of the uint8 bank's bytes).
+def _cache_pooling(bank: torch.Tensor, k: int) -> bool:
+    return k >= 4 or (k >= 2 and bank.device.type == "cpu")
+
+
+_POOLED: dict[tuple[int, int], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def pooled_bank(bank: torch.Tensor, k: int, chunk: int = 64) -> torch.Tensor:
+    """avg_pool2d(bank.float(), k), computed once per (bank, k) while the bank lives."""
+    key = (id(bank), k)
+    hit = _POOLED.get(key)
+    if hit is not None and hit[0]() is bank:
+        return hit[1]
+    for stale in [key for key, (ref, _) in _POOLED.items() if ref() is None]:
+        del _POOLED[stale]
+    pooled = torch.cat([F.avg_pool2d(bank[i : i + chunk].float(), k) for i in range(0, len(bank), chunk)])
+    _POOLED[key] = (weakref.ref(bank), pooled)
+    return pooled
 
 
 def _uniform(n, generator, device) -> torch.Tensor:
@@ -84,10 +109,13 @@ class ZoneSampler:
         idx = idx.to(bank.device)
         n, dev = idx.numel(), bank.device
         theta = self.theta(n, dev, generator, train)
-        x = bank[idx].float()  # only this batch is ever float: the bank stays uint8
         k = self._pool_factor(*bank.shape[-2:])
-        if k > 1:
-            x = F.avg_pool2d(x, k)
+        if _cache_pooling(bank, k):
+            x = pooled_bank(bank, k)[idx]
+        else:
+            x = bank[idx].float()  # only this batch is ever float: the bank stays uint8
+            if k > 1:
+                x = F.avg_pool2d(x, k)
         grid = F.affine_grid(theta, [n, 1, self.out_h, self.out_w], align_corners=False)
         # Outside the image is 0, as the background that masking zeroed.
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -1,13 +1,16 @@
 """k-fold CV of the zone models on Ray: a Ray Tune experiment with one trial per (kind, sex, fold),
-each trial fitting a Ray Train TorchTrainer (one worker) on that sex's registered images.
+each trial fitting a Ray Train TorchTrainer on that sex's registered images.
 
     registered/*.parquet ─► CV/folds.parquet (driver) ─► Tune trials, max_concurrent_trials in parallel
-        trial = TorchTrainer ─► worker: read parquet, bank, fit_zone_model, checkpoint every epoch
+        trial = TorchTrainer ─► read parquet, bank, fit on the training folds with the epoch chosen on
+              their selection split, predict the scored fold once
               ─► CV/models/<trial>.pt, CV/parts/<trial>.parquet ─► CV/oof.parquet, CV/trials.parquet
 
-Resuming: a trial is finished when its part exists, and a rerun schedules only the others; a trial
-cut off mid-training restarts from its last epoch (Ray Train restores a run of the same name and
-storage path). The torch work is boneage.train.fit_zone_model; the bookkeeping is boneage.cv.
+On CPU the TorchTrainer runs in local mode (the training function inside the trial's process: no
+Train worker to start); on GPUs one Train worker per trial checkpoints every epoch. Resuming: a trial
+is finished when its part exists, and a rerun schedules only the others; a worker trial cut off
+mid-training restarts from its last epoch (Ray Train restores a run of the same name and storage
+path). The torch work is boneage.train.fit_zone_model; the bookkeeping is boneage.cv.
 """
 
 from __future__ import annotations
@@ -105,13 +108,16 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
         report_state({**metrics, "best_select_mae": state["best"]["value"]}, state, meta)
 
     kind = model_kind(trial.kind, loop_config["input_scale"])
+    fitting = time.time()
     # Local mode inside a Tune trial has nothing to resume and may not call ray.train.report (Tune's
     # session owns reporting): no per-epoch reports there.
-    result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device, None if local else report, resume,
+    result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device,
+                            None if local else report, resume,
                             watch_idx=scored_idx if loop_config["watch_scored_fold"] else None)
     scored = predict(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
                      train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
     meta["scored_pred"] = scored.tolist()
+    meta["fit_seconds"] = round(time.time() - fitting, 2)  # the training loop and the scored fold's prediction
     if local:
         return result.state, meta
     report_state({"final": True}, result.state, meta)  # the last checkpoint carries the prediction
@@ -175,6 +181,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     record["finished_at"] = time.time()
     record["resumed_from_epoch"] = meta.get("resumed_from_epoch")  # last checkpoint's epoch, or None
     record["local_train"] = local
+    record["fit_seconds"] = meta.get("fit_seconds")
 
     # The model first, the part last: a part marks the trial finished.
     with io.open_output(io.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:

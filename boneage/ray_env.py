@@ -27,6 +27,10 @@ def init_ray(config: RayConfig) -> None:
         # controller; without it Train logs a warning every few seconds.
         ray.init(num_cpus=config.num_cpus, **kwargs)
     quiet(config.verbose)
+    resources = ray.cluster_resources()
+    print(f"[ray] {'joined the Ray cluster at ' + address if address else 'started a local Ray'}: "
+          f"{len([n for n in ray.nodes() if n['Alive']])} node(s), {resources.get('CPU', 0):g} CPUs, "
+          f"{resources.get('GPU', 0):g} GPUs", flush=True)
 
 
 def quiet(verbose: bool) -> None:

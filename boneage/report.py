@@ -461,7 +461,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  worst_images: pd.DataFrame | None = None, primary: str | None = None, n_worst: int = 12,
                  storage_options: Mapping[str, Any] | None = None,
                  test: Mapping[str, Any] | None = None, test_table: pd.DataFrame | None = None,
-                 title: str = "Bone age: cross-validation report") -> str:
+                 title: str = "Bone age: accuracy report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
     oof: the OOF table (id, male, boneage, fold, one column per kind). ensembles: {name: weights

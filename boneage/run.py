@@ -347,6 +347,9 @@ def cross_validate(config: Config) -> dict[str, Any]:
         "images": int(len(oof)), "folds": config.cv.k, "trials": int(len(trials)),
         "seconds": round(time.time() - started, 1),
         "trial_seconds_total": round(float(trials["seconds"].sum()), 1) if len(trials) else 0.0,
+        # the trials' time inside the training loop (and the scored fold's prediction): the rest is
+        # start-up, reading and decoding the bank, writing the model and part
+        "fit_seconds_total": round(float(trials["fit_seconds"].sum()), 1) if "fit_seconds" in trials else None,
         "mae": table.to_dict("records"),
     }
     io.write_bytes(io.join_uri(config.output, "cv", "summary.json"), json.dumps(summary, indent=2).encode(),
@@ -356,8 +359,11 @@ def cross_validate(config: Config) -> dict[str, Any]:
 
 
 def print_cv_summary(summary: dict[str, Any]) -> None:
+    inside = ""
+    if summary.get("fit_seconds_total") and summary.get("trial_seconds_total"):
+        inside = f" ({summary['fit_seconds_total'] / summary['trial_seconds_total']:.0%} of trial time in training)"
     print(f"[cv] {summary['trials']} trials over {summary['folds']} folds, {summary['images']} images, "
-          f"{summary['seconds']} s; out-of-fold MAE in months:")
+          f"{summary['seconds']} s{inside}; out-of-fold MAE in months:")
     print(f"  {'model':<16}{'F':>8}{'M':>8}{'all':>8}")
     for row in summary["mae"]:
         print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")

@@ -81,3 +81,33 @@ def test_points_identity_in_eval():
 def test_bad_bank_is_refused():
     with pytest.raises(ValueError):
         ZoneSampler((0, 0, 10, 10), (4, 4))(torch.zeros(1, 1, 8, 8), torch.tensor([0]))
+
+
+def test_pooling_once_per_bank_cuts_the_same_crops_as_pooling_every_batch():
+    import gc
+
+    import torch.nn.functional as F
+
+    from boneage import augment
+    from boneage.models import model_kind
+
+    bank = torch.randint(0, 255, (12, 1, 1040, 800), dtype=torch.uint8)
+    idx = torch.tensor([3, 1, 7, 11])
+    for scale in (0.125, 0.25):
+        kind = model_kind("A-reg", scale)
+        sampler = ZoneSampler(kind.box, kind.input_size, Augment(brightness=0.0, contrast=0.0))
+        k = sampler._pool_factor(1040, 800)
+        assert k >= 4 and augment._cache_pooling(bank, k)
+        crops, theta = sampler.sample(bank, idx, torch.Generator().manual_seed(0), train=True)
+        per_batch = F.avg_pool2d(bank[idx].float(), k)
+        grid = F.affine_grid(theta, [4, 1, *kind.input_size], align_corners=False)
+        expected = F.grid_sample(per_batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        torch.testing.assert_close(crops, expected * (2 / 255) - 1, rtol=0, atol=1e-6)
+        assert augment.pooled_bank(bank, k) is augment.pooled_bank(bank, k)  # pooled once
+    # another bank (a new trial's) is never served the old one's pooling
+    other = torch.zeros_like(bank)
+    assert augment.pooled_bank(other, 8).abs().max() == 0
+    del bank
+    gc.collect()
+    augment.pooled_bank(other, 4)  # drops the entries of banks that are gone
+    assert all(ref() is not None for ref, _ in augment._POOLED.values())

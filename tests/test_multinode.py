@@ -68,7 +68,7 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
         "--images", f"{prefix}/data/images", "--labels", f"{prefix}/data/labels.csv",
         "--output", out, "--storage-options", json.dumps(options)), timeout_s=900)
     assert status == "SUCCEEDED", logs[-6000:]
-    assert "Connected to Ray cluster" in logs  # it joined the cluster (RAY_ADDRESS from the job API)
+    assert "[ray] joined the Ray cluster at" in logs  # it joined the cluster (RAY_ADDRESS from the job API)
     fs.invalidate_cache()  # what the job wrote, not this process's listings from before
 
     # The out-of-fold table: one row per labelled image, a prediction of the trained kind for each.

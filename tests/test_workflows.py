@@ -65,10 +65,11 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert (out / "qa" / "registered_sheet.png").stat().st_size > 10_000
     # The locked test split: 10% of the images, both sexes, set aside before anything was fit.
     split = pd.read_csv(out / "test" / "split.csv", dtype={"id": str})
-    assert len(split) == 3 and split.male.nunique() == 2 and set(split.source) == {"test_fraction"}
+    n_test = len(split)
+    assert 2 <= n_test <= 4 and split.male.nunique() == 2 and set(split.source) == {"test_fraction"}
     # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every other labelled image
     oof = pd.read_parquet(out / "cv" / "oof.parquet")
-    assert len(oof) == 27 and oof["A-reg"].notna().all() and not set(oof.id) & set(split.id)
+    assert len(oof) == 30 - n_test and oof["A-reg"].notna().all() and not set(oof.id) & set(split.id)
     assert len(pd.read_parquet(out / "cv" / "trials.parquet")) == 4
     assert len(list((out / "cv" / "models").glob("A-reg-*-fold*.pt"))) == 4
     cv_summary = json.loads((out / "cv" / "summary.json").read_text())
@@ -82,9 +83,9 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     bundle = load_bundle(str(out / "bundle"))
     assert sorted(bundle.models) == [("A-reg", "F"), ("A-reg", "M")]
     assert all(len(states) == 2 for states in bundle.models.values())
-    assert bundle.keypoint_model.endswith("keypoints/keypoint_model.pt") and bundle.training["images"] == 27
+    assert bundle.keypoint_model.endswith("keypoints/keypoint_model.pt") and bundle.training["images"] == 30 - n_test
     test = json.loads((out / "test" / "metrics.json").read_text())
-    assert test["images"] == 3 and test["scored"] + len(test["failed"]) == 3
+    assert test["images"] == n_test and test["scored"] + len(test["failed"]) == n_test
     acc = test["accuracy"]["all"]
     assert set(acc) >= {"n", "mae", "rmse", "median_ae", "within_12", "bias", "ci"} and acc["n"] == test["scored"]
     assert acc["ci"]["mae"][0] <= acc["mae"] <= acc["ci"]["mae"][1]
@@ -92,8 +93,8 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     truth = split.set_index("id").boneage
     ok = predictions.status == "ok"
     assert abs((predictions.boneage_months[ok] - truth[ok[ok].index]).abs().mean() - acc["mae"]) < 1e-9
-    assert bundle.manifest["accuracy"]["test_split"]["mae"] == acc["mae"] and bundle.training["test"]["scored"] == 3
-    assert bundle.manifest["accuracy"]["out_of_fold"]["n"] == 27
+    assert bundle.manifest["accuracy"]["test_split"]["mae"] == acc["mae"] and bundle.training["test"]["scored"] == test["scored"]
+    assert bundle.manifest["accuracy"]["out_of_fold"]["n"] == 30 - n_test
     # The report, test split first, with every picture it links to.
     html = (out / "report" / "report.html").read_text()
     assert html.index("Locked test split") < html.index("Cross-validation (out of fold)")
