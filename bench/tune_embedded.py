@@ -37,8 +37,11 @@ import numpy as np
 import pandas as pd
 
 # Settings: CVConfig overrides; "augment" (bench only) overrides boneage.augment.Augment's fields;
-# "pooled_cache": true (bench only) samples crops from a bank pooled once (install_pooled_bank_cache),
-# a proposed code change that gives bit-identical crops, much cheaper.
+# "pooled_cache": true (bench only, OBSOLETE since boneage.augment.pooled_bank does the same) samples
+# crops from a bank pooled once (install_pooled_bank_cache).
+# Round 3 (after the pooling fix): every trial clears boneage.augment's pooled-bank cache first, so its
+# seconds include pooling its bank once, as a pipeline trial (which decodes its own bank) pays it.
+_R3 = {"input_scale": 0.125, "inner_val_fraction": 0.0}
 SETTINGS: dict[str, dict] = {
     "default": {},
     # -- selection: inner split (default) vs a fixed schedule on all training rows, last epoch
@@ -63,6 +66,16 @@ SETTINGS: dict[str, dict] = {
                              "contrast": 0.10}},
     "aug_none": {"augment": {"rotate_deg": 0.0, "shift": 0.0, "zoom": 0.0, "brightness": 0.0,
                              "contrast": 0.0}},
+    # -- round 3: input_scale 0.125 + fixed schedule, then one change at a time
+    "r3e40": {**_R3, "epochs": 40},
+    "r3e70": {**_R3, "epochs": 70},
+    "r3e100": {**_R3, "epochs": 100},
+    "r3e70lr5": {**_R3, "epochs": 70, "lr": 5e-3},
+    "r3e70wm25": {**_R3, "epochs": 70, "width_mult": 0.25},
+    "r3s25e25": {**_R3, "epochs": 25, "input_scale": 0.25},
+    "r3e70drop0": {**_R3, "epochs": 70, "dropout": 0.0},
+    "r3e70wd1e-3": {**_R3, "epochs": 70, "weight_decay": 1e-3},
+    "r3e70inner15": {**_R3, "epochs": 70, "inner_val_fraction": 0.15},
 }
 
 SUBSET_KINDS = ("A-reg", "B-reg", "B-cls", "C-reg")
@@ -183,6 +196,8 @@ def run_trial(job: tuple) -> dict:
     _CACHE["pooled_cache_on"] = pooled or bool(_CACHE.get("pooled_all"))
     cvc = dataclasses.replace(CVConfig(), **overrides)
     rows, bank, ages, fold, decode_s = _sex_data(trial.male)
+    from boneage import augment as _augment
+    _augment._POOLED.clear()  # each trial pools its own bank once, as in the pipeline
     t0 = time.perf_counter()
     cfg = cv.train_config(cvc, trial, seed)
     if augment is not None:
@@ -226,6 +241,43 @@ def oof_frame(folds: pd.DataFrame, results: list[dict], kinds) -> pd.DataFrame:
     return out
 
 
+def gd_candidates(n: int = 12, seed: int = 0) -> list[dict]:
+    """The Ray Tune ensemble's first (default) config plus n-1 draws from its search space, without Ray
+    (the same distributions as boneage.ray_ensemble.search_space)."""
+    from boneage.ray_ensemble import DEFAULT_CONFIG
+
+    rng = np.random.default_rng(seed)
+    out = [dict(DEFAULT_CONFIG)]
+    for _ in range(n - 1):
+        out.append({"lr": float(np.exp(rng.uniform(np.log(5e-3), np.log(2e-1)))),
+                    "steps": int(rng.choice([200, 500, 1000])), "loss": str(rng.choice(["l1", "huber"])),
+                    "huber_delta": float(rng.uniform(1.0, 12.0)),
+                    "shrink": float(np.exp(rng.uniform(np.log(1e-5), np.log(1.0)))),
+                    "init": str(rng.choice(["equal", "best"]))})
+    return out
+
+
+def gd_ensembles(oof: pd.DataFrame, kinds, extra: dict, setting: str) -> dict:
+    """The gradient fit the Tune ensemble ships: its default config cross-validated (ens_gd), and a
+    12-config random search chosen per outer fold by inner CV (ens_gd_nested: what ray_ensemble's
+    nested cv_mae computes), both honest (boneage.ensemble.cross_validated / nested_cross_validated)."""
+    from boneage import ensemble
+    from boneage.ray_ensemble import gd_fit
+
+    oof = oof.reset_index(drop=True)
+    y = oof["boneage"].to_numpy(float)
+    cands = gd_candidates()
+    fits = [gd_fit(c) for c in cands]
+    pred = ensemble.cross_validated(oof, kinds, fits[0])
+    nested, chosen = ensemble.nested_cross_validated(oof, kinds, fits)
+    plain = [ensemble.mae(ensemble.cross_validated(oof, kinds, f), y) for f in fits]
+    extra[(setting, "gd")] = {"default_config": cands[0], "cv_mae": ensemble.mae_by_sex(oof, pred),
+                              "nested_cv_mae": ensemble.mae_by_sex(oof, nested),
+                              "chosen_per_fold": {f: cands[i] for f, i in chosen.items()},
+                              "best_plain_cv_mae (optimistic)": float(np.min(plain))}
+    return {"ens_gd": ensemble.mae(pred, y), "ens_gd_nested": ensemble.mae(nested, y)}
+
+
 def summarise(folds, results: list[dict], settings: list[str], full: bool) -> tuple[pd.DataFrame, dict]:
     from boneage import cv, ensemble
 
@@ -257,6 +309,7 @@ def summarise(folds, results: list[dict], settings: list[str], full: bool) -> tu
                 rec, _ = ensemble.fit_ensemble(oof[scored], kinds, method)
                 row[f"ens_{method}"] = rec["cv_mae"]["all"]
                 extra[(s, method)] = rec
+            row.update(gd_ensembles(oof[scored], kinds, extra, s))
         lines.append(row)
     return pd.DataFrame(lines), extra
 

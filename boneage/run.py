@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -12,9 +13,10 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from boneage import frame, io, ingest, prepare, qa, synth
+from boneage import frame, io, ingest, prepare, progress, qa, synth
 from boneage.config import Config, absolute
 from boneage.errors import STATUS_OK, error_code
+from boneage.progress import fmt_seconds
 
 
 def check_config(config: Config, need_data: bool = True) -> None:
@@ -555,16 +557,40 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     return uri
 
 
-def print_final_summary(config: Config, test: dict[str, Any] | None, seconds: float) -> None:
+class StageTimer:
+    """`with timer("title"):` prints the stage's header and records its wall time."""
+
+    def __init__(self):
+        self.started, self.seconds = time.time(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, title: str):
+        progress.stage(title)
+        began = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[title] = round(time.time() - began, 1)
+
+    @property
+    def total(self) -> float:
+        return time.time() - self.started
+
+
+def print_final_summary(config: Config, test: dict[str, Any] | None, timings: StageTimer) -> None:
     """The run's closing table: out-of-fold MAE per kind and of the ensemble, the locked test split's
-    accuracy, and where each output is."""
+    accuracy, the time of each stage (also OUTPUT/timings.json), and where each output is."""
     from boneage import metrics
 
     options = config.data.storage_options
     cv_uri = io.join_uri(config.output, "cv")
     summary = _read_json(io.join_uri(cv_uri, "summary.json"), options)
     ensembles = _read_json(io.join_uri(cv_uri, "ensemble.json"), options)
-    print(f"\n== done in {seconds / 60:.1f} min ==")
+    io.write_bytes(io.join_uri(config.output, "timings.json"), json.dumps(
+        {"total_seconds": round(timings.total, 1), "stages": timings.seconds}, indent=2).encode(), options)
+    print(f"\n== done in {timings.total / 60:.1f} min ==")
+    print("  " + ", ".join(f"{title.split(' ', 1)[1].split(' (')[0]} {fmt_seconds(s)}"
+                           for title, s in timings.seconds.items()))
     print(f"  {'out-of-fold MAE, months':<28}{'F':>8}{'M':>8}{'all':>8}")
     for row in summary.get("mae", []):
         print(f"  {row['model']:<28}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from boneage.cli import main
@@ -63,3 +65,46 @@ def test_saved_config_never_holds_credentials():
     text = config.to_yaml()
     assert "AKIAEXAMPLE" not in text and "s3cr3t" not in text
     assert "http://127.0.0.1:9" in text and config.data.storage_options["secret"] == "s3cr3t"
+
+
+def test_local_paths_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    from boneage.cli import add_cv_args, add_run_args, add_test_args, config_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_run_args(parser)
+    add_cv_args(parser)
+    add_test_args(parser)
+    monkeypatch.chdir(tmp_path)
+    config = config_from_args(parser.parse_args([
+        "--images", "data/images", "--labels", "../labels.csv", "--keypoints", "~/kp.csv",
+        "--keypoint-model", "s3://bucket/kp.pt", "--test-images", "test", "--test-labels", "test.csv",
+        "--output", "runs/x"]))
+    assert config.output == str(tmp_path / "runs" / "x")
+    assert config.data.images == str(tmp_path / "data" / "images")
+    assert config.data.labels == str(tmp_path.parent / "labels.csv")
+    assert config.data.keypoints == str(Path("~/kp.csv").expanduser())
+    assert config.keypoints.model == "s3://bucket/kp.pt"  # URIs as they are
+    assert config.data.test_images == str(tmp_path / "test") and config.data.test_labels == str(tmp_path / "test.csv")
+    default = config_from_args(parser.parse_args([]))
+    assert default.output == str(tmp_path / "runs" / "embedded") and default.data.images is None
+
+
+def test_the_locked_test_split_is_stratified_fixed_and_kept(tmp_path):
+    from boneage import run, synth
+    from boneage.config import load_config
+
+    data = synth.write_dataset(60, tmp_path / "synthetic", seed=2, size=(128, 96), progress=False)
+    config = load_config(overrides={"data": {"images": str(data["images"]), "labels": str(data["labels"]),
+                                             "test_fraction": 0.2}, "output": str(tmp_path / "run")})
+    split = run.split_test(config)
+    labels = pd.read_csv(data["labels"], dtype={"id": str})
+    assert 10 <= len(split) <= 14 and split.id.is_unique and set(split.id) <= set(labels.id)
+    assert split.male.sum() >= 4 and (~split.male.astype(bool)).sum() >= 4  # both sexes
+    assert split.boneage.min() < labels.boneage.quantile(0.3) and split.boneage.max() > labels.boneage.quantile(0.7)
+    assert run.read_test_ids(config) == set(split.id)
+    other = load_config(overrides={"data": {"images": str(data["images"]), "labels": str(data["labels"]),
+                                            "test_fraction": 0.2}, "output": str(tmp_path / "again")})
+    pd.testing.assert_frame_equal(run.split_test(other), split)  # fixed by seed
+    config.data.test_fraction = 0.4  # a rerun keeps the split it finds: no image changes sides
+    pd.testing.assert_frame_equal(run.split_test(config), split)

@@ -19,11 +19,9 @@ not trained again. Every local path is taken relative to the directory you run t
 
 import argparse
 import sys
-import time
 
 from boneage import ray_env, run
 from boneage.cli import add_cv_args, add_run_args, add_test_args, config_from_args, user_errors
-from boneage.progress import stage
 
 
 @user_errors("full_cv")
@@ -37,38 +35,37 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = config_from_args(args)  # every local path made absolute here, before Ray starts
     run.check_config(config, need_data=not args.skip_preprocess)
-    started = time.time()
+    timings = run.StageTimer()
 
-    stage("1/7 data")  # the user's, or the embedded synthetic set; then the locked test split
-    if args.skip_preprocess:
-        run.check_registered(config)  # the registered data's config.yaml stays; CV saves cv/config.yaml
-    else:
-        config = run.resolve_data(config)
-        run.save_config(config)
-        run.split_test(config)
-
-    ray_env.init_ray(config.ray)  # join the cluster this job was submitted to, or start a local one
+    with timings("1/7 data"):  # the user's, or the embedded synthetic set; then the locked test split
+        if args.skip_preprocess:
+            run.check_registered(config)  # the registered data's config.yaml stays; CV saves cv/config.yaml
+        else:
+            config = run.resolve_data(config)
+            run.save_config(config)
+            run.split_test(config)
+        ray_env.init_ray(config.ray)  # join the cluster this job was submitted to, or start a local one
 
     if not args.skip_preprocess:
-        stage("2/7 preprocess and register (Ray Data)")
-        run.preprocess(config)
+        with timings("2/7 preprocess and register (Ray Data)"):
+            run.preprocess(config)
 
-    stage("3/7 k-fold CV of the zone models (Ray Tune trials, each a Ray Train run)")
-    run.cross_validate(config)
+    with timings("3/7 k-fold CV of the zone models (Ray Tune trials, each a Ray Train run)"):
+        run.cross_validate(config)
 
-    stage("4/7 ensemble weights per sex (Ray Tune; LAD and NNLS beside it)")
-    ensembles = run.fit_ensembles(config)
+    with timings("4/7 ensemble weights per sex (Ray Tune; LAD and NNLS beside it)"):
+        ensembles = run.fit_ensembles(config)
 
-    stage("5/7 bundle")
-    bundle = run.write_bundle(config)
+    with timings("5/7 bundle"):
+        bundle = run.write_bundle(config)
 
-    stage("6/7 the shipped bundle on the locked test split (boneage score)")
-    test = run.evaluate_test(config, bundle)
+    with timings("6/7 the shipped bundle on the locked test split (boneage score)"):
+        test = run.evaluate_test(config, bundle)
 
-    stage("7/7 report")
-    run.report(config, ensembles, test)
+    with timings("7/7 report"):
+        run.report(config, ensembles, test)
 
-    run.print_final_summary(config, test, time.time() - started)
+    run.print_final_summary(config, test, timings)
     return 0
 
 
