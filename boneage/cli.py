@@ -105,7 +105,9 @@ def _synth(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from boneage import ray_env, run
 
-    config = run.resolve_data(config_from_args(args))
+    config = config_from_args(args)
+    run.check_config(config, need_labels=False)  # registering needs no labels
+    config = run.resolve_data(config)
     run.save_config(config)
     ray_env.init_ray(config.ray)
     run.preprocess(config)
@@ -116,6 +118,7 @@ def _cv(args: argparse.Namespace) -> int:
     from boneage import ray_env, run
 
     config = config_from_args(args)
+    run.check_config(config, need_data=False)
     run.check_registered(config)
     ray_env.init_ray(config.ray)
     run.cross_validate(config)  # saves its resolved config as OUTPUT/cv/config.yaml

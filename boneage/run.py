@@ -19,9 +19,10 @@ from boneage.errors import STATUS_OK, error_code
 from boneage.progress import fmt_seconds
 
 
-def check_config(config: Config, need_data: bool = True) -> None:
+def check_config(config: Config, need_data: bool = True, need_labels: bool = True) -> None:
     """Settings and input paths that would fail every trial or image, checked before any work starts:
-    ValueError or FileNotFoundError naming the setting and what it may be."""
+    ValueError or FileNotFoundError naming the setting and what it may be. need_data: check the
+    input paths; need_labels: given images need labels (to train)."""
     from boneage.models import MODEL_KINDS
     from boneage.train import SCHEDULES
 
@@ -63,7 +64,7 @@ def check_config(config: Config, need_data: bool = True) -> None:
             fs, path = fsspec.core.url_to_fs(uri, **d.storage_options)
             if not fs.exists(path):
                 raise FileNotFoundError(f"{flag} {uri} does not exist")
-    if d.images and not d.labels:
+    if need_labels and d.images and not d.labels:
         raise ValueError("--images needs --labels (bone age and sex of each image) to train")
 
 

@@ -48,7 +48,7 @@ def test_bad_size_is_a_usage_error(capsys):
 
 def test_missing_image_folder_is_a_message_not_a_traceback(tmp_path, capsys):
     assert main(["preprocess", "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "run")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    assert f"--images {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
 def test_empty_image_folder_is_a_message(tmp_path, capsys):
