@@ -76,6 +76,7 @@ SETTINGS: dict[str, dict] = {
     "r3e70drop0": {**_R3, "epochs": 70, "dropout": 0.0},
     "r3e70wd1e-3": {**_R3, "epochs": 70, "weight_decay": 1e-3},
     "r3e70inner15": {**_R3, "epochs": 70, "inner_val_fraction": 0.15},
+    "r3e70wm25lr5": {**_R3, "epochs": 70, "width_mult": 0.25, "lr": 5e-3},
 }
 
 SUBSET_KINDS = ("A-reg", "B-reg", "B-cls", "C-reg")
@@ -278,11 +279,12 @@ def gd_ensembles(oof: pd.DataFrame, kinds, extra: dict, setting: str) -> dict:
     return {"ens_gd": ensemble.mae(pred, y), "ens_gd_nested": ensemble.mae(nested, y)}
 
 
-def summarise(folds, results: list[dict], settings: list[str], full: bool) -> tuple[pd.DataFrame, dict]:
+def summarise(folds, results: list[dict], settings: list[str], full: bool, ref: str = "default"
+              ) -> tuple[pd.DataFrame, dict]:
     from boneage import cv, ensemble
 
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("ids", "pred", "watch_mae")} for r in results])
-    base = df[df.setting == "default"].set_index("trial")["seconds"]
+    base = df[df.setting == ref].set_index("trial")["seconds"]
     df["time_ratio"] = df["seconds"] / df["trial"].map(base) if len(base) else np.nan
     lines, extra = [], {}
     kinds = [k for k in ALL_KINDS if k in set(df.kind)]
@@ -330,18 +332,22 @@ def main(argv=None):
     p.add_argument("--pooled-bank-cache", action="store_true",
                    help="bench only: pool each bank once per kind instead of per batch (a proposed code change)")
     p.add_argument("--json", default=None, help="write results (per trial and the table) here")
+    p.add_argument("--ref", default="default", help="the setting the time ratio is relative to")
+    p.add_argument("--skip", default="", help="comma list of setting/trial pairs not to run (done elsewhere)")
     args = p.parse_args(argv)
 
     specs = args.settings.split(";") if "=" in args.settings else args.settings.split(",")
     settings = dict(parse_setting(s.strip()) for s in specs if s.strip())
-    if "default" not in settings and not args.no_default:
-        settings = {"default": {}, **settings}
+    if args.ref not in settings and not args.no_default:
+        settings = {args.ref: SETTINGS[args.ref], **settings}
     trials = trial_list(args.trials)
     folds = pd.read_parquet(args.folds)
     test_ids = set(pd.read_csv(args.split)["id"].astype(str))
     folds = folds[~folds["id"].astype(str).isin(test_ids)].reset_index(drop=True)
     # Interleave settings trial by trial, so every setting sees the same machine load.
-    jobs = [(s, o, t.name, args.seed, args.watch) for t in trials for s, o in settings.items()]
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    jobs = [(s, o, t.name, args.seed, args.watch) for t in trials for s, o in settings.items()
+            if f"{s}/{t.name}" not in skip]
     print(f"{len(jobs)} trials ({len(trials)} x {len(settings)} settings) on {args.workers} workers", flush=True)
     t0 = time.time()
     ctx = mp.get_context("spawn")
@@ -353,7 +359,7 @@ def main(argv=None):
             print(f"[{i}/{len(jobs)} {time.time() - t0:5.0f}s] {r['setting']:>12} {r['trial']:<15} "
                   f"oof {r['oof_mae']:5.1f}  best ep {r['best_epoch']:2d}/{r['epochs_run']:2d}  "
                   f"{r['seconds']:5.1f}s", flush=True)
-    table, extra = summarise(folds, results, list(settings), args.trials == "full")
+    table, extra = summarise(folds, results, list(settings), args.trials == "full", args.ref)
     pd.set_option("display.width", 250)
     print(table.round(2).to_string(index=False))
     print(f"wall {time.time() - t0:.0f} s; load {os.getloadavg()}")

@@ -297,7 +297,8 @@ def record_from_state(state: Mapping[str, Any], n_train: int, n_select: int, n_v
     """A trial's record from fit_zone_model's final state. best_epoch and select_mae come from the
     selection split (NaN select_mae: a fixed schedule); oof_mae is the chosen model's MAE on the scored
     fold, which chose nothing. With the scored fold watched (a diagnostic), watch_best_mae is the MAE
-    that choosing the epoch on the scored fold would have reported, and watch_best_epoch its epoch."""
+    that choosing the epoch on the scored fold would have reported, watch_best_epoch its epoch and
+    watch_last_mae the last epoch's."""
     best = state["best"]
     record = {"best_epoch": int(best["epoch"]), "select_mae": float(best["value"]), "oof_mae": float(oof_mae),
               "epochs_run": int(state["epoch"]) + 1, "seconds": round(float(seconds), 1),
@@ -306,6 +307,7 @@ def record_from_state(state: Mapping[str, Any], n_train: int, n_select: int, n_v
     if watched:
         record["watch_best_mae"] = float(min(watched))
         record["watch_best_epoch"] = int(state["history"][int(np.argmin(watched))]["epoch"])
+        record["watch_last_mae"] = float(watched[-1])
     return record
 
 
