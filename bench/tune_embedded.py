@@ -333,6 +333,9 @@ def main(argv=None):
                    help="bench only: pool each bank once per kind instead of per batch (a proposed code change)")
     p.add_argument("--json", default=None, help="write results (per trial and the table) here")
     p.add_argument("--ref", default="default", help="the setting the time ratio is relative to")
+    p.add_argument("--reuse", default=None,
+                   help="a results JSON of an earlier run: its trials of these settings are taken, not rerun "
+                        "(the same code and seed give the same predictions)")
     p.add_argument("--skip", default="", help="comma list of setting/trial pairs not to run (done elsewhere)")
     args = p.parse_args(argv)
 
@@ -346,12 +349,20 @@ def main(argv=None):
     folds = folds[~folds["id"].astype(str).isin(test_ids)].reset_index(drop=True)
     # Interleave settings trial by trial, so every setting sees the same machine load.
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    reused = []
+    if args.reuse:
+        names = {t.name for t in trials}
+        reused = [r for r in json.loads(Path(args.reuse).read_text())["results"]
+                  if r["setting"] in settings and r["trial"] in names]
+        for r in reused:
+            r["reused_from"] = args.reuse
+        skip |= {f"{r['setting']}/{r['trial']}" for r in reused}
     jobs = [(s, o, t.name, args.seed, args.watch) for t in trials for s, o in settings.items()
             if f"{s}/{t.name}" not in skip]
     print(f"{len(jobs)} trials ({len(trials)} x {len(settings)} settings) on {args.workers} workers", flush=True)
     t0 = time.time()
     ctx = mp.get_context("spawn")
-    results = []
+    results = list(reused)
     with ctx.Pool(args.workers, _init, (args.registered, args.folds, args.split, args.threads,
                                                      args.pooled_bank_cache)) as pool:
         for i, r in enumerate(pool.imap_unordered(run_trial, jobs), 1):

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from boneage.config import Config, load_config
+from boneage import progress
 from boneage.errors import RunError
 
 
@@ -214,6 +215,7 @@ def user_errors(name: str):
     def wrap(fn):
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
+            progress.line_buffered()
             try:
                 return fn(*args, **kwargs)
             except (ValueError, FileNotFoundError, RunError) as err:

@@ -15,6 +15,14 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
+def line_buffered() -> None:
+    """Each printed line out at once, also into a pipe or a file (`ray job logs`, CI), in order with
+    stderr: Python buffers a non-terminal stdout by blocks."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
 def interactive() -> bool:
     return sys.stderr.isatty()
 
