@@ -501,8 +501,9 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                 "months</p>",
                 _test_section(test, test_png),
                 "<h2>Cross-validation (out of fold)</h2><p class='note'>Every image predicted by models that "
-                "never saw its label; each trial chose its epoch on a selection split of its training folds, "
-                "and the ensemble's weights (and its Tune setting) were fit without the fold they predict.</p>",
+                "never saw its label; no trial chose anything on the fold it scores (its epoch came from a selection "
+                "split of its training folds, or a fixed schedule), and the ensemble's weights (and its Tune "
+                "setting) were fit without the fold they predict.</p>",
                 _headline(oof, table, primary, list(ensemble_oof), ensembles),
                 _mae_section(table, "mae_by_band.png")]
     if primary is not None:
