@@ -220,7 +220,7 @@ def _headline(oof: pd.DataFrame, table: pd.DataFrame, primary: str | None, names
     for name in [n for n in names if n != primary]:
         cards.append(("", _num(rows.loc[name, "mae_all"], 2), f"ensemble <b>{_e(name)}</b>, months MAE"))
     if best_kind is not None:
-        cards.append(("", _num(rows.loc[best_kind, "mae_all"], 2), f"best single kind <b>{_e(best_kind)}</b>"))
+        cards.append(("", _num(rows.loc[best_kind, "mae_all"], 2), f"lowest single kind <b>{_e(best_kind)}</b> (picked on these labels: optimistic)"))
     cards.append(("", _num(rows.loc["per-sex median", "mae_all"], 2), "per-sex median (learns nothing but sex)"))
     male = oof["male"].to_numpy(bool)
     cards.append(("", f"{len(oof)}", f"images ({int((~male).sum())} F, {int(male.sum())} M), "
@@ -491,7 +491,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     files["mae_by_band.png"] = plot_mae_by_band(table, band_names)
     panels = [(n, ensemble_oof[n]) for n in ensemble_oof][:2]
     if best_kind:
-        panels.append((f"best kind {best_kind}", oof[best_kind].to_numpy(float)))
+        panels.append((f"lowest kind {best_kind}", oof[best_kind].to_numpy(float)))
     test_png = None
     if test_table is not None and len(test_table):
         files["test_pred_vs_true.png"] = plot_pred_vs_true(
