@@ -48,7 +48,8 @@ def _train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Runs on the Ray Train worker (reporting every epoch with a resumable checkpoint), or in local
     mode in the calling process (a progress line per epoch; returns the final state)."""
     inputs, targets = ray.get(loop_config["data"])
-    inputs = torch.from_numpy(np.array(inputs))  # a writable copy: the object store hands out read-only views
+    # writable copies: the object store hands out read-only views
+    inputs, targets = torch.from_numpy(np.array(inputs)), np.array(targets)
     cfg = train.TrainConfig(**loop_config["train"])
     n = len(inputs)
     order = np.random.default_rng(cfg.seed).permutation(n)
