@@ -37,8 +37,7 @@ import numpy as np
 import pandas as pd
 
 # Settings: CVConfig overrides; "augment" (bench only) overrides boneage.augment.Augment's fields;
-# "pooled_cache": true (bench only, OBSOLETE since boneage.augment.pooled_bank does the same) samples
-# crops from a bank pooled once (install_pooled_bank_cache).
+# (Rounds 1-2 ran before boneage.augment pooled each bank once: every batch pooled its full images.)
 # Round 3 (after the pooling fix): every trial clears boneage.augment's pooled-bank cache first, so its
 # seconds include pooling its bank once, as a pipeline trial (which decodes its own bank) pays it.
 _R3 = {"input_scale": 0.125, "inner_val_fraction": 0.0}
@@ -110,56 +109,10 @@ def trial_list(which: str):
 _CACHE: dict = {}
 
 
-def install_pooled_bank_cache():
-    """Bench only, NOT in boneage today (a proposed code change): ZoneSampler average-pools every
-    batch's full 1040x800 images in float before cutting the crop, which costs as much as the
-    training step itself on a CPU. avg_pool is linear and per image, so pooling the whole uint8
-    bank once per (bank, pool factor) and sampling from that gives the same crops (same RNG draws,
-    same arithmetic) at a fraction of the cost."""
-    import torch
-    import torch.nn.functional as F
-    from boneage import augment
-
-    cache: dict = {}
-    original = augment.ZoneSampler.sample
-    if getattr(original, "pooled_cache", False):
-        return
-
-    @torch.no_grad()
-    def sample(self, bank, idx, generator=None, train=False):
-        if not _CACHE.get("pooled_cache_on", True):
-            return original(self, bank, idx, generator, train)
-        if bank.dtype != torch.uint8 or bank.dim() != 4 or bank.shape[1] != 1:
-            raise ValueError(f"bank must be (N, 1, H, W) uint8, got {tuple(bank.shape)} {bank.dtype}")
-        idx = idx.to(bank.device)
-        n, dev = idx.numel(), bank.device
-        theta = self.theta(n, dev, generator, train)
-        k = self._pool_factor(*bank.shape[-2:])
-        key = (bank.data_ptr(), tuple(bank.shape), k)
-        if key not in cache:
-            cache[key] = torch.cat([F.avg_pool2d(bank[s : s + 16].float(), k) if k > 1 else bank[s : s + 16].float()
-                                    for s in range(0, len(bank), 16)])
-        x = cache[key][idx]
-        grid = F.affine_grid(theta, [n, 1, self.out_h, self.out_w], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if train and (self.augment.brightness or self.augment.contrast):
-            gain = 1 + augment._uniform(n, generator, dev).view(n, 1, 1, 1) * self.augment.contrast
-            bias = augment._uniform(n, generator, dev).view(n, 1, 1, 1) * self.augment.brightness
-        else:
-            gain, bias = 1.0, 0.0
-        return x * (gain * (2 / 255)) + (2 * bias - 1), theta
-
-    sample.pooled_cache = True
-    augment.ZoneSampler.sample = sample
-
-
-def _init(registered: str, folds_path: str, split_path: str, threads: int, pooled_cache: bool = False):
+def _init(registered: str, folds_path: str, split_path: str, threads: int):
     import torch
 
     torch.set_num_threads(threads)
-    _CACHE["pooled_all"] = pooled_cache
-    if pooled_cache:
-        install_pooled_bank_cache()
     _CACHE.update(registered=registered, folds_path=folds_path, split_path=split_path)
 
 
@@ -190,11 +143,7 @@ def run_trial(job: tuple) -> dict:
     trial = cv.parse_trial(trial_name)
     overrides = dict(overrides)
     augment = overrides.pop("augment", None)
-    # bench only: "pooled_cache": true runs the setting with install_pooled_bank_cache's sampler
-    pooled = bool(overrides.pop("pooled_cache", False))
-    if pooled:
-        install_pooled_bank_cache()
-    _CACHE["pooled_cache_on"] = pooled or bool(_CACHE.get("pooled_all"))
+    overrides.pop("pooled_cache", None)  # rounds 1-2's bench-only switch: boneage pools once now
     cvc = dataclasses.replace(CVConfig(), **overrides)
     rows, bank, ages, fold, decode_s = _sex_data(trial.male)
     from boneage import augment as _augment
@@ -329,8 +278,6 @@ def main(argv=None):
     p.add_argument("--watch", action="store_true", help="diagnostic: record the scored fold's MAE per epoch")
     p.add_argument("--no-default", action="store_true",
                    help="do not add the default setting (no time ratio then; e.g. a long full run)")
-    p.add_argument("--pooled-bank-cache", action="store_true",
-                   help="bench only: pool each bank once per kind instead of per batch (a proposed code change)")
     p.add_argument("--json", default=None, help="write results (per trial and the table) here")
     p.add_argument("--ref", default="default", help="the setting the time ratio is relative to")
     p.add_argument("--reuse", default=None,
@@ -363,8 +310,7 @@ def main(argv=None):
     t0 = time.time()
     ctx = mp.get_context("spawn")
     results = list(reused)
-    with ctx.Pool(args.workers, _init, (args.registered, args.folds, args.split, args.threads,
-                                                     args.pooled_bank_cache)) as pool:
+    with ctx.Pool(args.workers, _init, (args.registered, args.folds, args.split, args.threads)) as pool:
         for i, r in enumerate(pool.imap_unordered(run_trial, jobs), 1):
             results.append(r)
             print(f"[{i}/{len(jobs)} {time.time() - t0:5.0f}s] {r['setting']:>12} {r['trial']:<15} "
@@ -378,7 +324,7 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({
             "settings": settings, "trials": args.trials, "workers": args.workers, "threads": args.threads,
-            "seed": args.seed, "pooled_bank_cache": args.pooled_bank_cache, "host": platform.node(), "cpus": os.cpu_count(),
+            "seed": args.seed, "host": platform.node(), "cpus": os.cpu_count(),
             "wall_s": time.time() - t0, "table": table.to_dict(orient="records"),
             "ensembles": {f"{s}/{m}": rec for (s, m), rec in extra.items()},
             "results": results,
