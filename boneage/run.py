@@ -518,7 +518,7 @@ def fit_ensembles(config: Config) -> dict[str, Any]:
     with io.open_output(io.join_uri(cv_uri, "ensemble_oof.parquet"), "wb", options) as f:
         table.to_parquet(f, index=False)
     best_kind = min(kinds, key=lambda k: ensemble.mae(oof[k].to_numpy(float), oof["boneage"].to_numpy(float)))
-    print(f"[ensemble] cross-validated MAE (months): " + ", ".join(
+    print("[ensemble] cross-validated MAE (months): " + ", ".join(
         f"{m} {fits[m]['cv_mae']['all']:.2f}" for m in fits) +
         f"; the lowest single kind {best_kind} {ensemble.mae(oof[best_kind], oof['boneage']):.2f} (picked on these "
         f"labels); scoring uses {use} "
