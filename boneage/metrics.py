@@ -16,10 +16,11 @@ METRIC_NAMES = {"mae": "MAE", "rmse": "RMSE", "median_ae": "median |error|", "wi
                 "bias": "bias (pred − true)"}
 
 
-def _point(err: np.ndarray) -> dict[str, float]:
+def _metrics(err: np.ndarray) -> dict[str, np.ndarray]:
+    """The five metrics of errors along the last axis (one row of errors, or one per resample)."""
     a = np.abs(err)
-    return {"mae": float(a.mean()), "rmse": float(np.sqrt((err**2).mean())), "median_ae": float(np.median(a)),
-            "within_12": float((a <= 12).mean()), "bias": float(err.mean())}
+    return {"mae": a.mean(-1), "rmse": np.sqrt((err**2).mean(-1)), "median_ae": np.median(a, -1),
+            "within_12": (a <= 12).mean(-1), "bias": err.mean(-1)}
 
 
 def accuracy(pred: np.ndarray, truth: np.ndarray, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
@@ -30,14 +31,11 @@ def accuracy(pred: np.ndarray, truth: np.ndarray, n_boot: int = 0, seed: int = 0
     out: dict[str, Any] = {"n": int(len(err))}
     if not len(err):
         return out
-    out.update(_point(err))
+    out.update({m: float(v) for m, v in _metrics(err).items()})
     if n_boot and len(err) > 1:
-        rng = np.random.default_rng(seed)
-        draws = err[rng.integers(0, len(err), size=(n_boot, len(err)))]
-        a = np.abs(draws)
-        boot = {"mae": a.mean(1), "rmse": np.sqrt((draws**2).mean(1)), "median_ae": np.median(a, 1),
-                "within_12": (a <= 12).mean(1), "bias": draws.mean(1)}
-        out["ci"] = {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for m, v in boot.items()}
+        draws = err[np.random.default_rng(seed).integers(0, len(err), size=(n_boot, len(err)))]
+        out["ci"] = {m: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                     for m, v in _metrics(draws).items()}
     return out
 
 

@@ -107,10 +107,8 @@ def split_test(config: Config) -> pd.DataFrame:
     from boneage import cv
 
     options, uri = config.data.storage_options, test_split_uri(config)
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    if fs.exists(path):
-        with fs.open(path, "rb") as f:
-            split = pd.read_csv(f, dtype={"id": str})
+    split = read_test_split(config)
+    if split is not None:
         print(f"[test] keeping the locked test split of {len(split)} images in {uri}")
         return split
     if config.data.test_images:
@@ -138,13 +136,19 @@ def split_test(config: Config) -> pd.DataFrame:
     return split
 
 
-def read_test_ids(config: Config) -> set[str]:
-    """The ids of the locked test split (empty when the run has none)."""
+def read_test_split(config: Config) -> pd.DataFrame | None:
+    """OUTPUT/test/split.csv, or None when the run has none."""
     fs, path = fsspec.core.url_to_fs(test_split_uri(config), **config.data.storage_options)
     if not fs.exists(path):
-        return set()
+        return None
     with fs.open(path, "rb") as f:
-        return set(pd.read_csv(f, dtype={"id": str})["id"])
+        return pd.read_csv(f, dtype={"id": str})
+
+
+def read_test_ids(config: Config) -> set[str]:
+    """The ids of the locked test split (empty when the run has none)."""
+    split = read_test_split(config)
+    return set() if split is None else set(split["id"])
 
 
 def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[str, Any] | None:
@@ -154,11 +158,9 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
     from boneage import bundle, metrics
 
     options = config.data.storage_options
-    fs, path = fsspec.core.url_to_fs(test_split_uri(config), **options)
-    if not fs.exists(path):
+    split = read_test_split(config)
+    if split is None:
         return None
-    with fs.open(path, "rb") as f:
-        split = pd.read_csv(f, dtype={"id": str})
     if not len(split):
         print("[test] no test split (test_fraction 0 and no --test-images): no locked-test accuracy")
         return None
@@ -547,9 +549,7 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     if test:
         scored = pd.read_parquet(io.join_uri(config.output, "test", "predictions.parquet"),
                                  storage_options=options or None)
-        with io.open_output(test_split_uri(config), "rb", options) as f:
-            split = pd.read_csv(f, dtype={"id": str})
-        test_table = split.merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
+        test_table = read_test_split(config).merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
         test_table = test_table.rename(columns={"boneage_months": "pred"})
     uri = report_mod.write_report(
         io.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
