@@ -95,6 +95,10 @@ class CVConfig:
     lr: float = 3e-3  # the one-cycle peak; 1e-3 had not left the median after 10 epochs, 1e-2 diverged
     weight_decay: float = 1e-4
     schedule: str = "onecycle"  # see train.SCHEDULES
+    # The 240-class heads' loss (train.TrainConfig): "mae" is the seed's; docs/benchmarks.md measures.
+    cls_loss: str = "mae"
+    cls_sigma: float = 6.0
+    cls_ce_weight: float = 0.05
     # What chooses the epoch. The scored fold never does: it is only predicted, once, by the model
     # chosen. inner_val_fraction > 0: that share of the training folds (stratified by age) is held out
     # as a selection split that picks the best epoch and drives early stopping (`patience`, counted

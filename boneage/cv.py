@@ -158,7 +158,8 @@ def train_config(cv: CVConfig, trial: Trial, seed: int) -> TrainConfig:
     return TrainConfig(
         epochs=cv.epochs, batch_size=cv.batch_size, lr=cv.lr, weight_decay=cv.weight_decay,
         schedule=cv.schedule, patience=cv.patience, width_mult=cv.width_mult, fc=cv.fc,
-        dropout=cv.dropout, bf16=cv.bf16, channels_last=cv.channels_last, compile=cv.compile,
+        dropout=cv.dropout, cls_loss=cv.cls_loss, cls_sigma=cv.cls_sigma,
+        cls_ce_weight=cv.cls_ce_weight, bf16=cv.bf16, channels_last=cv.channels_last, compile=cv.compile,
         seed=trial_seed % (2**31),
     )
 

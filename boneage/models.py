@@ -105,11 +105,17 @@ class ZoneNet(nn.Module):
         # Class k stands for k months, on the same [-1, 1] scale as the regression target.
         self.register_buffer("class_ages", to_scaled(torch.arange(N_CLASSES, dtype=torch.float32)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        """The scaled age; with logits=True a classification head returns its (B, 240) logits
+        (training uses them for its distribution loss; `expectation` turns them into the age)."""
         z = _fp32(self.out, self.fc(self.features(x)))
         if self.head_kind == "reg":
             return z.squeeze(1)
-        return F.softmax(z, dim=1) @ self.class_ages  # expectation of the (scaled) age
+        return z if logits else self.expectation(z)
+
+    def expectation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Expected (scaled) age under the softmax of the 240 logits, in fp32."""
+        return F.softmax(logits.float(), dim=1) @ self.class_ages
 
 
 @dataclass(frozen=True)

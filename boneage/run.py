@@ -24,7 +24,7 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
     ValueError or FileNotFoundError naming the setting and what it may be. need_data: check the
     input paths; need_labels: given images need labels (to train)."""
     from boneage.models import MODEL_KINDS
-    from boneage.train import SCHEDULES
+    from boneage.train import CLS_LOSSES, SCHEDULES
 
     cvc = config.cv
     problems = []
@@ -44,6 +44,10 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
         problems.append(f"cv.schedule={cvc.schedule!r}: one of {', '.join(SCHEDULES)}")
     if not (cvc.inner_val_fraction == 0 or 0 < cvc.inner_val_fraction < 0.5):
         problems.append(f"cv.inner_val_fraction={cvc.inner_val_fraction}: 0 (fixed schedule) or in (0, 0.5)")
+    if cvc.cls_loss not in CLS_LOSSES:
+        problems.append(f"cv.cls_loss={cvc.cls_loss!r}: one of {', '.join(CLS_LOSSES)}")
+    if cvc.cls_sigma <= 0 or cvc.cls_ce_weight < 0:
+        problems.append(f"cv.cls_sigma={cvc.cls_sigma} must be > 0 and cv.cls_ce_weight={cvc.cls_ce_weight} >= 0")
     if cvc.schedule == "plateau" and cvc.inner_val_fraction == 0:
         problems.append("cv.schedule=plateau steps on the selection split: set cv.inner_val_fraction > 0")
     if cvc.ensemble not in ("tune", "lad", "nnls"):

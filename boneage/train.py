@@ -22,6 +22,7 @@ from boneage.frame import FRAME_H, FRAME_W
 from boneage.models import KeypointNet, ModelKind, build_from_spec, to_months, to_scaled
 
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
+CLS_LOSSES = ("mae", "mae+ce", "ce")
 
 
 @dataclass
@@ -36,6 +37,12 @@ class TrainConfig:
     fc: int | None = None  # None: the seed's (2048 zones, 512 key points)
     dropout: float = 0.5
     augment: Augment | None = None  # None: the default for the model (zones / key points)
+    # The 240-class heads' loss: "mae" (the seed's: MAE of the expected age), "ce" (cross-entropy
+    # against a Gaussian around the label, `cls_sigma` months wide) or "mae+ce" (both, the CE weighted
+    # by `cls_ce_weight`). Regression heads ignore these.
+    cls_loss: str = "mae"
+    cls_sigma: float = 6.0
+    cls_ce_weight: float = 0.05
     eval_batch_size: int = 256
     bf16: bool = True  # bf16, channels_last and compile only take effect on CUDA
     channels_last: bool = True
@@ -178,14 +185,15 @@ def _clone(sd: dict) -> dict:
 
 
 def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, metric, train_scale,
-         report, resume_state) -> FitResult:
+         report, resume_state, forward_kwargs=None) -> FitResult:
     """The loop both model families share.
 
     make_batch(idx, gen) -> (x, y); loss_fn(pred, y) -> scalar; evaluate(run) -> (metrics, preds);
     `metric` (lower is better) picks the best epoch and drives plateau and early stopping. When the
     evaluation has no `metric` (no selection split: a fixed schedule), nothing is chosen: the last
     epoch is the result, and neither early stopping nor plateau steps apply.
-    `train_scale` turns the mean training loss into the reported `train_loss`.
+    `train_scale` turns the mean training loss into the reported `train_loss`; `forward_kwargs` go
+    to the model's forward in training steps only (e.g. logits=True for a classification head).
     """
     model, run = _prepare(model, cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -224,7 +232,7 @@ def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, met
         for s in range(steps):
             x, y = make_batch(perm[s * bs : (s + 1) * bs], gen)
             with _autocast(device, cfg.bf16):
-                pred = run(_to_input(x, device, cfg.channels_last))
+                pred = run(_to_input(x, device, cfg.channels_last), **(forward_kwargs or {}))
             loss = loss_fn(pred.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -294,6 +302,9 @@ def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainCo
     def make_batch(idx, gen):
         return sampler(bank, idx, gen, train=True), to_scaled(ages[idx])
 
+    def mae(pred, y):
+        return (pred - y).abs().mean()
+
     def evaluate(run):
         metrics, pred = {}, None
         if val_idx.numel():
@@ -308,10 +319,31 @@ def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainCo
     with _seeded(cfg, device):
         torch.manual_seed(cfg.seed)
         model = kind.build(cfg.width_mult, fc, cfg.dropout)
-        res = _fit(model, spec, cfg, device, train_idx, make_batch, lambda p, y: (p - y).abs().mean(),
-                   evaluate, "val_mae", 120.0, report, resume_state)
+        loss_fn, kwargs = mae, None
+        if kind.head == "cls" and cfg.cls_loss != "mae":
+            loss_fn, kwargs = class_loss(model, cfg), {"logits": True}
+        res = _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, "val_mae", 120.0,
+                   report, resume_state, kwargs)
     res.val_idx = val_idx.cpu().numpy()
     return res
+
+
+def class_loss(model, cfg: TrainConfig) -> Callable:
+    """loss(logits, scaled ages) of a 240-class head (cfg.cls_loss; see TrainConfig)."""
+    if cfg.cls_loss not in CLS_LOSSES:
+        raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cfg.cls_loss!r}")
+    months = torch.arange(model.out.out_features, dtype=torch.float32)
+
+    def loss(logits, y):
+        logp = F.log_softmax(logits, dim=1)
+        target = -(months.to(y.device)[None, :] - to_months(y)[:, None]) ** 2 / (2 * cfg.cls_sigma ** 2)
+        ce = -(F.softmax(target, dim=1) * logp).sum(1).mean()
+        if cfg.cls_loss == "ce":
+            return ce
+        expected = logp.exp() @ model.class_ages
+        return (expected - y).abs().mean() + cfg.cls_ce_weight * ce
+
+    return loss
 
 
 def fit_keypoint_model(images, keypoints, train_idx, val_idx, cfg: TrainConfig, device="cpu",

@@ -1,12 +1,13 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 
 from boneage import train
 from boneage.augment import Augment
 from boneage.frame import FRAME_H, FRAME_W, ZONES
-from boneage.models import model_kind
+from boneage.models import model_kind, to_months, to_scaled
 from boneage.train import (
     TrainConfig, fit_keypoint_model, fit_zone_model, model_from_state, predict, predict_keypoints,
 )
@@ -114,3 +115,31 @@ def test_a_watched_set_is_recorded_and_chooses_nothing():
     assert all("watch_mae" in m for m in watched.history) and "watch_mae" not in plain.history[0]
     assert watched.metrics["epoch"] == plain.metrics["epoch"]
     np.testing.assert_array_equal(watched.val_pred, plain.val_pred)
+
+
+@pytest.mark.parametrize("loss", train.CLS_LOSSES)
+def test_each_classification_loss_learns_the_toy_problem(loss):
+    bank, ages = toy_bank(128)
+    tr, va = np.arange(96), np.arange(96, 128)
+    res = fit_zone_model(bank, ages, tr, va, model_kind("B-cls", 0.125), small_cfg(cls_loss=loss, lr=3e-3))
+    baseline = np.abs(ages[va] - ages[tr].mean()).mean()
+    assert res.metrics["val_mae"] < 0.6 * baseline, (loss, baseline, res.metrics["val_mae"])
+
+
+def test_distribution_loss_is_smallest_for_a_gaussian_at_the_label():
+    model = model_kind("B-cls", 0.125).build(0.125, 32, 0.0)
+    loss = train.class_loss(model, TrainConfig(cls_loss="ce", cls_sigma=6.0))
+    months = torch.arange(240.0)
+    y = to_scaled(torch.tensor([100.0]))
+
+    def gaussian_logits(centre, sigma):
+        return (-(months - centre) ** 2 / (2 * sigma**2))[None, :]
+
+    at_label = loss(gaussian_logits(100.0, 6.0), y)
+    assert at_label < loss(gaussian_logits(110.0, 6.0), y)  # off by 10 months
+    assert at_label < loss(gaussian_logits(100.0, 1.0), y)  # over-confident
+    assert at_label < loss(gaussian_logits(100.0, 30.0), y)  # too vague
+    # The expectation of those logits is the label: what scoring reads.
+    assert abs(to_months(model.expectation(gaussian_logits(100.0, 6.0))).item() - 100.0) < 0.01
+    with pytest.raises(ValueError, match="cls_loss"):
+        train.class_loss(model, TrainConfig(cls_loss="hinge"))
