@@ -38,10 +38,12 @@ class TrainConfig:
     dropout: float = 0.5
     augment: Augment | None = None  # None: the default for the model (zones / key points)
     # The 240-class heads' loss: "mae" (the seed's: MAE of the expected age), "ce" (cross-entropy
-    # against a Gaussian around the label, `cls_sigma` months wide) or "mae+ce" (both, the CE weighted
-    # by `cls_ce_weight`). Regression heads ignore these.
-    cls_loss: str = "mae"
-    cls_sigma: float = 6.0
+    # against a Gaussian around the label, `cls_sigma` months wide: a target that says which
+    # neighbouring months are nearly right, so the softmax never collapses onto one wrong class where
+    # the expectation's gradient vanishes) or "mae+ce" (both, the CE weighted by `cls_ce_weight`).
+    # Regression heads ignore these. docs/benchmarks.md compares them.
+    cls_loss: str = "ce"
+    cls_sigma: float = 12.0
     cls_ce_weight: float = 0.05
     eval_batch_size: int = 256
     bf16: bool = True  # bf16, channels_last and compile only take effect on CUDA

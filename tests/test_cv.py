@@ -210,6 +210,26 @@ def test_cv_config_from_yaml(tmp_path):
     assert config.cv.k == 4 and config.cv.kinds == ("A-reg",)
 
 
+def test_embedded_yaml_writes_out_the_defaults():
+    """configs/embedded.yaml says it is the embedded default written out: it must not drift."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from boneage.config import Config
+
+    text = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml").read_text())
+    defaults = Config()
+    for section, values in text.items():
+        if not isinstance(values, dict):
+            continue
+        fields = dataclasses.asdict(getattr(defaults, section))
+        for key, value in values.items():
+            expected = fields[key]
+            assert (list(expected) if isinstance(expected, tuple) else expected) == value, (section, key)
+
+
 def test_cv_flags_override_the_config(tmp_path):
     from boneage.cli import build_parser, config_from_args, main
 
