@@ -16,7 +16,8 @@ machine load.
         --settings default,final --trials full --json bench/results/tune_embedded_full.json
 
 --trials: "subset" (A-reg, B-reg, B-cls, C-reg x F, M x fold 0: 8 trials), "subset2" (the same
-kinds on folds 0 and 1: 16 trials) or "full" (all 36). On "full" the table adds the per-sex median
+kinds on folds 0 and 1: 16 trials), "cls" (the three classification kinds x F, M x folds 0, 1: 12
+trials) or "full" (all 36). On "full" the table adds the per-sex median
 baseline and the honest LAD / NNLS ensembles (boneage.ensemble: per sex, weights fit on two folds'
 out-of-fold predictions, scored on the third, rotated).
 """
@@ -76,6 +77,12 @@ SETTINGS: dict[str, dict] = {
     "r3e70wd1e-3": {**_R3, "epochs": 70, "weight_decay": 1e-3},
     "r3e70inner15": {**_R3, "epochs": 70, "inner_val_fraction": 0.15},
     "r3e70wm25lr5": {**_R3, "epochs": 70, "width_mult": 0.25, "lr": 5e-3},
+    # -- the 240-class heads' loss (issue #13), on today's defaults; "default" is cls_ce12 since then
+    "cls_mae": {"cls_loss": "mae"},
+    "cls_ce6": {"cls_loss": "ce", "cls_sigma": 6.0},
+    "cls_ce12": {"cls_loss": "ce", "cls_sigma": 12.0},
+    "cls_mae+ce0.05": {"cls_loss": "mae+ce", "cls_sigma": 6.0, "cls_ce_weight": 0.05},
+    "cls_mae+ce0.2": {"cls_loss": "mae+ce", "cls_sigma": 6.0, "cls_ce_weight": 0.2},
 }
 
 SUBSET_KINDS = ("A-reg", "B-reg", "B-cls", "C-reg")
@@ -99,6 +106,8 @@ def trial_list(which: str):
         return [cv.Trial(k, s, 0) for k in SUBSET_KINDS for s in ("F", "M")]
     if which == "subset2":
         return [cv.Trial(k, s, f) for f in (0, 1) for k in SUBSET_KINDS for s in ("F", "M")]
+    if which == "cls":
+        return [cv.Trial(k, s, f) for k in ("A-cls", "B-cls", "C-cls") for s in ("F", "M") for f in (0, 1)]
     if which == "full":
         return cv.cv_trials(ALL_KINDS, ("F", "M"), 3)
     return [cv.parse_trial(t) for t in which.split(",")]
