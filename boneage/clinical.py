@@ -43,6 +43,10 @@ def describe(table: pd.DataFrame, calibration: Mapping[str, Any]) -> str:
             f"accepted on the {sds.SCALE} scale: {s['interpretation']['delayed']} delayed, "
             f"{s['interpretation']['normal']} normal, {s['interpretation']['advanced']} advanced"
             + (f", no SDS {s['no_sds']}" if s["no_sds"] else ""))
+    if "card" in table:
+        failed = table[table["card"].isna() & table["boneage_months"].notna()]
+        line += f"\n[score] {int(table['card'].notna().sum())} cards written, {len(failed)} failed" + "".join(
+            f"\n  {r.id}: {r.card_error}" for r in failed.head(5).itertuples())
     missing = gate.missing_checks(calibration)
     if missing:
         line += f"\n[score] warning: the bundle has no calibration for {', '.join(missing)}: not checked"

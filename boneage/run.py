@@ -381,7 +381,7 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
 
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
-          batch_size: int | None = None) -> pd.DataFrame:
+          batch_size: int | None = None, cards: str | None = None) -> pd.DataFrame:
     """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri`
     (parquet), with sex and chronological age from `subjects` (CSV) or the DICOM header. Bad files
     are rows with status 'error'; the summary is printed. Ray is started by the caller."""
@@ -417,7 +417,7 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
         print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
     table = ray_score.run_score(manifest, bundle_uri, config, out_uri, actors=actors,
-                                gpus_per_actor=gpus_per_actor, ages=ages)
+                                gpus_per_actor=gpus_per_actor, ages=ages, cards=absolute(cards))
     result = score_mod.summary(table)
     print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
           f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
