@@ -104,7 +104,7 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
     lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
     y = 0.93
     for text, size, colour in lines:
-        fig.text(0.58, y, text, fontsize=size, color=colour, va="top")
+        fig.text(0.6, y, text, fontsize=size, color=colour, va="top")
         y -= 0.028 + size * 0.004
     out = BytesIO()
     fig.savefig(out, format="png")
