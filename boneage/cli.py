@@ -134,7 +134,7 @@ def _score(args: argparse.Namespace) -> int:
     ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose))
     run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
               subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,
-              gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size)
+              gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, cards=args.cards)
     return 0
 
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", help="CSV with id and sex (male or sex column) and/or chronological age in months "
                                       "(age_months); else DICOM PatientSex and dates; else sex unknown")
     p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for s3://")
+    p.add_argument("--cards", help="also write a PNG card per image here (registered hand, zones, occlusion heatmap, "
+                                   "bone age, SDS, gate; ~130 extra ensemble passes per image)")
     p.add_argument("--actors", type=int, default=1, help="scoring actors (model copies)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU per scoring actor; 0: CPU")
     p.add_argument("--batch-size", type=int, help="images per preprocessing task (default: the bundle's)")

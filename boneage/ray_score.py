@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from ray.data import ActorPoolStrategy
 
-from boneage import io, score
+from boneage import cards, clinical, io, score
 from boneage.bundle import keypoint_model_uri, load_bundle, read_manifest
 from boneage.config import Config
 from boneage.ray_prepare import prepare_dataset
@@ -28,18 +28,24 @@ class BundleScorer:
     """Ray Data actor: loads the bundle's fold models once, scores registered batches."""
 
     def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, use_gpu: bool,
-                 ages: Mapping[str, float]):
+                 ages: Mapping[str, float], cards_dir: str | None = None):
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.models = score.BundleModels(load_bundle(bundle_uri, storage_options), device)
         self.ages = dict(ages)
+        self.cards_dir, self.storage_options = cards_dir, storage_options
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         batch["age_months"] = batch["id"].map(self.ages)
-        return score.score_rows(batch, self.models)
+        out = score.score_rows(batch, self.models)
+        if self.cards_dir:  # --cards: a PNG per image (boneage.cards)
+            out["card"], out["card_error"] = cards.write_cards(batch, out, self.models, self.cards_dir,
+                                                               self.storage_options)
+        return out
 
 
 def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: str, actors: int = 1,
-              gpus_per_actor: float = 0.0, ages: Mapping[str, float] | None = None) -> pd.DataFrame:
+              gpus_per_actor: float = 0.0, ages: Mapping[str, float] | None = None, cards: str | None = None
+              ) -> pd.DataFrame:
     """Score every manifest row (id, uri, status, error, male) with the bundle; write the table to
     `out_uri` (one parquet file) and return it, sorted by id. `config`: the bundle's preprocessing
     and key point settings with this run's storage options."""
@@ -47,7 +53,7 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     ds = prepare_dataset(manifest, config, keypoint_model)
     ds = ds.map_batches(
         BundleScorer,
-        fn_constructor_args=(bundle_uri, config.data.storage_options, gpus_per_actor > 0, dict(ages or {})),
+        fn_constructor_args=(bundle_uri, config.data.storage_options, gpus_per_actor > 0, dict(ages or {}), cards),
         compute=ActorPoolStrategy(size=actors),
         batch_size=config.preprocess.batch_size * 4,
         batch_format="pandas",
@@ -58,5 +64,5 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     )
     table = ds.to_pandas().sort_values(["id", "uri"], kind="stable", na_position="last").reset_index(drop=True)
     with io.open_output(out_uri, "wb", config.data.storage_options) as f:
-        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), f)
+        pq.write_table(clinical.with_metadata(pa.Table.from_pandas(table, preserve_index=False)), f)
     return table

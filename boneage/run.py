@@ -159,7 +159,7 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
     """Score the locked test split with the finished bundle through `boneage score`'s code path
     (fold-averaged models, ensemble, QA); OUTPUT/test/predictions.parquet and metrics.json; the
     accuracy also goes into the bundle (training.json and manifest). None without a test split."""
-    from boneage import bundle, metrics
+    from boneage import bundle, gate, metrics
 
     options = config.data.storage_options
     split = read_test_split(config)
@@ -179,7 +179,10 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
                                   scored.loc[ok, "male"].astype(bool), n_boot=n_boot, seed=config.data.seed)
     result = {"images": int(len(split)), "scored": int(ok.sum()), "source": str(split["source"].iloc[0]),
               "bootstrap_resamples": n_boot, "failed": [{"id": r.id, "error": r.error} for r in scored[~ok].itertuples()],
-              "accuracy": acc}
+              "accuracy": acc,
+              # Label-free: the spread of images no fold model saw sets the gate's fold spread threshold.
+              "gate_fold_spread": gate.calibrate_fold_spread(
+                  table.loc[table.status == STATUS_OK, "boneage_sd_months"])}
     io.write_bytes(io.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
     bundle.add_test_accuracy(bundle_uri, result, options)
     print(f"[test] the shipped bundle on the locked test split ({result['scored']}/{result['images']} scored): "
@@ -382,11 +385,11 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
 
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
-          batch_size: int | None = None) -> pd.DataFrame:
+          batch_size: int | None = None, cards: str | None = None) -> pd.DataFrame:
     """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri`
     (parquet), with sex and chronological age from `subjects` (CSV) or the DICOM header. Bad files
     are rows with status 'error'; the summary is printed. Ray is started by the caller."""
-    from boneage import bundle as bundle_mod, metrics, ray_score, score as score_mod
+    from boneage import bundle as bundle_mod, clinical, gate, metrics, ray_score, score as score_mod
     from boneage.config import load_config
 
     started = time.time()
@@ -418,11 +421,12 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
         print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
     table = ray_score.run_score(manifest, bundle_uri, config, out_uri, actors=actors,
-                                gpus_per_actor=gpus_per_actor, ages=ages)
+                                gpus_per_actor=gpus_per_actor, ages=ages, cards=absolute(cards))
     result = score_mod.summary(table)
     print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
           f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
           f"{result['registration_doubtful']} registrations doubtful; {time.time() - started:.0f} s → {out_uri}")
+    print(clinical.describe(table, gate.calibration_of(loaded.training)))
     for row in table[table.status != STATUS_OK].head(10).itertuples():
         print(f"  {row.id}: {row.error}")
     return table
@@ -432,7 +436,7 @@ def write_bundle(config: Config) -> str:
     """OUTPUT/bundle (boneage.bundle): every fold model, the key point model, the ensemble weights, the
     configuration and a summary of the training data and CV metrics. Refuses a CV with unfinished
     trials: a bundle missing fold models would score differently from what its metrics say."""
-    from boneage import bundle, cv, metrics
+    from boneage import bundle, cv, gate, metrics
 
     options = config.data.storage_options
     cv_uri = io.join_uri(config.output, "cv")
@@ -474,6 +478,7 @@ def write_bundle(config: Config) -> str:
         # Out of fold: every prediction from a model (and ensemble weights) that never saw the image's
         # label; the epoch was chosen on each trial's selection split. The test split's: evaluate_test.
         "oof_accuracy": oof_accuracy,
+        "gate": gate.calibrate(oof, config.cv.kinds),  # the rejection gate's thresholds (boneage.gate)
     }
     files["training.json"] = json.dumps(training, indent=2).encode()
     out = io.join_uri(config.output, "bundle")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from boneage import cv, ensemble, train
+from boneage import clinical, cv, ensemble, gate, train
 from boneage.bundle import Bundle
 from boneage.models import model_kind
 
@@ -30,6 +30,7 @@ OUTPUT_COLUMNS = (
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
     "format", "height", "width",
+    *clinical.COLUMNS,  # bone age SDS and the rejection gate (boneage.clinical)
 )
 
 
@@ -40,6 +41,7 @@ class BundleModels:
         self.device = torch.device(device)
         self.kinds = bundle.kinds
         self.record = ensemble_record(bundle)
+        self.gate = gate.calibration_of(bundle.training)  # the rejection gate's thresholds (boneage.gate)
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
         for (kind, sex), states in bundle.models.items():
             self.models[(kind, sex)] = [
@@ -162,6 +164,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     for column in ("registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
                    "format", "height", "width"):
         out[column] = rows[column] if column in rows else None
+    out = clinical.add_columns(out, models.kinds, models.gate)
     return out[list(OUTPUT_COLUMNS) + list(models.kinds)]
 
 

@@ -1,0 +1,135 @@
+"""Per-image cards for a person reading the result: the registered hand with the zone boxes, an
+occlusion-sensitivity heatmap (how much the ensemble's bone age changes when a patch of the image is
+blacked out), the bone age, SDS and interpretation, and the gate's verdict. `boneage score --cards DIR`.
+
+Occlusion sensitivity asks the real ensemble (every fold model of every kind, with the bundle's
+weights), not a proxy: a patch that changes the answer a lot is one the answer depends on.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from boneage import frame, io, prepare, sds
+
+# Patch side in stored pixels (1040x800 image): 80 px is 160 frame px, about one carpal bone; a 13x10
+# grid, 130 occluded copies per image.
+PATCH = 80
+# Registered images have a black background: a black patch removes that part of the hand.
+FILL = 0
+
+Predict = Callable[[torch.Tensor], np.ndarray]
+
+
+def occlusion_map(predict: Predict, image: np.ndarray, patch: int = PATCH, fill: int = FILL,
+                  batch: int = 32) -> np.ndarray:
+    """(rows, cols) change of predict's output (occluded minus original) when each patch x patch tile
+    of `image` (H, W uint8) is set to `fill`; tile (i, j) covers image[i*patch:(i+1)*patch,
+    j*patch:(j+1)*patch]. predict maps a uint8 bank (n, 1, H, W) to n numbers."""
+    h, w = image.shape
+    rows, cols = -(-h // patch), -(-w // patch)
+    base = torch.from_numpy(np.array(image, dtype=np.uint8))[None, None]  # a writable copy
+    reference = float(predict(base)[0])
+    tiles = [(i, j) for i in range(rows) for j in range(cols)]
+    out = np.zeros((rows, cols))
+    for start in range(0, len(tiles), batch):
+        chunk = tiles[start:start + batch]
+        bank = base.repeat(len(chunk), 1, 1, 1)
+        for k, (i, j) in enumerate(chunk):
+            bank[k, 0, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] = fill
+        for (i, j), value in zip(chunk, np.asarray(predict(bank), dtype=float)):
+            out[i, j] = value - reference
+    return out
+
+
+def ensemble_predictor(models, sex: str | None) -> Predict:
+    """The bone age the scoring table gives, as a function of the bank: the sex's ensemble, or the mean
+    of both sexes' when the sex is unknown. `models`: boneage.score.BundleModels."""
+    def predict(bank: torch.Tensor) -> np.ndarray:
+        if sex in ("F", "M"):
+            return models.score(bank, sex)[1]
+        return (models.score(bank, "F")[1] + models.score(bank, "M")[1]) / 2
+    return predict
+
+
+def _fmt(value: Any, spec: str, unit: str = "") -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:{spec}}{unit}"
+
+
+def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch: int = PATCH) -> bytes:
+    """The card as PNG bytes: `image` (stored registered image), `row` (a scoring table row), `heat`
+    (occlusion_map's grid)."""
+    fig = Figure(figsize=(8.4, 6.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.01, 0.02, 0.5, 0.94))
+    h, w = image.shape
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(0, w, h, 0))
+    magnitude = np.abs(heat)
+    top = max(float(magnitude.max()), 1e-6)
+    shown = ax.imshow(magnitude, cmap="inferno", alpha=0.45, vmin=0, vmax=top, interpolation="nearest",
+                      extent=(0, heat.shape[1] * patch, heat.shape[0] * patch, 0))
+    s = frame.STORE_SCALE
+    colours = {"A": "#50a0ff", "B": "#ffaa28", "C": "#5adc78"}
+    for name, zone in frame.ZONES.items():
+        ax.add_patch(Rectangle((zone.x0 * s, zone.y0 * s), zone.width * s, zone.height * s, fill=False,
+                               edgecolor=colours.get(name, "white"), linewidth=1.2))
+        ax.text(zone.x0 * s + 4, zone.y0 * s + 14, name, color=colours.get(name, "white"), fontsize=8)
+    ax.set_xlim(0, w), ax.set_ylim(h, 0), ax.set_axis_off()
+    bar = fig.add_axes((0.52, 0.1, 0.015, 0.5))
+    fig.colorbar(shown, cax=bar).set_label("|change of bone age| when the patch is masked (months)", fontsize=7)
+    bar.tick_params(labelsize=7)
+
+    accepted = bool(row.get("accepted"))
+    sd = row.get("boneage_sd_months")
+    lines = [
+        (f"{row.get('id')}", 13, "black"),
+        (f"sex {row.get('sex') or 'unknown'} ({row.get('sex_source')}),  "
+         f"age {_fmt(row.get('chronological_age_months'), '.0f', ' mo')}", 9, "black"),
+        (f"bone age {_fmt(row.get('boneage_months'), '.1f')} ± {_fmt(sd, '.1f')} mo", 13, "black"),
+        (f"SDS {_fmt(row.get('boneage_sds'), '+.2f')}  ({sds.SCALE}; SD {_fmt(row.get('reference_sd_months'), '.2f')} mo)",
+         10, "black"),
+        (f"{row.get('boneage_interpretation') or 'no SDS: ' + str(row.get('sds_note'))}", 12, "black"),
+        ("ACCEPTED" if accepted else "REJECTED", 14, "#1a7f37" if accepted else "#c0392b"),
+    ]
+    if not accepted:
+        lines += [(f"  {reason}", 9, "#c0392b") for reason in str(row.get("reject_reason")).split(";")]
+    lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
+    y = 0.93
+    for text, size, colour in lines:
+        fig.text(0.6, y, text, fontsize=size, color=colour, va="top")
+        y -= 0.028 + size * 0.004
+    out = BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
+                storage_options: Mapping[str, Any] | None = None, patch: int = PATCH) -> tuple[list, list]:
+    """A card FOLDER/<id>.png per scored row. `rows`: the registered rows (registered_png), `table`:
+    their scoring rows, in the same order. Returns (card URI or None, error or None) lists: a card that
+    cannot be drawn is an error for its row, not for the run."""
+    uris, errors = [], []
+    for png, row in zip(rows["registered_png"], table.to_dict("records")):
+        if pd.isna(row.get("boneage_months")) or png is None:
+            uris.append(None)
+            errors.append("no card: the image has no bone age")
+            continue
+        try:
+            image = prepare.decode_png(png)
+            heat = occlusion_map(ensemble_predictor(models, row.get("sex")), image, patch)
+            uri = io.join_uri(folder, f"{row['id']}.png")
+            io.write_bytes(uri, card_png(image, row, heat, patch), storage_options)
+            uris.append(uri)
+            errors.append(None)
+        except Exception as err:  # noqa: BLE001 - one image's card must not stop the others
+            uris.append(None)
+            errors.append(f"card failed: {type(err).__name__}: {err}")
+    return uris, errors

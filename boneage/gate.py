@@ -1,0 +1,128 @@
+"""The rejection gate: which scored images should not be trusted. The bone age is still written; the
+gate says `accepted` False and why (`reject_reason`, reasons joined by ';', in the order of REASONS).
+
+Every threshold is measured on data, never set by hand:
+  - the labels' range per sex: the training labels (a prediction outside it extrapolates);
+  - zone models disagreeing: the SD across the model kinds' predictions above its `quantile` on the
+    out-of-fold table, where every prediction comes from a model that never saw the image;
+  - fold models disagreeing: the SD across the k fold-wise ensembles (`boneage_sd_months`) above its
+    `quantile` on the locked test split. Only images that no fold model saw show the spread new images
+    get (each out-of-fold image was held out by one fold only), and the test split is the run's only
+    such set; only the spreads are used, never the test labels.
+The registration and mask QA flags, an unknown sex (the bone age is then the mean of both sexes'
+readings) and a failed row reject without a threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Reasons, in the order they are listed in `reject_reason`.
+REASONS = {
+    "not_scored": "the image has no bone age (see `error`)",
+    "registration_doubtful": "registration QA flag: key points or transform look wrong",
+    "mask_doubtful": "hand mask QA flag",
+    "sex_unknown": "no sex known: the bone age is the mean of both sexes' readings",
+    "outside_label_range": "the bone age is outside the range of the training labels for this sex",
+    "zone_models_disagree": "the zone models disagree more than on all but (1-quantile) of the out-of-fold images",
+    "fold_models_disagree": "the fold-wise ensembles disagree more than on all but (1-quantile) of the test split",
+}
+# A high quantile: about 1 image in 100 like the training data is rejected by each spread check.
+QUANTILE = 0.99
+
+
+def kind_spread(predictions: np.ndarray) -> np.ndarray:
+    """SD (ddof 1) across model kinds, per row of an (n, kinds) array; NaN where any kind is missing."""
+    predictions = np.asarray(predictions, dtype=float)
+    if predictions.shape[1] < 2:
+        return np.full(len(predictions), np.nan)
+    return predictions.std(axis=1, ddof=1)
+
+
+def calibrate(oof: pd.DataFrame, kinds: Sequence[str], quantile: float = QUANTILE) -> dict[str, Any]:
+    """The gate's thresholds from the CV's out-of-fold table (id, male, boneage, one column per kind):
+    {quantile, images, label_range {sex: [min, max]}, zone_spread_max {sex: months}}. Goes into the
+    bundle's training.json as "gate"."""
+    out: dict[str, Any] = {"quantile": quantile, "images": int(len(oof)), "label_range": {}, "zone_spread_max": {},
+                           "source": "out-of-fold predictions and training labels of the CV"}
+    for sex, rows in oof.groupby(oof["male"].astype(bool).map({True: "M", False: "F"})):
+        out["label_range"][sex] = [float(rows["boneage"].min()), float(rows["boneage"].max())]
+        spread = kind_spread(rows[list(kinds)].to_numpy(float))
+        out["zone_spread_max"][sex] = float(np.quantile(spread, quantile)) if len(kinds) > 1 else None
+    return out
+
+
+def calibrate_fold_spread(fold_spread: Sequence[float], quantile: float = QUANTILE) -> dict[str, Any] | None:
+    """{quantile, images, fold_spread_max}: the threshold of the fold spread check from the spreads of
+    images no fold model saw (the locked test split's `boneage_sd_months`); None without any."""
+    spread = np.asarray(fold_spread, dtype=float)
+    spread = spread[np.isfinite(spread)]
+    if not len(spread):
+        return None
+    return {"quantile": quantile, "images": int(len(spread)), "fold_spread_max": float(np.quantile(spread, quantile)),
+            "source": "boneage_sd_months of the locked test split (no labels used)"}
+
+
+def calibration_of(training: Mapping[str, Any]) -> dict[str, Any]:
+    """The gate's calibration from a bundle's training.json: "gate" (bundle time) plus the test split's
+    fold spread (added when the test split was scored); {} for a bundle made before the gate."""
+    out = dict(training.get("gate") or {})
+    fold = (training.get("test") or {}).get("gate_fold_spread")
+    if fold:
+        out["fold_spread_max"] = fold["fold_spread_max"]
+    return out
+
+
+def missing_checks(calibration: Mapping[str, Any]) -> list[str]:
+    """The threshold checks the calibration cannot make (printed at the end of a run)."""
+    missing = []
+    if not calibration.get("label_range"):
+        missing.append("outside_label_range")
+    if not calibration.get("zone_spread_max"):
+        missing.append("zone_models_disagree")
+    if calibration.get("fold_spread_max") is None:
+        missing.append("fold_models_disagree")
+    return missing
+
+
+def gate(table: pd.DataFrame, kinds: Sequence[str], calibration: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(accepted bool, reject_reason or None) per row of a scoring table (boneage.score's columns)."""
+    n = len(table)
+    ba = table["boneage_months"].to_numpy(float, na_value=np.nan)
+    sex = table["sex"].to_numpy(object)
+
+    def flag(column: str) -> np.ndarray:
+        return table[column].fillna(False).astype(bool).to_numpy() if column in table else np.zeros(n, bool)
+
+    def per_sex(values: Mapping[str, Any], pick) -> np.ndarray:
+        out = np.full(n, np.nan)
+        for s, v in (values or {}).items():
+            if v is not None:
+                out[sex == s] = pick(v)
+        return out
+
+    low, high = per_sex(calibration.get("label_range"), lambda v: v[0]), per_sex(calibration.get("label_range"),
+                                                                                 lambda v: v[1])
+    zone_max = per_sex(calibration.get("zone_spread_max"), float)
+    kind_values = table[list(kinds)].to_numpy(float, na_value=np.nan) if len(kinds) else np.empty((n, 0))
+    zone = kind_spread(kind_values) if kind_values.shape[1] else np.full(n, np.nan)
+    fold_max = calibration.get("fold_spread_max")
+    fold = table["boneage_sd_months"].to_numpy(float, na_value=np.nan)
+    with np.errstate(invalid="ignore"):  # NaN compares False: a check without its numbers does not fire
+        checks = {
+            "not_scored": ~np.isfinite(ba),
+            "registration_doubtful": flag("registration_doubtful"),
+            "mask_doubtful": flag("mask_doubtful"),
+            "sex_unknown": flag("sex_unknown"),
+            "outside_label_range": (ba < low) | (ba > high),
+            "zone_models_disagree": zone > zone_max,
+            "fold_models_disagree": fold > (np.inf if fold_max is None else fold_max),
+        }
+    reasons = np.full(n, None, dtype=object)
+    for i in range(n):
+        fired = [name for name in REASONS if checks[name][i]]
+        reasons[i] = ";".join(fired) if fired else None
+    return np.array([r is None for r in reasons]), reasons

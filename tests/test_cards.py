@@ -1,0 +1,83 @@
+"""Cards: the occlusion heatmap is faithful (it lights up exactly where the prediction depends on the
+image, for a toy and for a real zone model), and a card is written per scored row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from boneage import cards, frame, prepare, score, train
+from boneage.augment import ZoneSampler
+from boneage.bundle import load_bundle
+from boneage.models import model_kind
+
+from tiny_bundle import write_tiny_bundle
+
+
+def test_heatmap_peaks_where_a_toy_prediction_looks():
+    rng = np.random.default_rng(0)
+    image = rng.integers(50, 255, size=(160, 240), dtype=np.uint8)
+
+    def predict(bank):  # depends only on rows 80-119, columns 120-159: tile (2, 3) of 40 px
+        return bank[:, 0, 80:120, 120:160].float().mean(dim=(1, 2)).numpy()
+
+    heat = cards.occlusion_map(predict, image, patch=40, batch=5)
+    assert heat.shape == (4, 6)
+    expected = np.zeros((4, 6))
+    expected[2, 3] = -image[80:120, 120:160].mean()  # blacked out: the mean drops to 0
+    np.testing.assert_allclose(heat, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle")
+    write_tiny_bundle(str(path))
+    return score.BundleModels(load_bundle(str(path)))
+
+
+def test_heatmap_of_a_real_wrist_model_stays_inside_its_zone():
+    # A real wrist-zone network (B-reg, through its ZoneSampler crop), fitted for a few steps to read the
+    # grey level of zone B: masking outside the zone must change nothing, masking inside it a lot.
+    torch.manual_seed(0)
+    kind = model_kind("B-reg", 0.125)
+    net = kind.build(0.0625, 16, 0.0)
+    zone, s, p = frame.ZONES["B"], frame.STORE_SCALE, cards.PATCH
+    bank = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 1, frame.STORE_H, frame.STORE_W), np.uint8))
+    level = torch.linspace(0, 255, 8)
+    bank[:, 0, int(zone.y0 * s):int((zone.y0 + zone.height) * s), int(zone.x0 * s):int((zone.x0 + zone.width) * s)] \
+        = level.to(torch.uint8)[:, None, None]
+    x = ZoneSampler(kind.box, kind.input_size)(bank, torch.arange(8))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(25):
+        opt.zero_grad()
+        (net(x).squeeze(-1) - (level / 255 * 2 - 1)).abs().mean().backward()
+        opt.step()
+    net.eval()
+    heat = cards.occlusion_map(lambda b: train.predict(net, b, np.arange(len(b)), kind).numpy(), bank[6, 0].numpy())
+    x0, y0, x1, y1 = zone.x0 * s - 4, zone.y0 * s - 4, (zone.x0 + zone.width) * s + 4, (zone.y0 + zone.height) * s + 4
+    rows, cols = np.meshgrid(np.arange(heat.shape[0]), np.arange(heat.shape[1]), indexing="ij")
+    outside = ((cols + 1) * p <= x0) | (cols * p >= x1) | ((rows + 1) * p <= y0) | (rows * p >= y1)
+    assert outside.sum() >= 90 and (~outside).sum() >= 25  # of 13 x 10 tiles
+    assert np.abs(heat[outside]).max() < 1e-3
+    assert np.abs(heat[~outside]).max() > 10  # months
+
+
+def test_a_card_per_scored_row(models, tmp_path):
+    image = np.zeros((frame.STORE_H, frame.STORE_W), np.uint8)
+    image[300:900, 250:550] = 180  # a bright block as a stand-in hand
+    rows = pd.DataFrame({"registered_png": [prepare.encode_png(image), None]})
+    table = pd.DataFrame({"id": ["hand", "broken"], "sex": ["F", None], "sex_source": ["csv", "unknown"],
+                          "boneage_months": [100.0, np.nan], "boneage_sd_months": [3.0, np.nan],
+                          "chronological_age_months": [90.0, np.nan], "boneage_sds": [1.0, np.nan],
+                          "reference_sd_months": [10.0, np.nan], "boneage_interpretation": ["normal", None],
+                          "sds_note": [None, "no_boneage"], "accepted": [False, False],
+                          "reject_reason": ["mask_doubtful;zone_models_disagree", "not_scored"]})
+    uris, errors = cards.write_cards(rows, table, models, str(tmp_path / "cards"))
+    assert uris[0] == str(tmp_path / "cards" / "hand.png") and errors[0] is None
+    assert uris[1] is None and errors[1].startswith("no card")
+    with open(uris[0], "rb") as f:
+        card = prepare.decode_png(f.read())
+    assert card.shape == (600, 840) and card.std() > 10
+    assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["hand.png"]
