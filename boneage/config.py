@@ -123,8 +123,16 @@ class CVConfig:
     # one CPU per trial on CPU, so a 2-core machine runs 2 trials at once, each torch on one thread.
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # > 0: train on GPUs; a fraction packs several trials on one GPU
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
-    max_failures: int = 2  # restarts of a failed Train worker, from its last epoch's checkpoint
+    # None: Tune starts every trial the cluster can hold now and queues the rest, so that an autoscaler
+    # sees their resource requests and adds nodes; a number caps it.
+    max_concurrent_trials: int | None = None
+    max_failures: int = 2  # retries of a failed trial (a Train worker resumes from its last checkpoint)
+    # What one Tune trial's own process asks for when it only waits on its Train worker (GPU trials,
+    # local_train false). On a cluster, name a custom resource that only the head (or on-demand nodes)
+    # declares, e.g. {CPU: 0, trial_driver: 0.01} with cluster.yaml's head `resources: {trial_driver:
+    # 1000}`: a spot node that goes away then takes Train workers (which resume from their checkpoint
+    # elsewhere), never the trial drivers. None: 0.01 CPU anywhere.
+    driver_resources: dict[str, float] | None = None
     # The ensemble fit that scores, fixed beforehand (choosing it by the cross-validated MAE it then
     # reports would be optimistic): "tune" (Ray Tune), "lad" or "nnls"; the others are comparisons.
     ensemble: str = "tune"

@@ -34,7 +34,7 @@ import ray.tune
 import torch
 from ray.train.torch import TorchTrainer
 
-from boneage import cv, io
+from boneage import cv, io, ray_env
 from boneage.ray_checkpoints import read_state, report_state, resume_state
 from boneage.config import Config, CVConfig
 from boneage.errors import RunError
@@ -81,7 +81,7 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     (state, meta)."""
     trial = cv.parse_trial(loop_config["trial"])
     local = loop_config["local"]
-    device = ray.train.torch.get_device()
+    device = ray_env.train_device()
     if device.type == "cpu":  # Ray sizes torch's pool from the worker's (fractional) CPUs: round it
         torch.set_num_threads(max(1, round(loop_config["threads"])))
     options = loop_config["storage_options"]
@@ -96,7 +96,10 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
                                          loop_config["inner_val_fraction"], train_cfg.seed)
     scored_idx = np.flatnonzero(fold == trial.fold)
     scored_ids = rows["id"].iloc[scored_idx].tolist()
-    meta = {"scored_ids": scored_ids, "n_train": len(fit_idx), "n_select": len(select_idx)}
+    meta = {"scored_ids": scored_ids, "n_train": len(fit_idx), "n_select": len(select_idx),
+            # where it trained (the trials table shows how trials were placed and packed on GPUs)
+            "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": str(device)}
 
     # A restarted worker (or a rerun of a cut-off run) continues from the last checkpoint; which
     # epoch that was goes into the trial's record (None: trained from the start).
@@ -131,7 +134,7 @@ def trial_resources(cvc: CVConfig) -> dict[str, float]:
     """What one Tune trial's own process takes: all of the trial's CPUs (and GPUs) when it trains
     itself (local mode), else a sliver that waits on its Train worker."""
     if not cvc.train_in_trial_process:
-        return {"CPU": DRIVER_CPUS}
+        return dict(cvc.driver_resources) if cvc.driver_resources else {"CPU": DRIVER_CPUS}
     return {"CPU": cvc.cpus_per_trial, **({"GPU": cvc.gpus_per_trial} if cvc.gpus_per_trial > 0 else {})}
 
 
@@ -153,6 +156,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         worker["GPU"] = cvc.gpus_per_trial  # a fraction packs several trials on one GPU
     trainer = TorchTrainer(
         _train_loop,
+        torch_config=ray_env.torch_config(),
         train_loop_config={
             "trial": trial.name, "input_scale": cvc.input_scale, "threads": cvc.cpus_per_trial,
             "train": cv.train_config(cvc, trial, shared["seed"]).__dict__,
@@ -182,6 +186,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     record["resumed_from_epoch"] = meta.get("resumed_from_epoch")  # last checkpoint's epoch, or None
     record["local_train"] = local
     record["fit_seconds"] = meta.get("fit_seconds")
+    record.update({k: meta.get(k) for k in ("node_id", "gpu_ids", "device")})
 
     # The model first, the part last: a part marks the trial finished.
     with io.open_output(io.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:
@@ -201,18 +206,15 @@ def cv_folds(uri: str, storage_options: dict | None = None) -> pd.DataFrame:
         return pq.read_table(f).to_pandas()
 
 
-def concurrency(cvc: CVConfig) -> int:
-    """How many trials run at once: what the cluster's CPUs (and GPUs, when trials use them) hold."""
-    if cvc.max_concurrent_trials:
-        return int(cvc.max_concurrent_trials)
+def fits_now(cvc: CVConfig) -> int:
+    """How many trials the cluster's CPUs (and GPUs, when trials use them) hold at this moment: only
+    what the run says at its start. Tune is not capped by it (see CVConfig.max_concurrent_trials): an
+    autoscaler adds nodes for the trials that wait."""
     total = ray.cluster_resources()
-    n = math.floor(total.get("CPU", 1) / cvc.cpus_per_trial + 1e-9)
+    n = math.floor(total.get("CPU", 0) / cvc.cpus_per_trial + 1e-9)
     if cvc.gpus_per_trial > 0:
         n = min(n, math.floor(total.get("GPU", 0) / cvc.gpus_per_trial + 1e-9))
-        if n < 1:
-            raise ValueError(f"cv.gpus_per_trial={cvc.gpus_per_trial} but the cluster has "
-                             f"{total.get('GPU', 0)} GPUs")
-    return max(1, n)
+    return n
 
 
 # -- progress and failing fast --------------------------------------------------------------------
@@ -339,8 +341,15 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
     if pending:
         # 3. One Tune trial per (kind, sex, fold); each builds its own TorchTrainer (Train V2).
         storage_path, storage_filesystem = io.arrow_location(cv_uri, options)
-        n_parallel = min(concurrency(cvc), len(pending))
-        print(f"[cv] {n_parallel} trials at a time ({cvc.cpus_per_trial} CPU, {cvc.gpus_per_trial} GPU each)")
+        cap, now = cvc.max_concurrent_trials, min(fits_now(cvc), len(pending))
+        each = f"{cvc.cpus_per_trial:g} CPU, {cvc.gpus_per_trial:g} GPU each"
+        if now < 1:
+            print(f"[cv] the cluster has no room for a trial yet ({each}): the trials wait for an "
+                  "autoscaler to add nodes (without one they wait forever: stop with Ctrl-C and lower "
+                  "cv.cpus_per_trial / cv.gpus_per_trial)")
+        else:
+            print(f"[cv] {min(now, cap or now)} trials at a time on the cluster as it is ({each})"
+                  + (f", at most {cap}" if cap else "; more if an autoscaler adds nodes"))
         shared = {"cv": cv_asdict(cvc), "seed": config.data.seed, "cv_uri": cv_uri,
                   "registered_uri": registered_uri, "storage_options": options}
         progress = CVProgress(len(pending))
@@ -348,17 +357,17 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
             ray.tune.with_resources(ray.tune.with_parameters(_run_trial, shared=shared), trial_resources(cvc)),
             param_space={"trial": ray.tune.grid_search([t.name for t in pending])},
             tune_config=ray.tune.TuneConfig(
-                max_concurrent_trials=n_parallel,
+                max_concurrent_trials=cap,  # None: whatever the cluster holds, as it grows
                 reuse_actors=True,  # one trial process per slot, not per trial: a Python start-up saved
                 trial_name_creator=lambda t: t.config["trial"],
                 trial_dirname_creator=lambda t: t.config["trial"],
             ),
             run_config=ray.tune.RunConfig(
                 name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem,
-                # A Train worker retries itself from its checkpoint; a local trial has none: Tune
-                # retries it from the start.
-                failure_config=ray.tune.FailureConfig(
-                    max_failures=cvc.max_failures if cvc.train_in_trial_process else 0),
+                # Tune retries a failed trial: a local one from the start; one with a Train worker
+                # (which retries itself from its checkpoint) when its own process died with its node,
+                # and the new TorchTrainer of the same name resumes from the last checkpoint.
+                failure_config=ray.tune.FailureConfig(max_failures=cvc.max_failures),
                 stop=FirstSystemicError(progress),
                 callbacks=[progress],
                 verbose=0,

@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+import torch
 
 from boneage.config import RayConfig
 from boneage.progress import interactive
@@ -50,3 +51,25 @@ def quiet(verbose: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:  # its file handler keeps everything
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.ERROR)
+
+
+def train_device() -> torch.device:
+    """The torch device of a Ray Train worker (or local-mode trial). Where Ray assigned a GPU that has
+    no CUDA device behind it (a logical GPU: a local twin of a GPU cluster, a misdeclared node), the
+    CPU, and the log says so, instead of failing on the first tensor moved to the GPU."""
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if ray.get_gpu_ids():
+        print(f"[train] Ray assigned GPU {ray.get_gpu_ids()} but torch sees no CUDA device: training on "
+              "the CPU", flush=True)
+    return torch.device("cpu")
+
+
+def torch_config() -> "ray.train.torch.TorchConfig":
+    """One Train worker per run has no collective to run: gloo works with and without CUDA (nccl
+    would fail on a logical GPU)."""
+    import ray.train.torch
+
+    return ray.train.torch.TorchConfig(backend="gloo")

@@ -12,7 +12,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from boneage import io, prepare, train
+from boneage import io, prepare, ray_env, train
 from boneage.config import Config
 from boneage.progress import Progress
 from boneage.ray_checkpoints import read_state, report_state, resume_state
@@ -55,7 +55,7 @@ def _train_loop(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     order = np.random.default_rng(cfg.seed).permutation(n)
     n_val = max(1, int(round(n * loop_config["val_fraction"])))
     val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-    device = ray.train.torch.get_device()
+    device = ray_env.train_device()
     if loop_config["local"]:
         progress = Progress(cfg.epochs, "key point epochs", unit="epochs", every=15)
 
@@ -82,6 +82,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
                                                          config.data.storage_options)
     trainer = TorchTrainer(
         _train_loop,
+        torch_config=ray_env.torch_config(),
         train_loop_config={"data": ray.put((inputs, targets)), "val_fraction": kp.val_fraction, "local": local,
                            "train": {"epochs": kp.epochs, "batch_size": kp.batch_size, "lr": kp.lr,
                                      "width_mult": kp.width_mult, "patience": kp.patience,

@@ -44,6 +44,9 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
         problems.append(f"cv.schedule={cvc.schedule!r}: one of {', '.join(SCHEDULES)}")
     if not (cvc.inner_val_fraction == 0 or 0 < cvc.inner_val_fraction < 0.5):
         problems.append(f"cv.inner_val_fraction={cvc.inner_val_fraction}: 0 (fixed schedule) or in (0, 0.5)")
+    if cvc.driver_resources is not None and (not isinstance(cvc.driver_resources, dict) or any(
+            not isinstance(v, (int, float)) or v < 0 for v in cvc.driver_resources.values())):
+        problems.append(f"cv.driver_resources={cvc.driver_resources!r}: a mapping of resource names to amounts >= 0")
     if cvc.cls_loss not in CLS_LOSSES:
         problems.append(f"cv.cls_loss={cvc.cls_loss!r}: one of {', '.join(CLS_LOSSES)}")
     if cvc.cls_sigma <= 0 or cvc.cls_ce_weight < 0:

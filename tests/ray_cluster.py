@@ -165,7 +165,7 @@ class LocalCluster:
         args = [RAY, "start", "--block", "--disable-usage-stats",
                 "--temp-dir", self.temp_dir,
                 "--num-cpus", str(node.num_cpus), "--num-gpus", "0",
-                "--resources", json.dumps({node.name: 1}),
+                *(self._node_args(node, head) or ["--resources", json.dumps({node.name: 1})]),
                 "--object-store-memory", str(node.object_store_mb * 1024 * 1024),
                 "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
                 "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
@@ -223,6 +223,10 @@ class LocalCluster:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"the Ray cluster in {self.temp_dir} did not get {what} in {self.start_timeout_s} s")
+
+    def _node_args(self, node: Node, head: bool) -> list[str]:
+        """Extra `ray start` arguments of a node (replacing its custom resource when not empty)."""
+        return []
 
     def _dashboard_up(self) -> bool:
         with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=5) as r:
@@ -309,3 +313,75 @@ def run_job(cluster: LocalCluster, command: str, timeout_s: float = 600.0, on_po
         if on_poll is not None:
             on_poll()
         time.sleep(poll_s)
+
+
+# -- a local twin of cluster.yaml: the same node types, autoscaled by Ray's fake multi-node provider ---
+
+# What the twin's nodes get of each instance type (Ray detects it on EC2; a fake node must declare it):
+# one CPU each on this machine, the GPU count of the type as logical GPUs (no CUDA behind them).
+TWIN_INSTANCE_GPUS = {"g5.2xlarge": 1, "g5.12xlarge": 4, "g6.2xlarge": 1, "p4d.24xlarge": 8}
+
+
+def local_twin(cluster_yaml: str | Path = ROOT / "cluster.yaml", cpus_per_node: int = 1,
+               idle_timeout_minutes: float | None = None) -> dict:
+    """cluster.yaml's autoscaling config with the fake multi-node provider: the same node types, custom
+    resources, min/max workers, upscaling speed and (unless given) idle timeout; every node
+    `cpus_per_node` CPUs and its instance type's GPUs as logical ones. The head type is renamed to the
+    fake provider's `ray.head.default`. Launch, setup and file sync fields are the provider's no-ops."""
+    import yaml
+
+    real = yaml.safe_load(Path(cluster_yaml).read_text())
+    types = {}
+    for name, spec in real["available_node_types"].items():
+        declared = spec.get("resources") or {}
+        resources = {k: v for k, v in declared.items() if k not in ("CPU", "GPU")}
+        resources["CPU"] = min(declared.get("CPU", cpus_per_node), cpus_per_node)  # the head declares 0
+        gpus = TWIN_INSTANCE_GPUS.get(spec["node_config"].get("InstanceType"), 0)
+        if gpus:
+            resources["GPU"] = gpus
+        twin = {"resources": resources, "node_config": {}}
+        if name == real["head_node_type"]:
+            name, twin["max_workers"] = "ray.head.default", 0
+        else:
+            twin.update(min_workers=spec.get("min_workers", 0), max_workers=spec.get("max_workers", 1))
+        types[name] = twin
+    return {
+        "cluster_name": real["cluster_name"] + "-local", "max_workers": real["max_workers"],
+        "upscaling_speed": real.get("upscaling_speed", 1.0),
+        "idle_timeout_minutes": real["idle_timeout_minutes"] if idle_timeout_minutes is None else idle_timeout_minutes,
+        "provider": {"type": "fake_multinode"}, "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": types, "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@dataclass
+class AutoscalingLocalCluster(LocalCluster):
+    """A head whose autoscaler (Ray's fake multi-node provider, RAY_FAKE_CLUSTER=1) starts and stops
+    worker "nodes" (raylets on this machine) of the twin's node types as tasks ask for them. The head's
+    resources are the twin's head type's; the workers are processes below the head's monitor, so
+    stop() reaches them too."""
+
+    twin: dict = field(default_factory=local_twin)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.names = ["head"]
+        head = self.twin["available_node_types"]["ray.head.default"]["resources"]
+        self.nodes = [Node("head", int(head.get("CPU", 0)), self.object_store_mb)]
+        self.twin["provider"]["gcs_address"] = self.address
+        self.config_file = Path(self.temp_dir) / "cluster-local.json"
+        self.config_file.write_text(json.dumps(self.twin))
+        self.env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+        self.head_resources = {k: v for k, v in head.items() if k not in ("CPU", "GPU")}
+
+    def _node_args(self, node: Node, head: bool) -> list[str]:
+        return ["--autoscaling-config", str(self.config_file),
+                "--resources", json.dumps(self.head_resources)] if head else []
+
+    def worker_nodes(self) -> list[dict]:
+        """Alive nodes other than the head, with their resources (dashboard's view)."""
+        return [n for n in self.alive_nodes() if not n["raylet"].get("isHeadNode")]

@@ -45,4 +45,11 @@ def test_gpu_and_cpu_workers_autoscale_from_zero():
     types = _config()["available_node_types"]
     for name in ("cpu_worker", "gpu_worker"):
         assert types[name]["min_workers"] == 0 < types[name]["max_workers"]
-    assert types["head"]["resources"] == {"CPU": 0}
+    assert types["head"]["resources"]["CPU"] == 0
+    # The CV's trial drivers need the head's custom resource (configs/rsna.yaml), which no worker has.
+    from boneage.config import load_config
+
+    wanted = load_config(ROOT / "configs" / "rsna.yaml").cv.driver_resources
+    custom = [r for r in wanted if r != "CPU"]
+    assert custom and all(types["head"]["resources"].get(r, 0) >= 100 * wanted[r] for r in custom)
+    assert not any(r in (types[w].get("resources") or {}) for w in ("cpu_worker", "gpu_worker") for r in custom)

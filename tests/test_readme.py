@@ -21,3 +21,13 @@ def test_ci_runs_the_readmes_two_commands_verbatim_and_in_order():
     assert ci.index(main) < ci.index(tests)
     # what CI checks after the main command runs on the output the README's command writes
     assert any(line.startswith(".venv/bin/python .ci/check_first_run.py runs/embedded") for line in ci)
+
+
+def test_one_torch_pin_in_the_readme_pyproject_and_cluster_yaml():
+    pins = {
+        "README": set(re.findall(r"torch==([\w.]+)", ROOT.joinpath("README.md").read_text())),
+        "pyproject.toml": set(re.findall(r'"torch==([\w.]+)"', ROOT.joinpath("pyproject.toml").read_text())),
+        "cluster.yaml": set(re.findall(r"torch==([\w.]+)", ROOT.joinpath("cluster.yaml").read_text())),
+        ".ci/run": set(re.findall(r"torch==([\w.]+)", ROOT.joinpath(".ci", "run").read_text())),
+    }
+    assert all(len(found) == 1 for found in pins.values()) and len(set.union(*pins.values())) == 1, pins
