@@ -28,7 +28,8 @@ import torch
 import yaml
 
 import boneage
-from boneage import frame, io
+from boneage import frame, storage
+from boneage.errors import UserError
 
 BUNDLE_FORMAT = "boneage-bundle"
 BUNDLE_VERSION = 1
@@ -36,7 +37,7 @@ MANIFEST = "manifest.json"
 PACKAGES = ("boneage", "torch", "ray", "numpy", "pillow", "pyarrow", "scikit-image", "scipy")
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """The bundle cannot be used: missing, incomplete, damaged or from an incompatible version."""
 
 
@@ -62,7 +63,7 @@ def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, An
     sexes, folds, keypoint_model, ensemble... merged into the manifest. Returns the manifest."""
     listed = []
     for path, data in sorted(files.items()):
-        io.write_bytes(io.join_uri(uri, path), data, storage_options)
+        storage.write_bytes(storage.join_uri(uri, path), data, storage_options)
         listed.append({"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -70,7 +71,7 @@ def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, An
                                                   "store_scale": frame.STORE_SCALE},
         "zones": zones_record(), **info, "models": models, "files": listed,
     }
-    io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    storage.write_bytes(storage.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     return manifest
 
 
@@ -79,17 +80,17 @@ def add_test_accuracy(uri: str, test: Mapping[str, Any], storage_options: Mappin
     """Record the bundle's measured accuracy on the locked test split: training.json gains "test", the
     manifest "accuracy" (the test split's overall numbers), with training.json's new size and hash."""
     manifest = read_manifest(uri, storage_options)
-    training_uri = io.join_uri(uri, manifest.get("training", "training.json"))
-    training = json.loads(io.read_bytes(training_uri, storage_options))
+    training_uri = storage.join_uri(uri, manifest.get("training", "training.json"))
+    training = json.loads(storage.read_bytes(training_uri, storage_options))
     training["test"] = dict(test)
     data = json.dumps(training, indent=2).encode()
-    io.write_bytes(training_uri, data, storage_options)
+    storage.write_bytes(training_uri, data, storage_options)
     for entry in manifest["files"]:
         if entry["path"] == manifest.get("training", "training.json"):
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest.setdefault("accuracy", {})["test_split"] = {"images": test["images"], "scored": test["scored"],
                                            "source": test.get("source"), **test["accuracy"]["all"]}
-    io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    storage.write_bytes(storage.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     return manifest
 
 
@@ -116,7 +117,7 @@ class Bundle:
 
 
 def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    fs, path = fsspec.core.url_to_fs(io.join_uri(uri, MANIFEST), **dict(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(storage.join_uri(uri, MANIFEST), **dict(storage_options or {}))
     if not fs.exists(path):
         base_fs, base = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
         why = "is incomplete (no manifest.json: was the run that writes it cut off?)" if base_fs.exists(base) \
@@ -154,7 +155,7 @@ def check_files(uri: str, manifest: Mapping[str, Any], storage_options: Mapping[
 
 
 def _read(uri: str, path: str, manifest: Mapping[str, Any], storage_options) -> bytes:
-    data = io.read_bytes(io.join_uri(uri, path), storage_options)
+    data = storage.read_bytes(storage.join_uri(uri, path), storage_options)
     listed = {f["path"]: f for f in manifest["files"]}
     if path in listed and hashlib.sha256(data).hexdigest() != listed[path]["sha256"]:
         raise BundleError(f"bundle {uri}: {path} does not match its checksum in the manifest (damaged)")
@@ -185,5 +186,5 @@ def load_bundle(uri: str, storage_options: Mapping[str, Any] | None = None) -> B
 def keypoint_model_uri(uri: str, manifest: Mapping[str, Any]) -> str | None:
     """Where the bundle's key point model is (None: the bundle registers with geometric key points)."""
     path = manifest.get("keypoint_model")
-    return io.join_uri(uri, path) if path else None
+    return storage.join_uri(uri, path) if path else None
 

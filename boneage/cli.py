@@ -11,7 +11,7 @@ from typing import Any
 
 from boneage.config import Config, load_config
 from boneage import progress
-from boneage.errors import RunError
+from boneage.errors import UserError
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +90,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     }
     if args.output is not None:
         overrides["output"] = args.output
-    return load_config(args.config, overrides)
+    try:
+        return load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as err:  # all of it is the user's configuration
+        raise UserError(str(err)) from err
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -209,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors(name: str):
-    """Whole-run input problems (a wrong folder, a bad config key) end with a message and exit status 2,
-    not a traceback; per-item problems never get here, they are rows with status 'error'."""
+    """Whole-run input problems (boneage.errors.UserError: a wrong folder, a CSV without the columns we
+    need, a bad config key, a missing, damaged or unsafe bundle) end with one line and exit status 2.
+    Anything else is a bug and keeps its traceback (exit status 1): a message alone would hide where.
+    Per-item problems never get here, they are rows with status 'error'."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -218,7 +223,7 @@ def user_errors(name: str):
             progress.line_buffered()
             try:
                 return fn(*args, **kwargs)
-            except (ValueError, FileNotFoundError, RunError) as err:
+            except UserError as err:
                 print(f"{name}: error: {err}", file=sys.stderr)
                 return 2
 

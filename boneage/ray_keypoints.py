@@ -12,7 +12,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from boneage import io, prepare, train
+from boneage import prepare, storage, train
 from boneage.config import Config
 from boneage.progress import Progress
 from boneage.ray_checkpoints import read_state, report_state, resume_state
@@ -78,7 +78,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
     on a GPU as one Train worker that checkpoints every epoch and resumes after a failure."""
     kp = config.keypoints
     local = not kp.use_gpu if kp.local_train is None else bool(kp.local_train)
-    storage_path, storage_filesystem = io.arrow_location(io.join_uri(config.output, "train"),
+    storage_path, storage_filesystem = storage.arrow_location(storage.join_uri(config.output, "train"),
                                                          config.data.storage_options)
     trainer = TorchTrainer(
         _train_loop,
@@ -101,7 +101,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
     result = trainer.fit()
     state = result.return_value if local else read_state(result.checkpoint)[0]
     compact = {"spec": state["spec"], "best": {"model": state["best"]["model"]}, "metrics": state["best"]["metrics"]}
-    with io.open_output(out_uri, "wb", config.data.storage_options) as f:
+    with storage.open_output(out_uri, "wb", config.data.storage_options) as f:
         torch.save(compact, f)
     return compact["metrics"]
 
@@ -118,7 +118,7 @@ class KeypointPredictor:
     """Ray Data actor: loads the model once, adds model_<point>_<x|y> columns (image pixels)."""
 
     def __init__(self, model_uri: str, storage_options: dict | None = None, use_gpu: bool = False):
-        with io.open_output(model_uri, "rb", storage_options) as f:
+        with storage.open_output(model_uri, "rb", storage_options) as f:
             state = torch.load(f, weights_only=False, map_location="cpu")
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = train.model_from_state(state).to(self.device)

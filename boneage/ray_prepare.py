@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
-from boneage import io, prepare
+from boneage import prepare, storage
 from boneage.config import Config
 
 # The registered table's schema (docs/architecture.md). Written explicitly so that a batch in which
 # every value of a column happens to be None still writes the right type.
 REGISTERED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("uri", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
+    ("id", pa.string()), ("uri", pa.string()), ("path", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
     ("status", pa.string()), ("error", pa.string()),
     ("height", pa.int64()), ("width", pa.int64()), ("format", pa.string()),
     ("image_sex", pa.string()), ("image_age_months", pa.float64()), ("image_age_source", pa.string()),
@@ -120,7 +120,7 @@ def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_m
     """Prepare every manifest row on Ray and write the registered table to `out_uri` (a folder of
     parquet files). Returns the table without its image bytes (for summaries and QA)."""
     ds = prepare_dataset(manifest, config, keypoint_model)
-    path, filesystem = io.arrow_location(out_uri, config.data.storage_options)
+    path, filesystem = storage.arrow_location(out_uri, config.data.storage_options)
     # Replace, never append (Ray Data's default): a rerun on the same output, after a run cut off
     # mid-preprocessing or after a finished one, must leave each input's row exactly once.
     ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.OVERWRITE)
@@ -131,7 +131,7 @@ def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, 
                     ids: list[str] | None = None) -> pd.DataFrame:
     """The registered table written by run_prepare, sorted by id; only the rows of `ids` when given
     (the images of a whole RSNA run are ~10 GB: a contact sheet reads just its own)."""
-    path, filesystem = io.arrow_location(uri, storage_options)
+    path, filesystem = storage.arrow_location(uri, storage_options)
     images = ("keypoint_input", "registered_png")
     columns = [f.name for f in REGISTERED_SCHEMA if with_images or f.name not in images]
     # Tables written before a column was added lack it: read what is there, the rest is null.

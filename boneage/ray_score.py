@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import torch
 from ray.data import ActorPoolStrategy
 
-from boneage import io, score
+from boneage import score, storage
 from boneage.bundle import keypoint_model_uri, load_bundle, read_manifest
 from boneage.config import Config
 from boneage.ray_prepare import prepare_dataset
@@ -57,6 +57,6 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
         num_cpus=0.5,
     )
     table = ds.to_pandas().sort_values(["id", "uri"], kind="stable", na_position="last").reset_index(drop=True)
-    with io.open_output(out_uri, "wb", config.data.storage_options) as f:
+    with storage.open_output(out_uri, "wb", config.data.storage_options) as f:
         pq.write_table(pa.Table.from_pandas(table, preserve_index=False), f)
     return table

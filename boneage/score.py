@@ -18,14 +18,14 @@ import pandas as pd
 import torch
 
 from boneage import cv, ensemble, train
-from boneage.bundle import Bundle
+from boneage.bundle import Bundle, BundleError
 from boneage.models import model_kind
 
 SEX_SOURCES = ("csv", "dicom", "unknown")
 
 # The output table, in order: see docs/scoring.md for each column's meaning.
 OUTPUT_COLUMNS = (
-    "id", "uri", "status", "error", "sex", "sex_source", "sex_unknown",
+    "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown",
     "boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
@@ -77,7 +77,7 @@ def ensemble_record(bundle: Bundle) -> dict[str, Any]:
     fits = bundle.ensemble.get("fits") or {}
     use = bundle.ensemble.get("use")
     if use not in fits:
-        raise ValueError(f"bundle {bundle.uri}: ensemble.json names fit {use!r}, which it does not hold "
+        raise BundleError(f"bundle {bundle.uri}: ensemble.json names fit {use!r}, which it does not hold "
                          f"(has {sorted(fits)})")
     return fits[use]
 
@@ -122,7 +122,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     rows = rows.reset_index(drop=True)
     sexes, sex_sources = resolve_sex(rows)
     ages, age_sources = resolve_age(rows)
-    out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "status": rows["status"], "error": rows["error"],
+    out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "path": rows.get("path"), "status": rows["status"], "error": rows["error"],
                         "sex": sexes, "sex_source": sex_sources, "sex_unknown": [s is None for s in sexes]})
     for column in ("boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months"):
         out[column] = np.nan
