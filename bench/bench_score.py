@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boneage import cv, prepare, ray_env, run, score, storage, train
+from boneage import cv, prepare, ray_env, run, score, storage, train, weights
 from boneage.images import image_id, read_image
 from boneage.bundle import load_bundle
 from boneage.config import RayConfig
@@ -40,8 +40,7 @@ def stage_times(paths: list[str], bundle_uri: str) -> dict[str, float]:
     models = score.BundleModels(bundle)
     keypoint_model = None
     if bundle.keypoint_model:
-        with storage.open_output(bundle.keypoint_model, "rb") as f:
-            keypoint_model = train.model_from_state(torch.load(f, weights_only=False, map_location="cpu"))
+        keypoint_model = train.model_from_state(weights.load_state(storage.read_bytes(bundle.keypoint_model)))
     t: dict[str, float] = {}
     _, t["png_decode_plain"] = timed(lambda: [np.asarray(Image.open(p).convert("L")) for p in paths])
     _, t["read_decode"] = timed(lambda: [read_image(p) for p in paths])

@@ -59,13 +59,13 @@ _EMPTY_ARRAYS = {
 }
 
 
-def _register(batch: pd.DataFrame) -> pa.Table:
+def _register(batch: pd.DataFrame, schema: pa.Schema = REGISTERED_SCHEMA) -> pa.Table:
     rows = []
     for row in batch.to_dict("records"):
         model = [row.pop(c, None) for c in prepare.MODEL_KEYPOINT_COLUMNS]
         model = np.array(model, float).reshape(3, 2) if all(v is not None for v in model) else None
         rows.append(prepare.register_row(row, model))
-    return pa.Table.from_pylist(rows, schema=REGISTERED_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _analysed_without_arrays(batch: pd.DataFrame) -> pd.DataFrame:
@@ -92,8 +92,11 @@ def analyse_dataset(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
     return ds.map_batches(_analysed_without_arrays, batch_format="pandas").to_pandas()
 
 
-def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str | None = None) -> ray.data.Dataset:
-    """The lazy Ray Dataset of registered rows, one per manifest row."""
+def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str | None = None,
+                    keypoint_sha256: str | None = None, extra_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """The lazy Ray Dataset of registered rows, one per manifest row. `keypoint_sha256`: the checksum
+    the key point model must have (a bundle's manifest's), checked where it is loaded. `extra_columns`:
+    string columns of the manifest carried along (e.g. DICOM UIDs when asked for)."""
     batch = config.preprocess.batch_size
     ds = _from_manifest(manifest, batch).map_batches(
         _Analyse(config.data.storage_options), batch_size=batch, batch_format="pandas", num_cpus=1)
@@ -103,7 +106,8 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
         kp = config.keypoints
         ds = ds.map_batches(
             KeypointPredictor,
-            fn_constructor_args=(keypoint_model, config.data.storage_options, kp.gpus_per_actor > 0),
+            fn_constructor_args=(keypoint_model, config.data.storage_options, kp.gpus_per_actor > 0,
+                                 keypoint_sha256),
             compute=ActorPoolStrategy(size=kp.actors),
             batch_size=batch * 4,
             batch_format="pandas",
@@ -112,7 +116,11 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
             # request unlike the tasks' keeps Ray Data from fusing the CPU stage into the (small) pool.
             num_cpus=0.5 if kp.gpus_per_actor == 0 else 1,
         )
-    return ds.map_batches(_register, batch_size=batch, batch_format="pandas", num_cpus=1)
+    schema = REGISTERED_SCHEMA
+    for column in extra_columns:
+        schema = schema.append(pa.field(column, pa.string()))
+    return ds.map_batches(_register, fn_kwargs={"schema": schema}, batch_size=batch, batch_format="pandas",
+                          num_cpus=1)
 
 
 def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_model: str | None = None

@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from boneage import frame, ingest, prepare, progress, qa, storage, synth
+from boneage import frame, ingest, prepare, progress, qa, storage, synth, weights
 from boneage.images import list_images
 from boneage.labels import read_keypoints, read_subjects
 from boneage.config import Config, absolute
@@ -170,7 +170,7 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
     with storage.open_output(subjects, "wb", options) as f:
         split[["id", "male"]].to_csv(f, index=False)
     table = score(split["uri"].tolist(), bundle_uri, storage.join_uri(config.output, "test", "predictions.parquet"),
-                  subjects=subjects, storage_options=options)
+                  subjects=subjects, storage_options=options, resume=False)  # the bundle may be new: afresh
     scored = split.merge(table[["id", "status", "error", "boneage_months"]], on="id", how="left")
     ok = scored["status"] == STATUS_OK
     acc = metrics.accuracy_report(scored.loc[ok, "boneage_months"], scored.loc[ok, "boneage"],
@@ -233,7 +233,7 @@ def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str
         return None
     print(f"[keypoints] training the key point model on {int(is_annotation.sum())} annotated and "
           f"{int((~is_annotation).sum())} pseudo-labelled images (Ray Train)")
-    out = storage.join_uri(config.output, "keypoints", "keypoint_model.pt")
+    out = storage.join_uri(config.output, "keypoints", "keypoint_model.safetensors")
     started = time.time()
     metrics = ray_keypoints.fit(inputs, targets, config, out)
     # The selection split's error chose the epoch, so it is no estimate; the held-out annotated images'
@@ -378,12 +378,18 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
         print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")
 
 
+SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months")
+
+
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
-          batch_size: int | None = None) -> pd.DataFrame:
-    """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri`
-    (parquet), with sex and chronological age from `subjects` (CSV) or the DICOM header. Bad files
-    are rows with status 'error'; the summary is printed. Ray is started by the caller."""
+          batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
+          resume: bool = True) -> pd.DataFrame:
+    """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri` (a
+    .parquet file, or a folder of parts), with sex and chronological age from `subjects` (CSV) or the
+    DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
+    `out_uri` scores only the files without a row (`resume=False`: all of them, afresh). Returns the
+    table's SUMMARY_COLUMNS (the driver never holds the whole table). Ray is started by the caller."""
     from boneage import bundle as bundle_mod, metrics, ray_score, score as score_mod
     from boneage.config import load_config
 
@@ -393,12 +399,17 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     bundle_uri, out_uri, subjects = absolute(bundle_uri), absolute(out_uri), absolute(subjects)
     options = dict(storage_options or {})
     loaded = bundle_mod.load_bundle(bundle_uri, options)  # a bad bundle fails here, before any work
+    provenance = ray_score.new_provenance(
+        bundle_uri, storage.read_bytes(storage.join_uri(bundle_uri, bundle_mod.MANIFEST), options), loaded.manifest,
+        id_from, keep_dicom_uids)
+    if not resume:
+        ray_score.remove_output(out_uri, options)
     trained = loaded.config or {}
     config = load_config(None, {"preprocess": trained.get("preprocess", {}), "keypoints": trained.get("keypoints", {}),
                                 "data": {"storage_options": options}})
     if batch_size:
         config.preprocess.batch_size = batch_size
-    manifest = ingest.build_manifest(images, None, options)
+    manifest = ingest.build_manifest(images, None, options, id_from=id_from, keep_uids=keep_dicom_uids)
     ages: dict[str, float] = {}
     if subjects:
         table, errors = read_subjects(subjects, options)
@@ -415,8 +426,10 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     elif "out_of_fold" in measured:
         print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
-    table = ray_score.run_score(manifest, bundle_uri, config, out_uri, actors=actors,
-                                gpus_per_actor=gpus_per_actor, ages=ages)
+    ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
+                        gpus_per_actor=gpus_per_actor, ages=ages,
+                        uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else ())
+    table = ray_score.read_output(out_uri, SUMMARY_COLUMNS, options)
     result = score_mod.summary(table)
     print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
           f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
@@ -424,6 +437,9 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     for row in table[table.status != STATUS_OK].head(10).itertuples():
         print(f"  {row.id}: {row.error}")
     return table
+
+
+KEYPOINT_MODEL = "keypoints/keypoint_model.safetensors"  # in the bundle
 
 
 def write_bundle(config: Config) -> str:
@@ -444,8 +460,10 @@ def write_bundle(config: Config) -> str:
     if missing:
         raise RunError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
     for t in trials:
-        path = f"models/{t.name}.pt"
-        files[path] = storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options)
+        # The CV's models are tensors-only .pt files; the bundle, which travels, holds safetensors.
+        path = f"models/{t.name}.safetensors"
+        state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
+        files[path] = weights.to_bytes(state)
         models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "oof_mae": float(oof_mae[t.name])})
     preprocess_summary = _read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options)
     keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
@@ -453,7 +471,7 @@ def write_bundle(config: Config) -> str:
         print("[bundle] warning: no key point model found (no qa/preprocess_summary.json and no "
               "keypoints.model): scoring will register with geometric key points only")
     if keypoint_model:
-        files["keypoints/keypoint_model.pt"] = storage.read_bytes(keypoint_model, options)
+        files[KEYPOINT_MODEL] = weights.to_bytes(weights.load_state(storage.read_bytes(keypoint_model, options)))
     files["ensemble.json"] = storage.read_bytes(storage.join_uri(cv_uri, "ensemble.json"), options)
     files["config.yaml"] = config.to_yaml().encode()
     cv_summary = _read_json(storage.join_uri(cv_uri, "summary.json"), options)
@@ -477,7 +495,7 @@ def write_bundle(config: Config) -> str:
     out = storage.join_uri(config.output, "bundle")
     bundle.write_bundle(out, files, models, {
         "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
-        "input_scale": config.cv.input_scale, "keypoint_model": "keypoints/keypoint_model.pt" if keypoint_model else None,
+        "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
         "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
                                      **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},

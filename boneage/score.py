@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from boneage import cv, ensemble, train
@@ -29,8 +30,27 @@ OUTPUT_COLUMNS = (
     "boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
-    "format", "height", "width",
+    "format", "height", "width", "mirrored", "transform",
 )
+# Added by boneage.ray_score to every row: which bundle scored it, and when (a resumed output mixes
+# runs); the table's parquet metadata holds the rest (PROVENANCE_KEY).
+PROVENANCE_COLUMNS = ("bundle_sha256", "scored_at")
+PROVENANCE_KEY = b"boneage"
+# Only with --keep-dicom-uids: identifiers, which link a row back to the patient's study.
+UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+_TYPES = {"sex_unknown": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
+          "mirrored": pa.bool_(), "height": pa.int64(), "width": pa.int64(), "transform": pa.list_(pa.float64()),
+          "scored_at": pa.timestamp("us", tz="UTC")}
+_STRINGS = {"id", "uri", "path", "status", "error", "sex", "sex_source", "age_source", "keypoint_source", "format",
+            "bundle_sha256", *UID_COLUMNS}
+
+
+def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """The scoring table's schema, written explicitly: a part in which a column happens to be all null
+    must still have its type, or the parts would not read back as one table."""
+    names = [*OUTPUT_COLUMNS, *kinds, *PROVENANCE_COLUMNS, *uid_columns]
+    return pa.schema([(n, _TYPES.get(n, pa.string() if n in _STRINGS else pa.float64())) for n in names])
 
 
 class BundleModels:
@@ -160,7 +180,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     out["age_source"] = age_sources
     out["boneage_minus_age_months"] = out["boneage_months"] - ages
     for column in ("registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
-                   "format", "height", "width"):
+                   "format", "height", "width", "mirrored", "transform"):
         out[column] = rows[column] if column in rows else None
     return out[list(OUTPUT_COLUMNS) + list(models.kinds)]
 

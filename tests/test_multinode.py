@@ -86,7 +86,7 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
     manifest = json.loads(fs.cat_file(f"{out}/bundle/manifest.json"))
     files = manifest["files"]
     assert files and all(fs.exists(f"{out}/bundle/{item['path']}") for item in files)
-    assert {f"models/{name}.pt" for name in trials.trial} <= {item["path"] for item in files}
+    assert {f"models/{name}.safetensors" for name in trials.trial} <= {item["path"] for item in files}
     assert manifest["accuracy"]["test_split"]["n"] + len(json.loads(fs.cat_file(f"{out}/test/metrics.json"))["failed"]) == 2
 
     # Both nodes worked: Ray Train's workers (half a CPU each, all four at once) ran on both.

@@ -58,7 +58,7 @@ def test_mixed_folder_one_row_per_file(tmp_path, ray_local, synthetic_small):
     table = pd.read_parquet(out)
     files = sorted(p.name for p in images.iterdir())
     assert sorted(Path(u).name for u in table.uri) == files  # exactly one row per input file
-    assert list(table.columns) == list(score.OUTPUT_COLUMNS) + list(KINDS)
+    assert list(table.columns) == score.output_schema(list(KINDS)).names
     schema = pq.read_schema(out)
     assert schema.field("boneage_months").type == "double" and schema.field("sex_unknown").type == "bool"
     rows = table.set_index("id")
