@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from boneage import prepare, run, storage, synth, weights
 from boneage.config import load_config
