@@ -4,7 +4,7 @@ images measured in the same run.
 
     python bench/bench_score.py ../shared/data/rsna-dev/images runs/rsna-dev-cv/bundle --n 64 --repeats 3
 
-Stages per image: read + decode (boneage.io), hand mask + contrast + geometric key points, key point
+Stages per image: read + decode (boneage.images), hand mask + contrast + geometric key points, key point
 model (batched), registration, zone crops + every fold model of the bundle + ensemble (batched).
 Then `boneage score` on Ray (local, all CPUs) over the same images, `--repeats` times. Prints JSON.
 """
