@@ -4,7 +4,7 @@ images measured in the same run.
 
     python bench/bench_score.py ../shared/data/rsna-dev/images runs/rsna-dev-cv/bundle --n 64 --repeats 3
 
-Stages per image: read + decode (boneage.io), hand mask + contrast + geometric key points, key point
+Stages per image: read + decode (boneage.images), hand mask + contrast + geometric key points, key point
 model (batched), registration, zone crops + every fold model of the bundle + ensemble (batched).
 Then `boneage score` on Ray (local, all CPUs) over the same images, `--repeats` times. Prints JSON.
 """
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boneage import cv, io, prepare, ray_env, run, score, train
+from boneage import cv, prepare, ray_env, run, score, storage, train, weights
+from boneage.images import image_id, read_image
 from boneage.bundle import load_bundle
 from boneage.config import RayConfig
 
@@ -39,12 +40,11 @@ def stage_times(paths: list[str], bundle_uri: str) -> dict[str, float]:
     models = score.BundleModels(bundle)
     keypoint_model = None
     if bundle.keypoint_model:
-        with io.open_output(bundle.keypoint_model, "rb") as f:
-            keypoint_model = train.model_from_state(torch.load(f, weights_only=False, map_location="cpu"))
+        keypoint_model = train.model_from_state(weights.load_state(storage.read_bytes(bundle.keypoint_model)))
     t: dict[str, float] = {}
     _, t["png_decode_plain"] = timed(lambda: [np.asarray(Image.open(p).convert("L")) for p in paths])
-    _, t["read_decode"] = timed(lambda: [io.read_image(p) for p in paths])
-    rows = [{"id": io.image_id(p), "uri": p, "boneage": None, "male": False, "status": "ok", "error": None}
+    _, t["read_decode"] = timed(lambda: [read_image(p) for p in paths])
+    rows = [{"id": image_id(p), "uri": p, "boneage": None, "male": False, "status": "ok", "error": None}
             for p in paths]
     analysed, t["decode_mask_geometric_keypoints"] = timed(lambda: [prepare.analyse_row(r) for r in rows])
     ok = [r for r in analysed if r["status"] == "ok"]

@@ -21,11 +21,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from boneage import cv, io, prepare, ray_env, run
+from boneage import cv, prepare, ray_env, run
+from boneage.images import read_image
 from boneage.config import load_config
 from boneage.errors import STATUS_OK
 from boneage.frame import STORE_H, STORE_W
@@ -48,7 +50,7 @@ def write_plain(registered: "pd.DataFrame", out: Path) -> None:  # noqa: F821
     """OUT/registered for the plain baseline: the labelled ok rows with letterboxed originals."""
     rows = []
     for row in registered[cv.labelled(registered)].to_dict("records"):
-        image = io.read_image(row["uri"]).image
+        image = read_image(row["uri"]).image
         rows.append({**{k: row.get(k) for k in ("id", "uri", "boneage", "male")}, "status": STATUS_OK,
                      "registered_png": prepare.encode_png(letterbox(image))})
     schema = pa.schema([REGISTERED_SCHEMA.field(n) for n in ("id", "uri", "boneage", "male", "status",

@@ -14,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from boneage import io, register
+from boneage import labels, register, storage
 from boneage.ray_prepare import read_registered
 
 
@@ -24,8 +24,8 @@ def main() -> None:
     parser.add_argument("hand21", help="keypoints_hand21.csv")
     args = parser.parse_args()
 
-    table = read_registered(io.join_uri(args.run, "registered"), with_images=False).set_index("id")
-    hand21 = io.read_hand21(args.hand21)
+    table = read_registered(storage.join_uri(args.run, "registered"), with_images=False).set_index("id")
+    hand21 = labels.read_hand21(args.hand21)
     results = []
     for rid, pts in sorted(hand21.items()):
         row = table.loc[rid] if rid in table.index else None

@@ -1,7 +1,10 @@
 """boneage: pediatric bone age assessment from hand radiographs, as a batch workflow on Ray.
 
 Modules follow the pipeline stages:
-  io          read images (PNG/JPEG/DICOM, local or s3://), labels and key point annotations
+  storage     local paths and s3:// URIs: bytes in and out, Arrow locations
+  images      listing inputs, their ids, decoding PNG/JPEG (DICOM: dicom)
+  labels      label and subject tables, key point annotations
+  weights     model weights as safetensors (no pickle)
   synth       synthetic hand radiographs with ground truth (the embedded default data)
   frame       the registered frame, its key point targets and the zone boxes
   errors      the per-item error vocabulary carried as `status`/`error` columns

@@ -1,15 +1,18 @@
 """The model bundle: one folder (local or s3://) with everything scoring needs, loaded by path.
 
     BUNDLE/manifest.json              format, version, packages, kinds, sexes, folds, zones, the file list
-    BUNDLE/models/<trial>.pt          every fold model of every kind and sex (CV/models)
-    BUNDLE/keypoints/keypoint_model.pt   the key point model (absent when registration used geometric ones)
+    BUNDLE/models/<trial>.safetensors          every fold model of every kind and sex (CV/models)
+    BUNDLE/keypoints/keypoint_model.safetensors   the key point model (absent: geometric key points)
     BUNDLE/ensemble.json              the ensemble weights per sex (every fit, and which one scoring uses)
     BUNDLE/config.yaml                the run's resolved configuration (preprocessing, key points, CV)
     BUNDLE/training.json              a summary of the training data and the CV metrics
 
 The manifest is written last and lists every file with its size and SHA-256: a bundle without a
 manifest is incomplete (a run cut off while writing it), and one whose files do not match is damaged.
-A bundle of another format version, or cut with other zones than this code's, is refused.
+Every file is checked against it before anything is loaded, the key point model included (the scoring
+actors check it again when they load it). Weights are safetensors (boneage.weights): loading a bundle
+never unpickles anything, so a bundle from elsewhere cannot run code. A bundle of another format
+version (1: pickled .pt weights), or cut with other zones than this code's, is refused.
 """
 
 from __future__ import annotations
@@ -18,25 +21,24 @@ import hashlib
 import json
 import platform
 import time
-from io import BytesIO
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Mapping
 
 import fsspec
-import torch
 import yaml
 
 import boneage
-from boneage import frame, io
+from boneage import frame, storage, weights
+from boneage.errors import UserError
 
 BUNDLE_FORMAT = "boneage-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: safetensors weights (1 had pickled .pt files)
 MANIFEST = "manifest.json"
 PACKAGES = ("boneage", "torch", "ray", "numpy", "pillow", "pyarrow", "scikit-image", "scipy")
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """The bundle cannot be used: missing, incomplete, damaged or from an incompatible version."""
 
 
@@ -62,7 +64,7 @@ def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, An
     sexes, folds, keypoint_model, ensemble... merged into the manifest. Returns the manifest."""
     listed = []
     for path, data in sorted(files.items()):
-        io.write_bytes(io.join_uri(uri, path), data, storage_options)
+        storage.write_bytes(storage.join_uri(uri, path), data, storage_options)
         listed.append({"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {
         "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -70,7 +72,7 @@ def write_bundle(uri: str, files: Mapping[str, bytes], models: list[dict[str, An
                                                   "store_scale": frame.STORE_SCALE},
         "zones": zones_record(), **info, "models": models, "files": listed,
     }
-    io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    storage.write_bytes(storage.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     return manifest
 
 
@@ -79,17 +81,17 @@ def add_test_accuracy(uri: str, test: Mapping[str, Any], storage_options: Mappin
     """Record the bundle's measured accuracy on the locked test split: training.json gains "test", the
     manifest "accuracy" (the test split's overall numbers), with training.json's new size and hash."""
     manifest = read_manifest(uri, storage_options)
-    training_uri = io.join_uri(uri, manifest.get("training", "training.json"))
-    training = json.loads(io.read_bytes(training_uri, storage_options))
+    training_uri = storage.join_uri(uri, manifest.get("training", "training.json"))
+    training = json.loads(storage.read_bytes(training_uri, storage_options))
     training["test"] = dict(test)
     data = json.dumps(training, indent=2).encode()
-    io.write_bytes(training_uri, data, storage_options)
+    storage.write_bytes(training_uri, data, storage_options)
     for entry in manifest["files"]:
         if entry["path"] == manifest.get("training", "training.json"):
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest.setdefault("accuracy", {})["test_split"] = {"images": test["images"], "scored": test["scored"],
                                            "source": test.get("source"), **test["accuracy"]["all"]}
-    io.write_bytes(io.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
+    storage.write_bytes(storage.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     return manifest
 
 
@@ -116,7 +118,7 @@ class Bundle:
 
 
 def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    fs, path = fsspec.core.url_to_fs(io.join_uri(uri, MANIFEST), **dict(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(storage.join_uri(uri, MANIFEST), **dict(storage_options or {}))
     if not fs.exists(path):
         base_fs, base = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
         why = "is incomplete (no manifest.json: was the run that writes it cut off?)" if base_fs.exists(base) \
@@ -153,31 +155,57 @@ def check_files(uri: str, manifest: Mapping[str, Any], storage_options: Mapping[
                           + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
 
 
-def _read(uri: str, path: str, manifest: Mapping[str, Any], storage_options) -> bytes:
-    data = io.read_bytes(io.join_uri(uri, path), storage_options)
-    listed = {f["path"]: f for f in manifest["files"]}
-    if path in listed and hashlib.sha256(data).hexdigest() != listed[path]["sha256"]:
+def read_verified(uri: str, path: str, sha256: str | None, storage_options=None) -> bytes:
+    """The bytes of `path` in the bundle at `uri`, refused unless they hash to `sha256` (the manifest's)."""
+    if not sha256:
+        raise BundleError(f"bundle {uri}: {path} is not listed with a checksum in the manifest")
+    data = storage.read_bytes(storage.join_uri(uri, path), storage_options)
+    if hashlib.sha256(data).hexdigest() != sha256:
         raise BundleError(f"bundle {uri}: {path} does not match its checksum in the manifest (damaged)")
     return data
+
+
+def _read(uri: str, path: str, manifest: Mapping[str, Any], storage_options) -> bytes:
+    listed = {f["path"]: f for f in manifest["files"]}
+    return read_verified(uri, path, (listed.get(path) or {}).get("sha256"), storage_options)
+
+
+def load_weights(uri: str, path: str, data: bytes) -> dict[str, Any]:
+    """A model's state from verified bundle bytes: safetensors only, never a pickle."""
+    try:
+        return weights.from_bytes(data)
+    except weights.UnsafeWeights as err:
+        raise BundleError(f"bundle {uri}: {path} refused: {err}") from None
 
 
 def load_bundle(uri: str, storage_options: Mapping[str, Any] | None = None) -> Bundle:
     """Read and check a bundle; every fold model's state is loaded (on the CPU)."""
     manifest = read_manifest(uri, storage_options)
     check_files(uri, manifest, storage_options)
+    # Every listed file is hashed before anything is loaded: a damaged or swapped file stops here.
+    data = {item["path"]: _read(uri, item["path"], manifest, storage_options) for item in manifest["files"]}
     models: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in manifest["models"]:
-        state = torch.load(BytesIO(_read(uri, record["file"], manifest, storage_options)),
-                           weights_only=False, map_location="cpu")
+        if record["file"] not in data:
+            raise BundleError(f"bundle {uri}: model {record['file']} is not in the manifest's file list")
+        state = load_weights(uri, record["file"], data[record["file"]])
         models.setdefault((record["kind"], record["sex"]), []).append(state)
+    if manifest.get("keypoint_model"):
+        if manifest["keypoint_model"] not in data:
+            raise BundleError(f"bundle {uri}: key point model {manifest['keypoint_model']} is not in the "
+                              "manifest's file list")
+        load_weights(uri, manifest["keypoint_model"], data[manifest["keypoint_model"]])  # refused here, not on a worker
     for key in models:
         models[key].sort(key=lambda s: s["fold"])
     missing = [f"{k}-{s}" for k in manifest["kinds"] for s in manifest["sexes"] if (k, s) not in models]
     if missing:
         raise BundleError(f"bundle {uri} has no fold models for {', '.join(missing)}")
-    ensemble = json.loads(_read(uri, "ensemble.json", manifest, storage_options))
-    config = yaml.safe_load(_read(uri, "config.yaml", manifest, storage_options)) or {}
-    training = json.loads(_read(uri, "training.json", manifest, storage_options))
+    for name in ("ensemble.json", "config.yaml", "training.json"):
+        if name not in data:
+            raise BundleError(f"bundle {uri}: {name} is not in the manifest's file list")
+    ensemble = json.loads(data["ensemble.json"])
+    config = yaml.safe_load(data["config.yaml"]) or {}
+    training = json.loads(data["training.json"])
     return Bundle(uri=uri, manifest=manifest, models=models, keypoint_model=keypoint_model_uri(uri, manifest),
                   ensemble=ensemble, config=config, training=training)
 
@@ -185,5 +213,11 @@ def load_bundle(uri: str, storage_options: Mapping[str, Any] | None = None) -> B
 def keypoint_model_uri(uri: str, manifest: Mapping[str, Any]) -> str | None:
     """Where the bundle's key point model is (None: the bundle registers with geometric key points)."""
     path = manifest.get("keypoint_model")
-    return io.join_uri(uri, path) if path else None
+    return storage.join_uri(uri, path) if path else None
+
+
+def keypoint_model_sha256(manifest: Mapping[str, Any]) -> str | None:
+    """The manifest's SHA-256 of the key point model, which its loader checks (None: none listed)."""
+    listed = {f["path"]: f for f in manifest.get("files", [])}
+    return (listed.get(manifest.get("keypoint_model")) or {}).get("sha256")
 

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from boneage import frame, io, prepare, sds
+from boneage import frame, prepare, sds, storage
 
 # Patch side in stored pixels (1040x800 image): 80 px is 160 frame px, about one carpal bone; a 13x10
 # grid, 130 occluded copies per image.
@@ -125,8 +125,8 @@ def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
         try:
             image = prepare.decode_png(png)
             heat = occlusion_map(ensemble_predictor(models, row.get("sex")), image, patch)
-            uri = io.join_uri(folder, f"{row['id']}.png")
-            io.write_bytes(uri, card_png(image, row, heat, patch), storage_options)
+            uri = storage.join_uri(folder, f"{row['id']}.png")
+            storage.write_bytes(uri, card_png(image, row, heat, patch), storage_options)
             uris.append(uri)
             errors.append(None)
         except Exception as err:  # noqa: BLE001 - one image's card must not stop the others

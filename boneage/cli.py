@@ -11,7 +11,7 @@ from typing import Any
 
 from boneage.config import Config, load_config
 from boneage import progress
-from boneage.errors import RunError
+from boneage.errors import UserError
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +90,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     }
     if args.output is not None:
         overrides["output"] = args.output
-    return load_config(args.config, overrides)
+    try:
+        return load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as err:  # all of it is the user's configuration
+        raise UserError(str(err)) from err
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -134,7 +137,8 @@ def _score(args: argparse.Namespace) -> int:
     ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose))
     run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
               subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,
-              gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, cards=args.cards)
+              gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, id_from=args.id_from,
+              keep_dicom_uids=args.keep_dicom_uids, cards=args.cards)
     return 0
 
 
@@ -191,10 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Decode, preprocess, find key points, register and score every radiograph "
                                    "with every fold model of a bundle and its ensemble. One row per input file, "
                                    "bad files included (status 'error' and why); exit status 0 when the run "
-                                   "finishes, whatever the files. Columns: docs/scoring.md.")
+                                   "finishes, whatever the files. Rows are written as they are scored; a rerun "
+                                   "on the same --out scores only the files without a row. Columns and "
+                                   "provenance: docs/scoring.md.")
     p.add_argument("input", nargs="+", help="folder, s3:// prefix, .txt list, or image files (PNG, JPEG, DICOM)")
     p.add_argument("--bundle", required=True, help="model bundle folder (OUTPUT/bundle of full_cv), local or s3://")
-    p.add_argument("--out", required=True, help="output parquet file, local or s3://")
+    p.add_argument("--out", required=True, help="output: a .parquet file (its parts go to OUT.parts/ as they are "
+                                                "scored), or a folder of parquet parts; local or s3://")
+    p.add_argument("--id-from", choices=["path", "sop"], default="path",
+                   help="row ids: 'path', the file's path under the input folder without extension (a flat "
+                        "folder: the file name); 'sop', the DICOM SOPInstanceUID (other files: their path)")
+    p.add_argument("--keep-dicom-uids", action="store_true",
+                   help="add StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID columns: identifiers, "
+                        "which link a row back to the patient's study (off: no identifying tag is copied)")
     p.add_argument("--subjects", help="CSV with id and sex (male or sex column) and/or chronological age in months "
                                       "(age_months); else DICOM PatientSex and dates; else sex unknown")
     p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for s3://")
@@ -211,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors(name: str):
-    """Whole-run input problems (a wrong folder, a bad config key) end with a message and exit status 2,
-    not a traceback; per-item problems never get here, they are rows with status 'error'."""
+    """Whole-run input problems (boneage.errors.UserError: a wrong folder, a CSV without the columns we
+    need, a bad config key, a missing, damaged or unsafe bundle) end with one line and exit status 2.
+    Anything else is a bug and keeps its traceback (exit status 1): a message alone would hide where.
+    Per-item problems never get here, they are rows with status 'error'."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -220,7 +235,7 @@ def user_errors(name: str):
             progress.line_buffered()
             try:
                 return fn(*args, **kwargs)
-            except (ValueError, FileNotFoundError, RunError) as err:
+            except UserError as err:
                 print(f"{name}: error: {err}", file=sys.stderr)
                 return 2
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from boneage import io, prepare
+from boneage import prepare, storage
 from boneage.config import CVConfig
 from boneage.errors import STATUS_OK
 from boneage.frame import STORE_H, STORE_W
@@ -172,7 +172,7 @@ def read_trial_rows(registered_uri: str, folds: pd.DataFrame, male: bool,
     """The CV rows of one sex with their registered images: id, boneage, fold, registered_png,
     sorted by id. Reads only that sex's rows of the registered parquet."""
     mine = folds[folds["male"] == male]
-    path, filesystem = io.arrow_location(registered_uri, storage_options)
+    path, filesystem = storage.arrow_location(registered_uri, storage_options)
     images = pq.read_table(path, filesystem=filesystem, columns=["id", "registered_png"],
                            filters=[("male", "==", male), ("status", "==", STATUS_OK)]).to_pandas()
     rows = mine.merge(images, on="id", how="left", validate="one_to_one")
@@ -217,7 +217,7 @@ def part_table(trial: Trial, ids: Sequence[str], ages: np.ndarray, pred: np.ndar
 
 
 def write_part(uri: str, table: pa.Table, storage_options: Mapping[str, Any] | None = None) -> None:
-    with io.open_output(uri, "wb", storage_options) as f:
+    with storage.open_output(uri, "wb", storage_options) as f:
         pq.write_table(table, f)
 
 
@@ -228,7 +228,7 @@ def part_record(table: pa.Table) -> dict:
 
 def read_part(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, dict]:
     """(predictions, trial record) of one part."""
-    with io.open_output(uri, "rb", storage_options) as f:
+    with storage.open_output(uri, "rb", storage_options) as f:
         table = pq.read_table(f)
     return table.to_pandas(), part_record(table)
 

@@ -15,6 +15,7 @@ ERROR_CODES = {
     "corrupt_image": "the file is a PNG or JPEG whose data cannot be decoded (damaged, not cut short)",
     "bad_image": "the image decodes but is unusable (wrong shape, constant, too small)",
     "bad_dicom": "the DICOM file cannot be read or holds no usable pixel data",
+    "missing_codec": "the DICOM's compression needs a decoder that is not installed: pip install 'boneage[dicom]'",
     "read_failed": "the file could not be read (permissions, network)",
     "label_missing": "the image has no row in the label table",
     "bad_label": "the bone age is missing, NaN, not a number or outside 0-240 months",
@@ -43,6 +44,24 @@ def error_code(error: str | None) -> str | None:
     return error.split(":", 1)[0]
 
 
-class RunError(RuntimeError):
-    """A whole-run failure whose message already says the cause and the fix: the command line prints
-    it without a traceback and exits with status 2."""
+def short(e: BaseException, limit: int = 200) -> str:
+    """An exception as error detail: bounded, since it ends up in every output table."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class UserError(ValueError):
+    """A whole-run input problem that the user fixes (a wrong path, a CSV without the columns we need,
+    a bundle that is missing, damaged or unsafe): the command line prints its message on one line and
+    exits with status 2. Anything else that escapes a command is a bug and keeps its traceback.
+
+    A ValueError subclass, so that library callers who caught ValueError before still do."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A file, folder or prefix the user named does not exist."""
+
+
+class RunError(UserError, RuntimeError):
+    """A whole-run failure found while running (e.g. every CV trial would fail the same way), whose
+    message already says the cause and the fix."""

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from boneage import frame, io, keypoints_geometric, preprocess, register
+from boneage import frame, keypoints_geometric, preprocess, register
+from boneage.images import read_image
 from boneage.errors import STATUS_ERROR, STATUS_OK, ItemError
 
 # The key point model's input: the preprocessed image squeezed to the frame's aspect and reduced 16x,
@@ -71,7 +72,7 @@ def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | Non
     if out["status"] != STATUS_OK:
         return out
     try:
-        record = io.read_image(out["uri"], storage_options)
+        record = read_image(out["uri"], storage_options)
         clean, mask, mask_qa = preprocess.preprocess(record.image)
         points, confidence, _ = keypoints_geometric.estimate_keypoints(mask, clean)
         out.update(height=record.height, width=record.width, format=record.meta["format"],

@@ -29,7 +29,8 @@ def report_state(metrics: dict[str, Any], state: dict[str, Any], meta: dict[str,
 def read_state(checkpoint: ray.train.Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a checkpoint written by report_state, tensors on the CPU."""
     with checkpoint.as_directory() as folder:
-        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False, map_location="cpu")
+        # weights_only: tensors and plain containers only, so a checkpoint cannot run code when read
+        state = torch.load(os.path.join(folder, STATE_FILE), weights_only=True, map_location="cpu")
         meta_path = os.path.join(folder, META_FILE)
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     return state, meta

@@ -34,7 +34,7 @@ import ray.tune
 import torch
 from ray.train.torch import TorchTrainer
 
-from boneage import cv, io, ray_env
+from boneage import cv, ray_env, storage
 from boneage.ray_checkpoints import read_state, report_state, resume_state
 from boneage.config import Config, CVConfig
 from boneage.errors import RunError
@@ -51,7 +51,7 @@ DRIVER_CPUS = 0.01
 
 
 def cv_paths(cv_uri: str) -> dict[str, str]:
-    return {name: io.join_uri(cv_uri, name) for name in
+    return {name: storage.join_uri(cv_uri, name) for name in
             ("folds.parquet", "oof.parquet", "trials.parquet", "parts", "models", "train")}
 
 
@@ -65,7 +65,7 @@ def finished_trials(cv_uri: str, storage_options: dict | None = None) -> dict[st
     for found in sorted(fs.glob(path.rstrip("/") + "/*.parquet")):
         name = os.path.basename(found)[: -len(".parquet")]
         try:
-            out[name] = cv.read_part(io.join_uri(parts_uri, name + ".parquet"), storage_options)
+            out[name] = cv.read_part(storage.join_uri(parts_uri, name + ".parquet"), storage_options)
         except Exception as err:  # noqa: BLE001 - an unreadable part is retrained, not fatal
             print(f"[cv] part {name} unreadable ({type(err).__name__}): training it again")
     return out
@@ -85,7 +85,7 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     if device.type == "cpu":  # Ray sizes torch's pool from the worker's (fractional) CPUs: round it
         torch.set_num_threads(max(1, round(loop_config["threads"])))
     options = loop_config["storage_options"]
-    with io.open_output(loop_config["folds_uri"], "rb", options) as f:
+    with storage.open_output(loop_config["folds_uri"], "rb", options) as f:
         folds = pq.read_table(f).to_pandas()
     rows = cv.read_trial_rows(loop_config["registered_uri"], folds, trial.male, options)
     bank, ages, _ = cv.load_bank(rows)
@@ -148,7 +148,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     cvc = CVConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in shared["cv"].items()})
     options = shared["storage_options"]
     paths = cv_paths(shared["cv_uri"])
-    storage_path, storage_filesystem = io.arrow_location(paths["train"], options)
+    storage_path, storage_filesystem = storage.arrow_location(paths["train"], options)
     local = cvc.train_in_trial_process
     use_gpu = cvc.gpus_per_trial > 0
     worker = {"CPU": max(cvc.cpus_per_trial - DRIVER_CPUS, DRIVER_CPUS)}
@@ -189,10 +189,10 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     record.update({k: meta.get(k) for k in ("node_id", "gpu_ids", "device")})
 
     # The model first, the part last: a part marks the trial finished.
-    with io.open_output(io.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:
+    with storage.open_output(storage.join_uri(paths["models"], trial.name + ".pt"), "wb", options) as f:
         torch.save(cv.compact_model(state, trial, cvc), f)
     part = cv.part_table(trial, scored_ids, truth, scored_pred, record)
-    cv.write_part(io.join_uri(paths["parts"], trial.name + ".parquet"), part, options)
+    cv.write_part(storage.join_uri(paths["parts"], trial.name + ".parquet"), part, options)
 
     # Tune keeps metrics only when they come with a checkpoint: the trial's record.
     with tempfile.TemporaryDirectory() as folder:
@@ -202,7 +202,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
 
 
 def cv_folds(uri: str, storage_options: dict | None = None) -> pd.DataFrame:
-    with io.open_output(uri, "rb", storage_options) as f:
+    with storage.open_output(uri, "rb", storage_options) as f:
         return pq.read_table(f).to_pandas()
 
 
@@ -312,7 +312,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
     without the `exclude` ids (the locked test split), which an existing folds table must not hold.
     Raises RuntimeError, after writing the tables, when some trial failed (a rerun retries it)."""
     cvc, options = config.cv, config.data.storage_options
-    cv_uri = io.join_uri(config.output, "cv")
+    cv_uri = storage.join_uri(config.output, "cv")
     paths = cv_paths(cv_uri)
 
     # 1. Folds, once per run folder: a rerun must score every image in the same fold.
@@ -327,7 +327,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
                              "made before the split): use a fresh --output")
     else:
         folds = cv.folds_table(table, cvc.k, config.data.seed)
-        with io.open_output(paths["folds.parquet"], "wb", options) as f:
+        with storage.open_output(paths["folds.parquet"], "wb", options) as f:
             folds.to_parquet(f, index=False)
 
     # 2. The trials still to train.
@@ -340,7 +340,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
     errors: list[str] = []
     if pending:
         # 3. One Tune trial per (kind, sex, fold); each builds its own TorchTrainer (Train V2).
-        storage_path, storage_filesystem = io.arrow_location(cv_uri, options)
+        storage_path, storage_filesystem = storage.arrow_location(cv_uri, options)
         cap, now = cvc.max_concurrent_trials, min(fits_now(cvc), len(pending))
         each = f"{cvc.cpus_per_trial:g} CPU, {cvc.gpus_per_trial:g} GPU each"
         if now < 1:
@@ -378,7 +378,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
             name, err = progress.systemic
             raise CVFailed(f"CV stopped at the first failed trial, {name}, with an error every trial would "
                            f"meet:\n  {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
-                           f"  fix: {fix_for(err)}\n  (the traceback: {io.join_uri(cv_uri, 'tune', name, 'error.txt')})")
+                           f"  fix: {fix_for(err)}\n  (the traceback: {storage.join_uri(cv_uri, 'tune', name, 'error.txt')})")
         errors = []
         for r in results:
             if r.error is not None:
@@ -390,9 +390,9 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
     parts = [done[t.name] for t in trials if t.name in done]
     oof = cv.oof_table(folds, parts, list(cvc.kinds))
     records = cv.trials_table(parts)
-    with io.open_output(paths["oof.parquet"], "wb", options) as f:
+    with storage.open_output(paths["oof.parquet"], "wb", options) as f:
         oof.to_parquet(f, index=False)
-    with io.open_output(paths["trials.parquet"], "wb", options) as f:
+    with storage.open_output(paths["trials.parquet"], "wb", options) as f:
         records.to_parquet(f, index=False)
     if errors:
         raise RuntimeError(f"{len(errors)} CV trials failed (rerun to retry them):\n  " + "\n  ".join(errors))

@@ -24,7 +24,7 @@ import ray
 import ray.tune
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from boneage import ensemble, io
+from boneage import ensemble, storage
 
 METRIC = "cv_mae"
 
@@ -75,7 +75,7 @@ def tune_ensemble(oof: pd.DataFrame, kinds: Sequence[str], storage_uri: str,
     for sex, rows in ensemble.sex_rows(oof).items():  # fail here, not in every trial
         if not ensemble.usable_kinds(oof, kinds, rows):
             raise ValueError(f"no model kind has out-of-fold predictions for every {sex} image")
-    storage_path, storage_filesystem = io.arrow_location(storage_uri, storage_options)
+    storage_path, storage_filesystem = storage.arrow_location(storage_uri, storage_options)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(ray.tune.with_parameters(_trial, oof=oof, kinds=kinds), {"CPU": cpus_per_trial}),
         param_space=search_space(),

@@ -3,6 +3,7 @@ prediction as a Ray Data actor pool. The torch work itself is boneage.train.fit_
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -12,8 +13,9 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from boneage import io, prepare, ray_env, train
+from boneage import prepare, ray_env, storage, train, weights
 from boneage.config import Config
+from boneage.errors import UserError
 from boneage.progress import Progress
 from boneage.ray_checkpoints import read_state, report_state, resume_state
 
@@ -78,7 +80,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
     on a GPU as one Train worker that checkpoints every epoch and resumes after a failure."""
     kp = config.keypoints
     local = not kp.use_gpu if kp.local_train is None else bool(kp.local_train)
-    storage_path, storage_filesystem = io.arrow_location(io.join_uri(config.output, "train"),
+    storage_path, storage_filesystem = storage.arrow_location(storage.join_uri(config.output, "train"),
                                                          config.data.storage_options)
     trainer = TorchTrainer(
         _train_loop,
@@ -102,8 +104,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
     result = trainer.fit()
     state = result.return_value if local else read_state(result.checkpoint)[0]
     compact = {"spec": state["spec"], "best": {"model": state["best"]["model"]}, "metrics": state["best"]["metrics"]}
-    with io.open_output(out_uri, "wb", config.data.storage_options) as f:
-        torch.save(compact, f)
+    storage.write_bytes(out_uri, weights.to_bytes(compact), config.data.storage_options)  # no pickle
     return compact["metrics"]
 
 
@@ -118,9 +119,17 @@ def _worker_cpus(use_gpu: bool) -> float:
 class KeypointPredictor:
     """Ray Data actor: loads the model once, adds model_<point>_<x|y> columns (image pixels)."""
 
-    def __init__(self, model_uri: str, storage_options: dict | None = None, use_gpu: bool = False):
-        with io.open_output(model_uri, "rb", storage_options) as f:
-            state = torch.load(f, weights_only=False, map_location="cpu")
+    def __init__(self, model_uri: str, storage_options: dict | None = None, use_gpu: bool = False,
+                 sha256: str | None = None):
+        data = storage.read_bytes(model_uri, storage_options)
+        # A bundle's model is checked against its manifest here too: these actors may run long after,
+        # and elsewhere than, the driver's check.
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise UserError(f"key point model {model_uri} does not match its checksum in the bundle's manifest")
+        try:
+            state = weights.load_state(data)  # safetensors, or a tensors-only .pt: never a pickle
+        except weights.UnsafeWeights as err:
+            raise UserError(f"key point model {model_uri} refused: {err}") from None
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = train.model_from_state(state).to(self.device)
 

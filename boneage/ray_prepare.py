@@ -18,13 +18,13 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
-from boneage import io, prepare
+from boneage import prepare, storage
 from boneage.config import Config
 
 # The registered table's schema (docs/architecture.md). Written explicitly so that a batch in which
 # every value of a column happens to be None still writes the right type.
 REGISTERED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("uri", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
+    ("id", pa.string()), ("uri", pa.string()), ("path", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
     ("status", pa.string()), ("error", pa.string()),
     ("height", pa.int64()), ("width", pa.int64()), ("format", pa.string()),
     ("image_sex", pa.string()), ("image_age_months", pa.float64()), ("image_age_source", pa.string()),
@@ -59,13 +59,13 @@ _EMPTY_ARRAYS = {
 }
 
 
-def _register(batch: pd.DataFrame) -> pa.Table:
+def _register(batch: pd.DataFrame, schema: pa.Schema = REGISTERED_SCHEMA) -> pa.Table:
     rows = []
     for row in batch.to_dict("records"):
         model = [row.pop(c, None) for c in prepare.MODEL_KEYPOINT_COLUMNS]
         model = np.array(model, float).reshape(3, 2) if all(v is not None for v in model) else None
         rows.append(prepare.register_row(row, model))
-    return pa.Table.from_pylist(rows, schema=REGISTERED_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _analysed_without_arrays(batch: pd.DataFrame) -> pd.DataFrame:
@@ -92,8 +92,11 @@ def analyse_dataset(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
     return ds.map_batches(_analysed_without_arrays, batch_format="pandas").to_pandas()
 
 
-def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str | None = None) -> ray.data.Dataset:
-    """The lazy Ray Dataset of registered rows, one per manifest row."""
+def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str | None = None,
+                    keypoint_sha256: str | None = None, extra_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """The lazy Ray Dataset of registered rows, one per manifest row. `keypoint_sha256`: the checksum
+    the key point model must have (a bundle's manifest's), checked where it is loaded. `extra_columns`:
+    string columns of the manifest carried along (e.g. DICOM UIDs when asked for)."""
     batch = config.preprocess.batch_size
     ds = _from_manifest(manifest, batch).map_batches(
         _Analyse(config.data.storage_options), batch_size=batch, batch_format="pandas", num_cpus=1)
@@ -103,7 +106,8 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
         kp = config.keypoints
         ds = ds.map_batches(
             KeypointPredictor,
-            fn_constructor_args=(keypoint_model, config.data.storage_options, kp.gpus_per_actor > 0),
+            fn_constructor_args=(keypoint_model, config.data.storage_options, kp.gpus_per_actor > 0,
+                                 keypoint_sha256),
             compute=ActorPoolStrategy(size=kp.actors),
             batch_size=batch * 4,
             batch_format="pandas",
@@ -112,7 +116,11 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
             # request unlike the tasks' keeps Ray Data from fusing the CPU stage into the (small) pool.
             num_cpus=0.5 if kp.gpus_per_actor == 0 else 1,
         )
-    return ds.map_batches(_register, batch_size=batch, batch_format="pandas", num_cpus=1)
+    schema = REGISTERED_SCHEMA
+    for column in extra_columns:
+        schema = schema.append(pa.field(column, pa.string()))
+    return ds.map_batches(_register, fn_kwargs={"schema": schema}, batch_size=batch, batch_format="pandas",
+                          num_cpus=1)
 
 
 def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_model: str | None = None
@@ -120,7 +128,7 @@ def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_m
     """Prepare every manifest row on Ray and write the registered table to `out_uri` (a folder of
     parquet files). Returns the table without its image bytes (for summaries and QA)."""
     ds = prepare_dataset(manifest, config, keypoint_model)
-    path, filesystem = io.arrow_location(out_uri, config.data.storage_options)
+    path, filesystem = storage.arrow_location(out_uri, config.data.storage_options)
     # Replace, never append (Ray Data's default): a rerun on the same output, after a run cut off
     # mid-preprocessing or after a finished one, must leave each input's row exactly once.
     ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.OVERWRITE)
@@ -131,7 +139,7 @@ def read_registered(uri: str, storage_options: Mapping[str, Any] | None = None, 
                     ids: list[str] | None = None) -> pd.DataFrame:
     """The registered table written by run_prepare, sorted by id; only the rows of `ids` when given
     (the images of a whole RSNA run are ~10 GB: a contact sheet reads just its own)."""
-    path, filesystem = io.arrow_location(uri, storage_options)
+    path, filesystem = storage.arrow_location(uri, storage_options)
     images = ("keypoint_input", "registered_png")
     columns = [f.name for f in REGISTERED_SCHEMA if with_images or f.name not in images]
     # Tables written before a column was added lack it: read what is there, the rest is null.

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from boneage import ensemble, io, metrics, prepare
+from boneage import ensemble, metrics, prepare, storage
 
 SEX_COLOURS = {"F": "#d6604d", "M": "#4393c3"}
 THUMB_WIDTH = 200  # px of a worst case's registered image in the report (the image is 800 wide)
@@ -562,7 +562,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(sections)}</body></html>")
     for name, data in files.items():
-        io.write_bytes(io.join_uri(out_uri, name), data, storage_options)
-    report_uri = io.join_uri(out_uri, "report.html")
-    io.write_bytes(report_uri, page.encode("utf-8"), storage_options)
+        storage.write_bytes(storage.join_uri(out_uri, name), data, storage_options)
+    report_uri = storage.join_uri(out_uri, "report.html")
+    storage.write_bytes(report_uri, page.encode("utf-8"), storage_options)
     return report_uri

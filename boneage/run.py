@@ -13,9 +13,11 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from boneage import frame, io, ingest, prepare, progress, qa, synth
+from boneage import frame, ingest, prepare, progress, qa, storage, synth, weights
+from boneage.images import list_images
+from boneage.labels import read_keypoints, read_subjects
 from boneage.config import Config, absolute
-from boneage.errors import STATUS_OK, error_code
+from boneage.errors import STATUS_OK, MissingInput, RunError, UserError, error_code
 from boneage.progress import fmt_seconds
 
 
@@ -60,7 +62,7 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
     if config.keypoints.source not in ("model", "geometric"):
         problems.append(f"keypoints.source={config.keypoints.source!r}: 'model' or 'geometric'")
     if problems:
-        raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+        raise UserError("bad configuration:\n  " + "\n  ".join(problems))
     if not need_data:
         return
     d = config.data
@@ -70,24 +72,24 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
         if uri:
             fs, path = fsspec.core.url_to_fs(uri, **d.storage_options)
             if not fs.exists(path):
-                raise FileNotFoundError(f"{flag} {uri} does not exist")
+                raise MissingInput(f"{flag} {uri} does not exist")
     if need_labels and d.images and not d.labels:
-        raise ValueError("--images needs --labels (bone age and sex of each image) to train")
+        raise UserError("--images needs --labels (bone age and sex of each image) to train")
 
 
 def save_config(config: Config) -> None:
-    io.write_bytes(io.join_uri(config.output, "config.yaml"), config.to_yaml().encode(), config.data.storage_options)
+    storage.write_bytes(storage.join_uri(config.output, "config.yaml"), config.to_yaml().encode(), config.data.storage_options)
 
 
 def resolve_data(config: Config) -> Config:
     """With no images given, write the embedded synthetic data set (once) and point the config at it.
     Given images are listed once here, so that a wrong folder fails before Ray starts."""
     if config.data.images:
-        if not io.list_images(config.data.images, storage_options=config.data.storage_options):
-            raise ValueError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {config.data.images}")
+        if not list_images(config.data.images, storage_options=config.data.storage_options):
+            raise UserError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {config.data.images}")
         return config
     if "://" in config.output:
-        raise ValueError("the embedded synthetic data set is written locally: give --images, or a local --output")
+        raise UserError("the embedded synthetic data set is written locally: give --images, or a local --output")
     folder = Path(config.output) / "synthetic"
     if not (folder / "labels.csv").exists():  # a rerun reuses it: it is deterministic by seed anyway
         print(f"[data] writing {config.data.synthetic_n} synthetic radiographs to {folder}")
@@ -103,7 +105,7 @@ def resolve_data(config: Config) -> Config:
 
 
 def test_split_uri(config: Config) -> str:
-    return io.join_uri(config.output, "test", "split.csv")
+    return storage.join_uri(config.output, "test", "split.csv")
 
 
 def split_test(config: Config) -> pd.DataFrame:
@@ -120,7 +122,7 @@ def split_test(config: Config) -> pd.DataFrame:
         return split
     if config.data.test_images:
         if not config.data.test_labels:
-            raise ValueError("--test-images needs --test-labels (the test set's bone ages and sexes)")
+            raise UserError("--test-images needs --test-labels (the test set's bone ages and sexes)")
         manifest = ingest.build_manifest(config.data.test_images, config.data.test_labels, options)
         split = manifest[manifest.status == STATUS_OK].assign(source="test_images")
         if len(manifest) > len(split):
@@ -136,7 +138,7 @@ def split_test(config: Config) -> pd.DataFrame:
                                         config.data.seed + 1)[1])
         split = manifest.iloc[np.sort(np.concatenate(picks))].assign(source="test_fraction")
     split = split[["id", "uri", "male", "boneage", "source"]].reset_index(drop=True)
-    with io.open_output(uri, "wb", options) as f:
+    with storage.open_output(uri, "wb", options) as f:
         split.to_csv(f, index=False)
     print(f"[test] {len(split)} images locked away as the test split ({int((~split.male.astype(bool)).sum())} F, "
           f"{int(split.male.astype(bool).sum())} M; {split.source.iloc[0] if len(split) else 'none'}) → {uri}")
@@ -171,11 +173,11 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
     if not len(split):
         print("[test] no test split (test_fraction 0 and no --test-images): no locked-test accuracy")
         return None
-    subjects = io.join_uri(config.output, "test", "subjects.csv")
-    with io.open_output(subjects, "wb", options) as f:
+    subjects = storage.join_uri(config.output, "test", "subjects.csv")
+    with storage.open_output(subjects, "wb", options) as f:
         split[["id", "male"]].to_csv(f, index=False)
-    table = score(split["uri"].tolist(), bundle_uri, io.join_uri(config.output, "test", "predictions.parquet"),
-                  subjects=subjects, storage_options=options)
+    table = score(split["uri"].tolist(), bundle_uri, storage.join_uri(config.output, "test", "predictions.parquet"),
+                  subjects=subjects, storage_options=options, resume=False)  # the bundle may be new: afresh
     scored = split.merge(table[["id", "status", "error", "boneage_months"]], on="id", how="left")
     ok = scored["status"] == STATUS_OK
     acc = metrics.accuracy_report(scored.loc[ok, "boneage_months"], scored.loc[ok, "boneage"],
@@ -186,7 +188,7 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
               # Label-free: the spread of images no fold model saw sets the gate's fold spread threshold.
               "gate_fold_spread": gate.calibrate_fold_spread(
                   table.loc[table.status == STATUS_OK, "boneage_sd_months"])}
-    io.write_bytes(io.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
+    storage.write_bytes(storage.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
     bundle.add_test_accuracy(bundle_uri, result, options)
     print(f"[test] the shipped bundle on the locked test split ({result['scored']}/{result['images']} scored): "
           f"{metrics.describe(acc['all'])}")
@@ -196,7 +198,7 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
 def read_annotations(config: Config) -> dict[str, np.ndarray]:
     if not config.data.keypoints:
         return {}
-    annotations, errors = io.read_keypoints(config.data.keypoints, config.data.storage_options)
+    annotations, errors = read_keypoints(config.data.keypoints, config.data.storage_options)
     for rid, err in list(errors.items())[:5]:
         print(f"[keypoints] annotation of {rid} not used: {err}")
     return annotations
@@ -219,7 +221,7 @@ def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str
 
     kp = config.keypoints
     if kp.source not in ("model", "geometric"):
-        raise ValueError(f"keypoints.source must be 'model' or 'geometric', not {kp.source!r}")
+        raise UserError(f"keypoints.source must be 'model' or 'geometric', not {kp.source!r}")
     if kp.source == "geometric":
         return None
     if kp.model:
@@ -241,7 +243,7 @@ def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str
         return None
     print(f"[keypoints] training the key point model on {int(is_annotation.sum())} annotated and "
           f"{int((~is_annotation).sum())} pseudo-labelled images (Ray Train)")
-    out = io.join_uri(config.output, "keypoints", "keypoint_model.pt")
+    out = storage.join_uri(config.output, "keypoints", "keypoint_model.safetensors")
     started = time.time()
     metrics = ray_keypoints.fit(inputs, targets, config, out)
     # The selection split's error chose the epoch, so it is no estimate; the held-out annotated images'
@@ -279,20 +281,20 @@ def preprocess(config: Config) -> pd.DataFrame:
     print(f"[preprocess] {len(manifest)} items, {int((manifest.status != STATUS_OK).sum())} already failed at ingest")
     annotations = read_annotations(config)
     model = keypoint_model(config, manifest, annotations)
-    out = io.join_uri(config.output, "registered")
+    out = storage.join_uri(config.output, "registered")
     registering = time.time()
     table = ray_prepare.run_prepare(manifest, out, config, model)
     print(f"[preprocess] {len(table)} images masked, key points found, registered in {time.time() - registering:.0f} s")
     shown = table[table.status == STATUS_OK].id.head(config.preprocess.qa_sheet_size).tolist()
     sheet_rows = ray_prepare.read_registered(out, config.data.storage_options, ids=shown)
     sheet = qa.contact_sheet(sheet_rows, limit=config.preprocess.qa_sheet_size)
-    with io.open_output(io.join_uri(config.output, "qa", "registered_sheet.png"), "wb", config.data.storage_options) as f:
+    with storage.open_output(storage.join_uri(config.output, "qa", "registered_sheet.png"), "wb", config.data.storage_options) as f:
         sheet.save(f, format="PNG")
     summary = summarise(table, time.time() - started)
     summary["keypoint_model"] = model
     summary["keypoint_error_on_held_out_annotations"] = keypoint_errors(
         table, annotations, split_annotations(annotations, config.data.seed)[1])
-    io.write_bytes(io.join_uri(config.output, "qa", "preprocess_summary.json"),
+    storage.write_bytes(storage.join_uri(config.output, "qa", "preprocess_summary.json"),
                    json.dumps(summary, indent=2).encode(), config.data.storage_options)
     print_summary("preprocess", summary)
     return table
@@ -326,10 +328,10 @@ def print_summary(stage: str, summary: dict[str, Any]) -> None:
 
 def check_registered(config: Config) -> str:
     """The registered table's URI; FileNotFoundError (before Ray starts) when there is none."""
-    uri = io.join_uri(config.output, "registered")
+    uri = storage.join_uri(config.output, "registered")
     fs, path = fsspec.core.url_to_fs(uri, **config.data.storage_options)
     if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/*.parquet"):
-        raise FileNotFoundError(f"no registered table in {uri}: run `boneage preprocess` (or "
+        raise MissingInput(f"no registered table in {uri}: run `boneage preprocess` (or "
                                 "workflows/full_cv.py without --skip-preprocess) on this --output first")
     return uri
 
@@ -342,7 +344,7 @@ def cross_validate(config: Config) -> dict[str, Any]:
     from boneage import cv, ray_cv, ray_prepare  # import ray: only when this stage runs
 
     started = time.time()
-    saved = io.join_uri(config.output, "cv", "config.yaml")
+    saved = storage.join_uri(config.output, "cv", "config.yaml")
     fs, path = fsspec.core.url_to_fs(saved, **config.data.storage_options)
     if fs.exists(path):  # a rerun: finished trials are kept as they are, whatever the settings now
         import yaml
@@ -351,7 +353,7 @@ def cross_validate(config: Config) -> dict[str, Any]:
         if before is not None and before != yaml.safe_load(config.to_yaml())["cv"]:
             print(f"[cv] warning: the cv settings differ from {saved}; trials finished with the old ones "
                   "are kept (use a fresh --output to retrain everything)")
-    io.write_bytes(saved, config.to_yaml().encode(), config.data.storage_options)
+    storage.write_bytes(saved, config.to_yaml().encode(), config.data.storage_options)
     registered = check_registered(config)
     table = ray_prepare.read_registered(registered, config.data.storage_options, with_images=False)
     test_ids = read_test_ids(config)
@@ -369,7 +371,7 @@ def cross_validate(config: Config) -> dict[str, Any]:
         "fit_seconds_total": round(float(trials["fit_seconds"].sum()), 1) if "fit_seconds" in trials else None,
         "mae": table.to_dict("records"),
     }
-    io.write_bytes(io.join_uri(config.output, "cv", "summary.json"), json.dumps(summary, indent=2).encode(),
+    storage.write_bytes(storage.join_uri(config.output, "cv", "summary.json"), json.dumps(summary, indent=2).encode(),
                    config.data.storage_options)
     print_cv_summary(summary)
     return summary
@@ -386,12 +388,22 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
         print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")
 
 
+SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months",
+                   "boneage_sd_months")
+# what the gate's and the SDS's counts are read from (boneage.clinical.describe)
+CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note")
+
+
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
-          batch_size: int | None = None, cards: str | None = None) -> pd.DataFrame:
-    """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri`
-    (parquet), with sex and chronological age from `subjects` (CSV) or the DICOM header. Bad files
-    are rows with status 'error'; the summary is printed. Ray is started by the caller."""
+          batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
+          resume: bool = True, cards: str | None = None) -> pd.DataFrame:
+    """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri` (a
+    .parquet file, or a folder of parts), with sex and chronological age from `subjects` (CSV) or the
+    DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
+    `out_uri` scores only the files without a row (`resume=False`: all of them, afresh). Returns the
+    table's SUMMARY_COLUMNS (the driver never holds the whole table). With `cards` (a folder), a PNG
+    per image (boneage.cards). Ray is started by the caller."""
     from boneage import bundle as bundle_mod, clinical, gate, metrics, ray_score, score as score_mod
     from boneage.config import load_config
 
@@ -401,15 +413,20 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     bundle_uri, out_uri, subjects = absolute(bundle_uri), absolute(out_uri), absolute(subjects)
     options = dict(storage_options or {})
     loaded = bundle_mod.load_bundle(bundle_uri, options)  # a bad bundle fails here, before any work
+    provenance = ray_score.new_provenance(
+        bundle_uri, storage.read_bytes(storage.join_uri(bundle_uri, bundle_mod.MANIFEST), options), loaded.manifest,
+        id_from, keep_dicom_uids)
+    if not resume:
+        ray_score.remove_output(out_uri, options)
     trained = loaded.config or {}
     config = load_config(None, {"preprocess": trained.get("preprocess", {}), "keypoints": trained.get("keypoints", {}),
                                 "data": {"storage_options": options}})
     if batch_size:
         config.preprocess.batch_size = batch_size
-    manifest = ingest.build_manifest(images, None, options)
+    manifest = ingest.build_manifest(images, None, options, id_from=id_from, keep_uids=keep_dicom_uids)
     ages: dict[str, float] = {}
     if subjects:
-        table, errors = io.read_subjects(subjects, options)
+        table, errors = read_subjects(subjects, options)
         manifest = score_mod.with_subjects(manifest, table, errors)
         ages = {r.id: r.age_months for r in table.itertuples() if np.isfinite(r.age_months)}
         unmatched = sorted(set(table.id) - set(manifest.id))
@@ -423,8 +440,11 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     elif "out_of_fold" in measured:
         print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
-    table = ray_score.run_score(manifest, bundle_uri, config, out_uri, actors=actors,
-                                gpus_per_actor=gpus_per_actor, ages=ages, cards=absolute(cards))
+    ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
+                        gpus_per_actor=gpus_per_actor, ages=ages,
+                        uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else (), cards=absolute(cards))
+    table = ray_score.read_output(out_uri, SUMMARY_COLUMNS + (*CLINICAL_SUMMARY_COLUMNS, *(("card", "card_error") if cards else ())),
+                                  options)
     result = score_mod.summary(table)
     print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
           f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
@@ -435,6 +455,9 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     return table
 
 
+KEYPOINT_MODEL = "keypoints/keypoint_model.safetensors"  # in the bundle
+
+
 def write_bundle(config: Config) -> str:
     """OUTPUT/bundle (boneage.bundle): every fold model, the key point model, the ensemble weights, the
     configuration and a summary of the training data and CV metrics. Refuses a CV with unfinished
@@ -442,32 +465,34 @@ def write_bundle(config: Config) -> str:
     from boneage import bundle, cv, gate, metrics
 
     options = config.data.storage_options
-    cv_uri = io.join_uri(config.output, "cv")
-    folds = pd.read_parquet(io.join_uri(cv_uri, "folds.parquet"), storage_options=options or None)
+    cv_uri = storage.join_uri(config.output, "cv")
+    folds = pd.read_parquet(storage.join_uri(cv_uri, "folds.parquet"), storage_options=options or None)
     trials = cv.cv_trials(config.cv.kinds, cv.sexes_present(folds, config.cv.sexes), config.cv.k)
     files: dict[str, bytes] = {}
     models = []
-    records = pd.read_parquet(io.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
+    records = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
     oof_mae = dict(zip(records["trial"], records["oof_mae"])) if len(records) else {}
     missing = [t.name for t in trials if t.name not in oof_mae]
     if missing:
-        raise RuntimeError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
+        raise RunError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
     for t in trials:
-        path = f"models/{t.name}.pt"
-        files[path] = io.read_bytes(io.join_uri(cv_uri, "models", t.name + ".pt"), options)
+        # The CV's models are tensors-only .pt files; the bundle, which travels, holds safetensors.
+        path = f"models/{t.name}.safetensors"
+        state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
+        files[path] = weights.to_bytes(state)
         models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "oof_mae": float(oof_mae[t.name])})
-    preprocess_summary = _read_json(io.join_uri(config.output, "qa", "preprocess_summary.json"), options)
+    preprocess_summary = _read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options)
     keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
     if config.keypoints.source == "model" and not keypoint_model:
         print("[bundle] warning: no key point model found (no qa/preprocess_summary.json and no "
               "keypoints.model): scoring will register with geometric key points only")
     if keypoint_model:
-        files["keypoints/keypoint_model.pt"] = io.read_bytes(keypoint_model, options)
-    files["ensemble.json"] = io.read_bytes(io.join_uri(cv_uri, "ensemble.json"), options)
+        files[KEYPOINT_MODEL] = weights.to_bytes(weights.load_state(storage.read_bytes(keypoint_model, options)))
+    files["ensemble.json"] = storage.read_bytes(storage.join_uri(cv_uri, "ensemble.json"), options)
     files["config.yaml"] = config.to_yaml().encode()
-    cv_summary = _read_json(io.join_uri(cv_uri, "summary.json"), options)
+    cv_summary = _read_json(storage.join_uri(cv_uri, "summary.json"), options)
     ensembles = json.loads(files["ensemble.json"])
-    oof = pd.read_parquet(io.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
+    oof = pd.read_parquet(storage.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
     oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
                     [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", f"ensemble_{ensembles['use']}")]}
     training = {
@@ -484,10 +509,10 @@ def write_bundle(config: Config) -> str:
         "gate": gate.calibrate(oof, config.cv.kinds),  # the rejection gate's thresholds (boneage.gate)
     }
     files["training.json"] = json.dumps(training, indent=2).encode()
-    out = io.join_uri(config.output, "bundle")
+    out = storage.join_uri(config.output, "bundle")
     bundle.write_bundle(out, files, models, {
         "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
-        "input_scale": config.cv.input_scale, "keypoint_model": "keypoints/keypoint_model.pt" if keypoint_model else None,
+        "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
         "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
                                      **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},
@@ -510,12 +535,12 @@ def fit_ensembles(config: Config) -> dict[str, Any]:
     from boneage import ensemble, ray_ensemble
 
     options = config.data.storage_options
-    cv_uri = io.join_uri(config.output, "cv")
-    oof = pd.read_parquet(io.join_uri(cv_uri, "oof.parquet"), storage_options=options or None)
+    cv_uri = storage.join_uri(config.output, "cv")
+    oof = pd.read_parquet(storage.join_uri(cv_uri, "oof.parquet"), storage_options=options or None)
     kinds = list(config.cv.kinds)
     fits, predictions = {}, {}
     fits["tune"], predictions["tune"] = ray_ensemble.tune_ensemble(
-        oof, kinds, io.join_uri(cv_uri, "ensemble_tune"), options, seed=config.data.seed,
+        oof, kinds, storage.join_uri(cv_uri, "ensemble_tune"), options, seed=config.data.seed,
         cpus_per_trial=min(1.0, config.cv.cpus_per_trial))
     for method in ("lad", "nnls"):
         fits[method], predictions[method] = ensemble.fit_ensemble(oof, kinds, method)
@@ -523,13 +548,13 @@ def fit_ensembles(config: Config) -> dict[str, Any]:
     # then reported: the other fits are comparisons.
     use = config.cv.ensemble
     if use not in fits:
-        raise ValueError(f"cv.ensemble must be one of {sorted(fits)}, not {use!r}")
+        raise UserError(f"cv.ensemble must be one of {sorted(fits)}, not {use!r}")
     result = {"use": use, "fits": fits,
               "why": "fixed beforehand by cv.ensemble; every MAE here is cross-validated over the OOF table's "
                      "folds (no row's prediction saw its own label)"}
-    io.write_bytes(io.join_uri(cv_uri, "ensemble.json"), json.dumps(result, indent=2).encode(), options)
+    storage.write_bytes(storage.join_uri(cv_uri, "ensemble.json"), json.dumps(result, indent=2).encode(), options)
     table = oof.assign(**{f"ensemble_{m}": p for m, p in predictions.items()})
-    with io.open_output(io.join_uri(cv_uri, "ensemble_oof.parquet"), "wb", options) as f:
+    with storage.open_output(storage.join_uri(cv_uri, "ensemble_oof.parquet"), "wb", options) as f:
         table.to_parquet(f, index=False)
     best_kind = min(kinds, key=lambda k: ensemble.mae(oof[k].to_numpy(float), oof["boneage"].to_numpy(float)))
     print("[ensemble] cross-validated MAE (months): " + ", ".join(
@@ -547,26 +572,26 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     from boneage import ray_prepare, report as report_mod
 
     options = config.data.storage_options
-    cv_uri = io.join_uri(config.output, "cv")
-    ensembles = ensembles or _read_json(io.join_uri(cv_uri, "ensemble.json"), options)
-    table = pd.read_parquet(io.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
+    cv_uri = storage.join_uri(config.output, "cv")
+    ensembles = ensembles or _read_json(storage.join_uri(cv_uri, "ensemble.json"), options)
+    table = pd.read_parquet(storage.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
     kinds = list(config.cv.kinds)
     names = list(ensembles["fits"])
     predictions = {m: table[f"ensemble_{m}"].to_numpy(float) for m in names}
     worst = report_mod.worst_cases(table, predictions[ensembles["use"]], n_worst)["id"].tolist()
-    images = ray_prepare.read_registered(io.join_uri(config.output, "registered"), options, ids=worst)
-    trials = pd.read_parquet(io.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
-    test = test or _read_json(io.join_uri(config.output, "test", "metrics.json"), options) or None
+    images = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, ids=worst)
+    trials = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
+    test = test or _read_json(storage.join_uri(config.output, "test", "metrics.json"), options) or None
     test_table = None
     if test:
-        scored = pd.read_parquet(io.join_uri(config.output, "test", "predictions.parquet"),
+        scored = pd.read_parquet(storage.join_uri(config.output, "test", "predictions.parquet"),
                                  storage_options=options or None)
         test_table = read_test_split(config).merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
         test_table = test_table.rename(columns={"boneage_months": "pred"})
     uri = report_mod.write_report(
-        io.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
+        storage.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
         ensembles["fits"], predictions, trials=trials,
-        preprocess_summary=_read_json(io.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
+        preprocess_summary=_read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
         worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
         test=test, test_table=test_table)
     print(f"[report] {uri}")
@@ -599,10 +624,10 @@ def print_final_summary(config: Config, test: dict[str, Any] | None, timings: St
     from boneage import metrics
 
     options = config.data.storage_options
-    cv_uri = io.join_uri(config.output, "cv")
-    summary = _read_json(io.join_uri(cv_uri, "summary.json"), options)
-    ensembles = _read_json(io.join_uri(cv_uri, "ensemble.json"), options)
-    io.write_bytes(io.join_uri(config.output, "timings.json"), json.dumps(
+    cv_uri = storage.join_uri(config.output, "cv")
+    summary = _read_json(storage.join_uri(cv_uri, "summary.json"), options)
+    ensembles = _read_json(storage.join_uri(cv_uri, "ensemble.json"), options)
+    storage.write_bytes(storage.join_uri(config.output, "timings.json"), json.dumps(
         {"total_seconds": round(timings.total, 1), "stages": timings.seconds}, indent=2).encode(), options)
     print(f"\n== done in {timings.total / 60:.1f} min ==")
     print("  " + ", ".join(f"{title.split(' ', 1)[1].split(' (')[0]} {fmt_seconds(s)}"
@@ -616,8 +641,8 @@ def print_final_summary(config: Config, test: dict[str, Any] | None, timings: St
         print(f"  {label:<28}{mae.get('F', float('nan')):>8.2f}{mae.get('M', float('nan')):>8.2f}{mae['all']:>8.2f}")
     if test:
         print(f"  locked test split, shipped bundle: {metrics.describe(test['accuracy']['all'])}")
-    for what, where in (("report", io.join_uri(config.output, "report", "report.html")),
-                        ("bundle", io.join_uri(config.output, "bundle")),
-                        ("out-of-fold table", io.join_uri(cv_uri, "oof.parquet")),
-                        ("test predictions", io.join_uri(config.output, "test", "predictions.parquet"))):
+    for what, where in (("report", storage.join_uri(config.output, "report", "report.html")),
+                        ("bundle", storage.join_uri(config.output, "bundle")),
+                        ("out-of-fold table", storage.join_uri(cv_uri, "oof.parquet")),
+                        ("test predictions", storage.join_uri(config.output, "test", "predictions.parquet"))):
         print(f"  {what:<18} {where}")

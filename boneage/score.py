@@ -15,23 +15,45 @@ from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from boneage import clinical, cv, ensemble, gate, train
-from boneage.bundle import Bundle
+from boneage.bundle import Bundle, BundleError
 from boneage.models import model_kind
 
 SEX_SOURCES = ("csv", "dicom", "unknown")
 
 # The output table, in order: see docs/scoring.md for each column's meaning.
 OUTPUT_COLUMNS = (
-    "id", "uri", "status", "error", "sex", "sex_source", "sex_unknown",
+    "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown",
     "boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
-    "format", "height", "width",
+    "format", "height", "width", "mirrored", "transform",
     *clinical.COLUMNS,  # bone age SDS and the rejection gate (boneage.clinical)
 )
+# Added by boneage.ray_score to every row: which bundle scored it, and when (a resumed output mixes
+# runs); the table's parquet metadata holds the rest (PROVENANCE_KEY).
+PROVENANCE_COLUMNS = ("bundle_sha256", "scored_at")
+PROVENANCE_KEY = b"boneage"
+# Only with --keep-dicom-uids: identifiers, which link a row back to the patient's study.
+UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+CARD_COLUMNS = ("card", "card_error")  # only with --cards (boneage.cards)
+
+_TYPES = {"sex_unknown": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
+          "accepted": pa.bool_(),
+          "mirrored": pa.bool_(), "height": pa.int64(), "width": pa.int64(), "transform": pa.list_(pa.float64()),
+          "scored_at": pa.timestamp("us", tz="UTC")}
+_STRINGS = {"id", "uri", "path", "status", "error", "sex", "sex_source", "age_source", "keypoint_source", "format",
+            "bundle_sha256", *UID_COLUMNS}
+
+
+def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = (), cards: bool = False) -> pa.Schema:
+    """The scoring table's schema, written explicitly: a part in which a column happens to be all null
+    must still have its type, or the parts would not read back as one table."""
+    names = [*OUTPUT_COLUMNS, *kinds, *PROVENANCE_COLUMNS, *uid_columns, *(CARD_COLUMNS if cards else ())]
+    return pa.schema([(n, _TYPES.get(n, pa.string() if n in _STRINGS else pa.float64())) for n in names])
 
 
 class BundleModels:
@@ -79,7 +101,7 @@ def ensemble_record(bundle: Bundle) -> dict[str, Any]:
     fits = bundle.ensemble.get("fits") or {}
     use = bundle.ensemble.get("use")
     if use not in fits:
-        raise ValueError(f"bundle {bundle.uri}: ensemble.json names fit {use!r}, which it does not hold "
+        raise BundleError(f"bundle {bundle.uri}: ensemble.json names fit {use!r}, which it does not hold "
                          f"(has {sorted(fits)})")
     return fits[use]
 
@@ -124,7 +146,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     rows = rows.reset_index(drop=True)
     sexes, sex_sources = resolve_sex(rows)
     ages, age_sources = resolve_age(rows)
-    out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "status": rows["status"], "error": rows["error"],
+    out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "path": rows.get("path"), "status": rows["status"], "error": rows["error"],
                         "sex": sexes, "sex_source": sex_sources, "sex_unknown": [s is None for s in sexes]})
     for column in ("boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months"):
         out[column] = np.nan
@@ -162,7 +184,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     out["age_source"] = age_sources
     out["boneage_minus_age_months"] = out["boneage_months"] - ages
     for column in ("registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
-                   "format", "height", "width"):
+                   "format", "height", "width", "mirrored", "transform"):
         out[column] = rows[column] if column in rows else None
     out = clinical.add_columns(out, models.kinds, models.gate)
     return out[list(OUTPUT_COLUMNS) + list(models.kinds)]

@@ -3,16 +3,18 @@ incomplete, damaged or from another version."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from io import BytesIO
 
 import pytest
 import torch
 
-from boneage import bundle
+from boneage import bundle, weights
 from boneage.bundle import BundleError, load_bundle
 
-from tiny_bundle import FOLDS, KINDS, write_tiny_bundle
+from tiny_bundle import FOLDS, KINDS, fold_state, write_tiny_bundle
 
 
 @pytest.fixture()
@@ -44,10 +46,10 @@ def test_missing_bundle_and_missing_manifest(tmp_path, tiny):
 
 
 def test_missing_or_damaged_file(tiny):
-    model = tiny / "models" / "B-cls-M-fold1.pt"
+    model = tiny / "models" / "B-cls-M-fold1.safetensors"
     data = model.read_bytes()
     model.unlink()
-    with pytest.raises(BundleError, match="models/B-cls-M-fold1.pt is missing"):
+    with pytest.raises(BundleError, match="models/B-cls-M-fold1.safetensors is missing"):
         load_bundle(str(tiny))
     model.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size, one byte changed
     with pytest.raises(BundleError, match="does not match its checksum"):
@@ -75,3 +77,58 @@ def test_bundle_on_s3(s3_server):
     write_tiny_bundle(uri, s3_server["storage_options"])
     loaded = load_bundle(uri, s3_server["storage_options"])
     assert len(loaded.models) == 2 * len(KINDS)
+
+
+class _RunsCodeWhenUnpickled:
+    """What an attacker would put in a weights file: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("where", ["models/A-reg-F-fold0.safetensors", "keypoints/keypoint_model.safetensors"])
+def test_a_pickle_that_would_run_code_is_refused(tiny, tmp_path, where):
+    """A fold model or the key point model replaced by a pickle carrying code, with the manifest's
+    checksum updated to match (as whoever could swap the file could do): refused, and the code never ran."""
+    marker = tmp_path / "payload_ran"
+    buffer = BytesIO()
+    torch.save({"spec": {"kind": "A-reg"}, "best": _RunsCodeWhenUnpickled(str(marker))}, buffer)
+    data = buffer.getvalue()
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != where] + [
+        {"path": where, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    manifest["keypoint_model"] = "keypoints/keypoint_model.safetensors"
+    if where.startswith("models/"):  # the key point model the manifest now names: a good one
+        good = weights.to_bytes(fold_state("A-reg", "F", 0))
+        (tiny / "keypoints").mkdir()
+        (tiny / "keypoints" / "keypoint_model.safetensors").write_bytes(good)
+        manifest["files"] += [{"path": "keypoints/keypoint_model.safetensors", "bytes": len(good),
+                               "sha256": hashlib.sha256(good).hexdigest()}]
+    (tiny / where).parent.mkdir(exist_ok=True)
+    (tiny / where).write_bytes(data)
+    (tiny / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"{where} refused: not a safetensors file"):
+        load_bundle(str(tiny))
+    assert not marker.exists()
+    # The same bytes given as a key point model (.pt) elsewhere: torch's weights_only refuses them too.
+    with pytest.raises(weights.UnsafeWeights, match="not loadable as tensors only"):
+        weights.load_state(data)
+    assert not marker.exists()
+    # The payload is real: a plain unpickling would have run it.
+    torch.load(BytesIO(data), weights_only=False)
+    assert marker.exists()
+
+
+def test_weights_round_trip_and_a_file_not_in_the_manifest_is_refused(tiny):
+    state = fold_state("B-cls", "M", 1)
+    back = weights.from_bytes(weights.to_bytes({**state, "metrics": {"mae": float("nan"), "kinds": ("a", "b")}}))
+    assert back["trial"] == state["trial"] and back["metrics"]["kinds"] == ["a", "b"]
+    assert all(torch.equal(back["best"]["model"][k], v) for k, v in state["best"]["model"].items())
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "models/A-reg-F-fold0.safetensors"]
+    (tiny / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not in the manifest's file list"):
+        load_bundle(str(tiny))

@@ -108,3 +108,28 @@ def test_the_locked_test_split_is_stratified_fixed_and_kept(tmp_path):
     pd.testing.assert_frame_equal(run.split_test(other), split)  # fixed by seed
     config.data.test_fraction = 0.4  # a rerun keeps the split it finds: no image changes sides
     pd.testing.assert_frame_equal(run.split_test(config), split)
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from boneage.cli import user_errors
+    from boneage.errors import MissingInput
+
+    def bad_input():
+        raise MissingInput("no such folder or prefix: scans/")
+
+    def bug():
+        return {}["missing"]  # an internal error: must not pass for a user's mistake
+
+    assert user_errors("boneage score")(bad_input)() == 2
+    assert capsys.readouterr().err == "boneage score: error: no such folder or prefix: scans/\n"
+    with pytest.raises(KeyError):
+        user_errors("boneage score")(bug)()
+    with pytest.raises(ValueError):  # a plain ValueError from inside is a bug too
+        user_errors("boneage score")(lambda: int("x"))()
+
+
+def test_bad_config_key_is_a_message(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("cv:\n  foldz: 3\n")
+    assert main(["cv", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
+    assert "unknown config key" in capsys.readouterr().err

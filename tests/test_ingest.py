@@ -5,12 +5,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from boneage.errors import error_code
-from boneage.ingest import MANIFEST_COLUMNS, build_manifest
+from boneage.ingest import MANIFEST_COLUMNS, UID_COLUMNS, build_manifest
 
 from conftest import REAL_DIR
+from test_io import dicom_bytes, hand_like
 
 
 def _folder_with_labels(tmp_path: Path, label_text: str) -> tuple[Path, Path]:
@@ -38,12 +40,51 @@ def test_join_labels_and_report_every_problem(tmp_path):
 
 def test_two_images_with_one_id_are_both_errors(tmp_path):
     images, labels = _folder_with_labels(tmp_path, "id,boneage,male\n1402,24,False\n1563,192,False\n1675,96,True\n")
-    (images / "sub").mkdir()
-    shutil.copy(REAL_DIR / "1402.png", images / "sub" / "1402.png")
+    shutil.copy(REAL_DIR / "1402.png", images / "1402.dcm")  # one id, two files: which one is labelled?
     manifest = build_manifest(str(images), str(labels))
     dup = manifest[manifest.id == "1402"]
     assert len(dup) == 2 and set(dup.error.map(error_code)) == {"duplicate_id"}
     assert (manifest[manifest.id != "1402"].status == "ok").all()
+
+
+def _pacs_export(root: Path) -> dict[str, bytes]:
+    """Two studies that both hold an IM0001 (one extension-less), beside a flat file at the root."""
+    pixels = hand_like(dtype=np.uint16, hi=4000)
+    files = {"patientA/study1/IM0001.dcm": dicom_bytes(pixels), "patientB/study7/IM0001": dicom_bytes(pixels),
+             "1402.png": (REAL_DIR / "1402.png").read_bytes()}
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return files
+
+
+def test_pacs_export_ids_are_relative_paths_and_match_labels(tmp_path):
+    _pacs_export(tmp_path / "export")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,boneage,male\n1402.png,24,False\npatientA/study1/IM0001.dcm,100,True\n"
+                      "patientB/study7/IM0001,50,False\n")
+    manifest = build_manifest(str(tmp_path / "export"), str(labels)).set_index("id")
+    assert list(manifest.index) == ["1402", "patientA/study1/IM0001", "patientB/study7/IM0001"]
+    assert (manifest.status == "ok").all()  # no duplicate_id: the flat file keeps its stem
+    assert manifest.loc["patientA/study1/IM0001", "path"] == "patientA/study1/IM0001.dcm"
+    assert manifest.loc["patientA/study1/IM0001", "boneage"] == 100 and manifest.loc["1402", "boneage"] == 24
+    # A list's ids are relative to the deepest folder holding all its entries.
+    listed = build_manifest([str(tmp_path / "export" / "patientA"), str(tmp_path / "export" / "patientB")])
+    assert list(listed.id) == ["patientA", "patientB"]
+
+
+def test_ids_from_sop_instance_uid_and_uid_columns(tmp_path):
+    files = _pacs_export(tmp_path / "export")
+    (tmp_path / "export" / "copy.dcm").write_bytes(files["patientA/study1/IM0001.dcm"])  # one image, twice
+    manifest = build_manifest(str(tmp_path / "export"), id_from="sop", keep_uids=True)
+    assert set(UID_COLUMNS) <= set(manifest.columns)
+    sop = manifest.dropna(subset=["SOPInstanceUID"])
+    assert (sop.id == sop.SOPInstanceUID).all() and len(sop) == 3 and sop.StudyInstanceUID.notna().all()
+    twice = manifest[manifest.path.isin(["copy.dcm", "patientA/study1/IM0001.dcm"])]
+    assert set(twice.error.map(error_code)) == {"duplicate_id"}  # the same SOP instance listed twice
+    png = manifest[manifest.path == "1402.png"].iloc[0]
+    assert png.id == "1402" and png.status == "ok" and pd.isna(png.SOPInstanceUID)  # no UID: its path id
+    assert "SOPInstanceUID" not in build_manifest(str(tmp_path / "export")).columns  # off by default
 
 
 def test_without_labels_every_image_is_ok(tmp_path):

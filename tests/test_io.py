@@ -1,4 +1,5 @@
-"""boneage.io: listing, decoding, labels, key points and writing, locally and on S3 (moto server)."""
+"""Reading inputs: boneage.images (listing, ids, decoding), boneage.dicom, boneage.labels (labels, key
+points) and boneage.storage (writing), locally and on S3 (moto server)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from boneage import io as bio
+from boneage import images, labels, storage
 from boneage.errors import ItemError
 from boneage.frame import KEYPOINT_NAMES
 
@@ -76,6 +77,7 @@ def dicom_bytes(
     ds.file_meta = file_meta
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality = "DX"
     for key, value in IDENTIFYING.items():
         setattr(ds, key, value)
@@ -117,16 +119,16 @@ def code_of(fn, *args, **kw) -> str:
 
 def test_png_8bit_gray_is_kept_exactly():
     arr = hand_like()
-    image, meta = bio.decode_image(png_bytes(arr), "a.png")
+    image, meta = images.decode_image(png_bytes(arr), "a.png")
     assert image.dtype == np.uint8 and np.array_equal(image, arr)
-    assert tuple(meta) == bio.META_KEYS
+    assert tuple(meta) == images.META_KEYS
     assert meta["format"] == "png" and meta["window"] == "none" and meta["sex"] is None
 
 
 def test_png_16bit_is_windowed_robustly():
     arr = hand_like(dtype=np.uint16, hi=4000)
     arr[0, :5] = 65535  # a few hot pixels must not squeeze the hand into a few grey levels
-    image, meta = bio.decode_image(png_bytes(arr), "a16.png")
+    image, meta = images.decode_image(png_bytes(arr), "a16.png")
     assert Image.open(io.BytesIO(png_bytes(arr))).mode.startswith("I")
     assert image.dtype == np.uint8 and image.shape == arr.shape
     assert meta["orig_dtype"] == "uint16" and meta["window"] == "percentile"
@@ -138,31 +140,31 @@ def test_png_16bit_is_windowed_robustly():
 def test_png_rgb_and_rgba_become_luminance():
     gray = hand_like()
     rgb = np.stack([gray] * 3, axis=-1)
-    image, meta = bio.decode_image(png_bytes(rgb), "rgb.png")
+    image, meta = images.decode_image(png_bytes(rgb), "rgb.png")
     assert np.array_equal(image, gray) and meta["window"] == "luminance" and meta["orig_mode"] == "RGB"
     rgba = np.concatenate([rgb, np.full(gray.shape + (1,), 128, np.uint8)], axis=-1)
-    image, meta = bio.decode_image(png_bytes(rgba), "rgba.png")
+    image, meta = images.decode_image(png_bytes(rgba), "rgba.png")
     assert np.array_equal(image, gray) and meta["orig_mode"] == "RGBA"
     red = np.zeros_like(rgb)
     red[..., 0] = gray
-    image, _ = bio.decode_image(png_bytes(red), "red.png")
+    image, _ = images.decode_image(png_bytes(red), "red.png")
     assert np.abs(image.astype(int) - np.round(gray * 0.299)).max() <= 1
 
 
 def test_jpeg_decodes_and_applies_exif_orientation():
     arr = hand_like(h=128, w=96)
-    image, meta = bio.decode_image(jpeg_bytes(arr), "a.jpg")
+    image, meta = images.decode_image(jpeg_bytes(arr), "a.jpg")
     assert meta["format"] == "jpeg" and image.shape == arr.shape
     assert np.abs(image.astype(int) - arr).mean() < 3
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    image, _ = bio.decode_image(jpeg_bytes(arr, exif=exif.tobytes()), "rot.jpg")
+    image, _ = images.decode_image(jpeg_bytes(arr, exif=exif.tobytes()), "rot.jpg")
     assert image.shape == (96, 128)
 
 
 def test_type_comes_from_magic_bytes_not_extension():
     arr = hand_like()
-    image, meta = bio.decode_image(png_bytes(arr), "actually_png.jpg")
+    image, meta = images.decode_image(png_bytes(arr), "actually_png.jpg")
     assert meta["format"] == "png" and np.array_equal(image, arr)
 
 
@@ -171,7 +173,7 @@ def test_type_comes_from_magic_bytes_not_extension():
 
 def test_dicom_monochrome2_rescale_and_percentile_window():
     stored = hand_like(dtype=np.uint16, hi=4000)
-    image, meta = bio.decode_image(dicom_bytes(stored, slope=2.0, intercept=-1000), "a.dcm")
+    image, meta = images.decode_image(dicom_bytes(stored, slope=2.0, intercept=-1000), "a.dcm")
     assert image.dtype == np.uint8 and image.shape == stored.shape
     assert meta["format"] == "dicom" and meta["window"] == "percentile" and not meta["inverted"]
     assert meta["orig_mode"] == "MONOCHROME2" and meta["pixel_spacing_mm"] == [0.143, 0.143]
@@ -181,7 +183,7 @@ def test_dicom_monochrome2_rescale_and_percentile_window():
 def test_dicom_voi_window_uses_rescaled_values():
     stored = np.tile(np.arange(0, 4000, 4000 / 96, dtype=np.float64), (100, 1)).astype(np.uint16)
     # value = 2 * stored - 1000; window centre 1000 width 2000 maps [0, 2000] to [0, 255]
-    image, meta = bio.decode_image(dicom_bytes(stored, slope=2.0, intercept=-1000, window=(1000, 2000)), "w.dcm")
+    image, meta = images.decode_image(dicom_bytes(stored, slope=2.0, intercept=-1000, window=(1000, 2000)), "w.dcm")
     assert meta["window"] == "voi"
     value = 2.0 * stored - 1000
     assert (image[value <= 0] == 0).all() and (image[value >= 2000] == 255).all()
@@ -192,8 +194,8 @@ def test_dicom_voi_window_uses_rescaled_values():
 
 def test_dicom_monochrome1_is_inverted():
     stored = hand_like(dtype=np.uint16, hi=4000)
-    mono2, _ = bio.decode_image(dicom_bytes(stored, "MONOCHROME2"), "m2.dcm")
-    mono1, meta = bio.decode_image(dicom_bytes(stored, "MONOCHROME1"), "m1.dcm")
+    mono2, _ = images.decode_image(dicom_bytes(stored, "MONOCHROME2"), "m2.dcm")
+    mono1, meta = images.decode_image(dicom_bytes(stored, "MONOCHROME1"), "m1.dcm")
     assert meta["inverted"] and meta["orig_mode"] == "MONOCHROME1"
     assert np.array_equal(mono1, 255 - mono2)
 
@@ -202,8 +204,8 @@ def test_dicom_meta_has_sex_and_age_but_nothing_identifying():
     data = dicom_bytes(hand_like(dtype=np.uint16, hi=4000), sex="F", birth="20100115", study="20200715")
     for value in IDENTIFYING.values():
         assert value.encode() in data  # the test file really carries them
-    _, meta = bio.decode_image(data, "id.dcm")
-    assert set(meta) == set(bio.META_KEYS)
+    _, meta = images.decode_image(data, "id.dcm")
+    assert set(meta) == set(images.META_KEYS)
     assert meta["sex"] == "F" and meta["age_source"] == "dates"
     assert meta["age_months"] == pytest.approx(126.0, abs=0.5)  # 10 y 6 m
     text = json.dumps(meta, default=str)
@@ -214,81 +216,81 @@ def test_dicom_meta_has_sex_and_age_but_nothing_identifying():
 
 def test_dicom_age_from_patient_age_and_unknown_sex():
     data = dicom_bytes(hand_like(dtype=np.uint16, hi=4000), sex="O", birth=None, study="20200715", age="010Y")
-    _, meta = bio.decode_image(data, "age.dcm")
+    _, meta = images.decode_image(data, "age.dcm")
     assert meta["age_months"] == 120 and meta["age_source"] == "PatientAge" and meta["sex"] is None
-    _, meta = bio.decode_image(dicom_bytes(hand_like(dtype=np.uint16), sex=None, birth=None, study=None), "x.dcm")
+    _, meta = images.decode_image(dicom_bytes(hand_like(dtype=np.uint16), sex=None, birth=None, study=None), "x.dcm")
     assert meta["age_months"] is None and meta["age_source"] is None and meta["sex"] is None
 
 
 def test_dicom_multiframe_takes_first_frame():
     frames = np.stack([hand_like(dtype=np.uint16, hi=4000, seed=s) for s in (1, 2)])
-    multi, meta = bio.decode_image(dicom_bytes(frames, frames=2), "mf.dcm")
-    single, _ = bio.decode_image(dicom_bytes(frames[0]), "f0.dcm")
+    multi, meta = images.decode_image(dicom_bytes(frames, frames=2), "mf.dcm")
+    single, _ = images.decode_image(dicom_bytes(frames[0]), "f0.dcm")
     assert meta["n_frames"] == 2 and np.array_equal(multi, single)
 
 
 def test_bad_dicom_corrupt_header_and_no_pixel_data():
     good = dicom_bytes(hand_like(dtype=np.uint16, hi=4000))
     corrupt = good[:132] + b"\xff" * 64 + good[196:]
-    assert code_of(bio.decode_image, corrupt, "corrupt.dcm") == "bad_dicom"
-    assert code_of(bio.decode_image, dicom_bytes(None), "nopix.dcm") == "bad_dicom"
+    assert code_of(images.decode_image, corrupt, "corrupt.dcm") == "bad_dicom"
+    assert code_of(images.decode_image, dicom_bytes(None), "nopix.dcm") == "bad_dicom"
 
 
 def test_truncated_dicom_pixel_data():
     good = dicom_bytes(hand_like(dtype=np.uint16, hi=4000))
-    assert code_of(bio.decode_image, good[: len(good) - 5000], "cut.dcm") == "truncated"
-    assert code_of(bio.decode_image, good[:400], "cut_in_header.dcm") == "bad_dicom"
+    assert code_of(images.decode_image, good[: len(good) - 5000], "cut.dcm") == "truncated"
+    assert code_of(images.decode_image, good[:400], "cut_in_header.dcm") == "bad_dicom"
 
 
 # --- errors -------------------------------------------------------------------------------------
 
 
 def test_missing_and_empty_file(tmp_path):
-    assert code_of(bio.read_image, str(tmp_path / "nope.png")) == "missing_file"
+    assert code_of(images.read_image, str(tmp_path / "nope.png")) == "missing_file"
     (tmp_path / "empty.png").write_bytes(b"")
-    assert code_of(bio.read_image, str(tmp_path / "empty.png")) == "empty_file"
+    assert code_of(images.read_image, str(tmp_path / "empty.png")) == "empty_file"
 
 
 def test_unreadable_location_is_read_failed():
-    assert code_of(bio.read_image, "nosuchprotocol://bucket/a.png") == "read_failed"
+    assert code_of(images.read_image, "nosuchprotocol://bucket/a.png") == "read_failed"
 
 
 def test_truncated_png_and_jpeg():
     png = png_bytes(hand_like(h=300, w=200))
-    assert code_of(bio.decode_image, png[: len(png) // 2], "half.png") == "truncated"
-    assert code_of(bio.decode_image, png[:-12], "no_iend.png") == "truncated"  # PIL alone accepts this
-    assert code_of(bio.decode_image, png[:30], "header.png") == "truncated"
+    assert code_of(images.decode_image, png[: len(png) // 2], "half.png") == "truncated"
+    assert code_of(images.decode_image, png[:-12], "no_iend.png") == "truncated"  # PIL alone accepts this
+    assert code_of(images.decode_image, png[:30], "header.png") == "truncated"
     jpg = jpeg_bytes(hand_like(h=300, w=200))
-    assert code_of(bio.decode_image, jpg[: len(jpg) // 2], "half.jpg") == "truncated"
-    assert code_of(bio.decode_image, jpg[:-2], "no_eoi.jpg") == "truncated"
-    assert code_of(bio.decode_image, jpg[:100], "header.jpg") == "truncated"
+    assert code_of(images.decode_image, jpg[: len(jpg) // 2], "half.jpg") == "truncated"
+    assert code_of(images.decode_image, jpg[:-2], "no_eoi.jpg") == "truncated"
+    assert code_of(images.decode_image, jpg[:100], "header.jpg") == "truncated"
 
 
 def test_corrupt_png_data():
     png = bytearray(png_bytes(hand_like(h=300, w=200)))
     png[len(png) // 2] ^= 0xFF
-    assert code_of(bio.decode_image, bytes(png), "flip.png") == "corrupt_image"
+    assert code_of(images.decode_image, bytes(png), "flip.png") == "corrupt_image"
 
 
 def test_not_an_image(tmp_path):
     rng = np.random.default_rng(1)
-    assert code_of(bio.decode_image, rng.bytes(5000), "random.png") == "not_an_image"
+    assert code_of(images.decode_image, rng.bytes(5000), "random.png") == "not_an_image"
     (tmp_path / "notes.png").write_text("this is a text file, not a radiograph\n")
     with pytest.raises(ItemError, match="text") as info:
-        bio.read_image(str(tmp_path / "notes.png"))
+        images.read_image(str(tmp_path / "notes.png"))
     assert info.value.code == "not_an_image"
     gif = io.BytesIO()
     Image.fromarray(hand_like()).save(gif, "GIF")
     with pytest.raises(ItemError, match="GIF"):
-        bio.decode_image(gif.getvalue(), "x.gif")
+        images.decode_image(gif.getvalue(), "x.gif")
 
 
 def test_bad_image_too_small_or_constant():
-    assert code_of(bio.decode_image, png_bytes(hand_like(h=63, w=200)), "small.png") == "bad_image"
-    assert code_of(bio.decode_image, png_bytes(np.full((100, 100), 7, np.uint8)), "flat.png") == "bad_image"
+    assert code_of(images.decode_image, png_bytes(hand_like(h=63, w=200)), "small.png") == "bad_image"
+    assert code_of(images.decode_image, png_bytes(np.full((100, 100), 7, np.uint8)), "flat.png") == "bad_image"
     flat16 = np.full((100, 100), 3000, np.uint16)
-    assert code_of(bio.decode_image, png_bytes(flat16), "flat16.png") == "bad_image"
-    assert code_of(bio.decode_image, dicom_bytes(flat16), "flat.dcm") == "bad_image"
+    assert code_of(images.decode_image, png_bytes(flat16), "flat16.png") == "bad_image"
+    assert code_of(images.decode_image, dicom_bytes(flat16), "flat.dcm") == "bad_image"
 
 
 # --- listing ------------------------------------------------------------------------------------
@@ -305,22 +307,22 @@ def test_list_images_folder_txt_and_list(tmp_path):
     (tmp_path / "labels.csv").write_text("id,boneage,male\n")
     (tmp_path / ".hidden.png").write_bytes(b"x")
     (tmp_path / "._b.png").write_bytes(b"x")
-    found = bio.list_images(str(tmp_path))
+    found = images.list_images(str(tmp_path))
     names = [p[len(str(tmp_path)) + 1 :] for p in found]
     assert names == ["a.JPG", "b.png", "sub/1.2.840.99", "sub/c.jpeg", "sub/deeper/d.dcm"]
-    assert [bio.image_id(p) for p in found] == ["a", "b", "1.2.840.99", "c", "d"]
-    assert bio.list_images(str(tmp_path)) == found  # deterministic
-    assert [p.rsplit("/", 1)[1] for p in bio.list_images(tmp_path, recursive=False)] == ["a.JPG", "b.png"]
+    assert [images.image_id(p) for p in found] == ["a", "b", "1.2.840.99", "c", "d"]
+    assert images.list_images(str(tmp_path)) == found  # deterministic
+    assert [p.rsplit("/", 1)[1] for p in images.list_images(tmp_path, recursive=False)] == ["a.JPG", "b.png"]
 
     listing = tmp_path / "inputs.txt"
     listing.write_text(f"# my images\n{tmp_path}/b.png\n\n{tmp_path}/missing.png\n{tmp_path}/a.JPG\n")
-    assert bio.list_images(str(listing)) == sorted([f"{tmp_path}/b.png", f"{tmp_path}/missing.png", f"{tmp_path}/a.JPG"])
-    assert bio.list_images(["/d/z.png", "s3://b/y.png", "/d/z.png"]) == ["/d/z.png", "s3://b/y.png"]
+    assert images.list_images(str(listing)) == sorted([f"{tmp_path}/b.png", f"{tmp_path}/missing.png", f"{tmp_path}/a.JPG"])
+    assert images.list_images(["/d/z.png", "s3://b/y.png", "/d/z.png"]) == ["/d/z.png", "s3://b/y.png"]
     relative = tmp_path / "rel.txt"
     relative.write_text("b.png\nsub/c.jpeg\n")
-    assert bio.list_images(str(relative)) == [f"{tmp_path}/b.png", f"{tmp_path}/sub/c.jpeg"]
+    assert images.list_images(str(relative)) == [f"{tmp_path}/b.png", f"{tmp_path}/sub/c.jpeg"]
     with pytest.raises(FileNotFoundError):
-        bio.list_images(str(tmp_path / "nowhere"))
+        images.list_images(str(tmp_path / "nowhere"))
 
 
 # --- labels -------------------------------------------------------------------------------------
@@ -329,7 +331,7 @@ def test_list_images_folder_txt_and_list(tmp_path):
 def _labels(tmp_path, text, **kw):
     path = tmp_path / "labels.csv"
     path.write_text(text)
-    return bio.read_labels(str(path), **kw)
+    return labels.read_labels(str(path), **kw)
 
 
 def test_labels_train_variant_with_per_row_errors(tmp_path):
@@ -418,7 +420,7 @@ def test_via_csv_named_ordered_and_missing(tmp_path):
     text += '13.png,1234,"{}",0,0,"{}","{}"\n'
     path = tmp_path / "via.csv"
     path.write_text(text)
-    points, errors = bio.read_keypoints(str(path))
+    points, errors = labels.read_keypoints(str(path))
     assert np.array_equal(points["10"], [[10, 20], [11, 90], [30, 40]])
     assert np.array_equal(points["11"], [[1, 2], [3, 4], [5, 6]])
     assert points["10"].shape == (3, 2) and len(KEYPOINT_NAMES) == 3
@@ -433,7 +435,7 @@ def _via_region(x, y, name=None):
 
 
 def test_via_json_project_and_plain_export(tmp_path):
-    images = {
+    export = {
         "20.png1234": {"filename": "20.png", "size": 1234, "file_attributes": {},
                        "regions": [_via_region(1, 2, "finger_tip"), _via_region(3, 4, "capitate"),
                                    _via_region(5, 6, "thumb_tip")]},
@@ -443,11 +445,11 @@ def test_via_json_project_and_plain_export(tmp_path):
         "22.jpg5": {"filename": "22.jpg", "size": 5, "file_attributes": {},
                     "regions": {"0": _via_region(7, 8), "1": _via_region(9, 10), "2": _via_region(11, 12)}},
     }
-    project = {"_via_settings": {}, "_via_img_metadata": images, "_via_attributes": {}}
-    for obj in (project, images):
+    project = {"_via_settings": {}, "_via_img_metadata": export, "_via_attributes": {}}
+    for obj in (project, export):
         path = tmp_path / "via.json"
         path.write_text(json.dumps(obj))
-        points, errors = bio.read_keypoints(str(path))
+        points, errors = labels.read_keypoints(str(path))
         assert np.array_equal(points["20"], [[1, 2], [3, 4], [5, 6]])
         assert np.array_equal(points["22"], [[7, 8], [9, 10], [11, 12]])
         assert errors["21"].code == "bad_keypoints" and "twice" in str(errors["21"])
@@ -456,7 +458,7 @@ def test_via_json_project_and_plain_export(tmp_path):
 def test_via_checkbox_attributes_and_non_point_regions(tmp_path):
     rect = {"shape_attributes": {"name": "rect", "x": 0, "y": 0, "width": 5, "height": 5},
             "region_attributes": {"label": "marker"}}
-    images = {"30.png1": {"filename": "30.png", "size": 1, "regions": [
+    export = {"30.png1": {"filename": "30.png", "size": 1, "regions": [
         rect,
         {"shape_attributes": {"name": "point", "cx": 1, "cy": 2}, "region_attributes": {"kp": {"finger_tip": True}}},
         {"shape_attributes": {"name": "circle", "cx": 3, "cy": 4, "r": 2}, "region_attributes": {"capitate": True}},
@@ -465,8 +467,8 @@ def test_via_checkbox_attributes_and_non_point_regions(tmp_path):
         {"shape_attributes": {"name": "point", "cx": 1, "cy": 2}, "region_attributes": {"kp": "wrist"}},
     ]}}
     path = tmp_path / "via.json"
-    path.write_text(json.dumps(images))
-    points, errors = bio.read_keypoints(str(path))
+    path.write_text(json.dumps(export))
+    points, errors = labels.read_keypoints(str(path))
     assert np.array_equal(points["30"], [[1, 2], [3, 4], [5, 6]])
     assert errors["31"].code == "bad_keypoints"  # named, but none of ours
 
@@ -477,47 +479,47 @@ def test_plain_keypoint_csv(tmp_path):
         "id,finger_tip_x,finger_tip_y,capitate_x,capitate_y,thumb_tip_x,thumb_tip_y\n"
         "1,10,20,11,90,30,40\n2,10,,11,90,30,40\n3,1,2,3,4,5,6\n3,1,2,3,4,5,6\n"
     )
-    points, errors = bio.read_keypoints(str(path))
+    points, errors = labels.read_keypoints(str(path))
     assert np.array_equal(points["1"], [[10, 20], [11, 90], [30, 40]]) and set(points) == {"1"}
     assert errors["2"].code == "bad_keypoints" and errors["3"].code == "duplicate_id"
     path.write_text("id,a_x,a_y\n1,2,3\n")
     with pytest.raises(ValueError, match="finger_tip_x"):
-        bio.read_keypoints(str(path))
+        labels.read_keypoints(str(path))
 
 
 # --- real radiographs -----------------------------------------------------------------------------
 
 
 def test_real_radiographs_labels_and_hand21():
-    paths = bio.list_images(str(REAL_DIR))
-    assert [bio.image_id(p) for p in paths] == REAL_IDS
+    paths = images.list_images(str(REAL_DIR))
+    assert [images.image_id(p) for p in paths] == REAL_IDS
     for path in paths:
-        rec = bio.read_image(path)
+        rec = images.read_image(path)
         with Image.open(path) as im:
             assert (rec.width, rec.height) == im.size
         assert rec.image.dtype == np.uint8 and rec.meta["format"] == "png" and rec.image.std() > 10
-    df, errors = bio.read_labels(str(REAL_DIR / "labels.csv"))
+    df, errors = labels.read_labels(str(REAL_DIR / "labels.csv"))
     assert errors == {} and df["id"].tolist() == REAL_IDS
     assert df.set_index("id").loc["1402"].tolist() == [24.0, False]
-    hand = bio.read_hand21(str(REAL_DIR / "keypoints_hand21.csv"))
+    hand = labels.read_hand21(str(REAL_DIR / "keypoints_hand21.csv"))
     assert sorted(hand) == REAL_IDS
     for pts in hand.values():
-        assert tuple(pts) == bio.HAND21_NAMES
+        assert tuple(pts) == labels.HAND21_NAMES
         # the middle finger tip is above (smaller y than) the wrist on these upright hands
-        assert pts[bio.HAND21_TO_KEYPOINTS["finger_tip"]][1] < pts["wrist"][1]
+        assert pts[labels.HAND21_TO_KEYPOINTS["finger_tip"]][1] < pts["wrist"][1]
 
 
 # --- writing ------------------------------------------------------------------------------------
 
 
 def test_write_local_creates_folders(tmp_path):
-    target = bio.join_uri(str(tmp_path), "a/b", "c.bin")
-    bio.write_bytes(target, b"hello")
+    target = storage.join_uri(str(tmp_path), "a/b", "c.bin")
+    storage.write_bytes(target, b"hello")
     assert (tmp_path / "a" / "b" / "c.bin").read_bytes() == b"hello"
-    with bio.open_output(bio.join_uri(str(tmp_path), "t", "x.txt"), "w") as f:
+    with storage.open_output(storage.join_uri(str(tmp_path), "t", "x.txt"), "w") as f:
         f.write("text")
     assert (tmp_path / "t" / "x.txt").read_text() == "text"
-    assert bio.join_uri("s3://bucket/", "/runs", "x.parquet") == "s3://bucket/runs/x.parquet"
+    assert storage.join_uri("s3://bucket/", "/runs", "x.parquet") == "s3://bucket/runs/x.parquet"
 
 
 # --- S3 (moto server on loopback) -----------------------------------------------------------------
@@ -529,35 +531,35 @@ def s3_real(s3_server):
     so = s3_server["storage_options"]
     base = f"s3://{s3_server['bucket']}/real"
     for path in sorted(REAL_DIR.iterdir()):
-        bio.write_bytes(f"{base}/{path.name}", path.read_bytes(), so)
-    bio.write_bytes(f"{base}/nested/bad.png", b"not a png", so)
+        storage.write_bytes(f"{base}/{path.name}", path.read_bytes(), so)
+    storage.write_bytes(f"{base}/nested/bad.png", b"not a png", so)
     return base, so
 
 
 @pytest.mark.s3
 def test_s3_list_and_read_images(s3_real):
     base, so = s3_real
-    uris = bio.list_images(base, storage_options=so)
+    uris = images.list_images(base, storage_options=so)
     assert uris == [f"{base}/{i}.png" for i in REAL_IDS] + [f"{base}/nested/bad.png"]
-    assert bio.list_images(base, recursive=False, storage_options=so) == uris[:4]
-    rec = bio.read_image(uris[0], storage_options=so)
-    local = bio.read_image(str(REAL_DIR / f"{REAL_IDS[0]}.png"))
+    assert images.list_images(base, recursive=False, storage_options=so) == uris[:4]
+    rec = images.read_image(uris[0], storage_options=so)
+    local = images.read_image(str(REAL_DIR / f"{REAL_IDS[0]}.png"))
     assert rec.id == REAL_IDS[0] and rec.uri == uris[0] and np.array_equal(rec.image, local.image)
-    assert code_of(bio.read_image, uris[-1], storage_options=so) == "not_an_image"
-    assert code_of(bio.read_image, f"{base}/absent.png", storage_options=so) == "missing_file"
+    assert code_of(images.read_image, uris[-1], storage_options=so) == "not_an_image"
+    assert code_of(images.read_image, f"{base}/absent.png", storage_options=so) == "missing_file"
 
 
 @pytest.mark.s3
 def test_s3_labels_txt_list_and_output(s3_real):
     base, so = s3_real
-    df, errors = bio.read_labels(f"{base}/labels.csv", storage_options=so)
+    df, errors = labels.read_labels(f"{base}/labels.csv", storage_options=so)
     assert df["id"].tolist() == REAL_IDS and errors == {}
-    assert sorted(bio.read_hand21(f"{base}/keypoints_hand21.csv", storage_options=so)) == REAL_IDS
-    bio.write_bytes(f"{base}/list.txt", f"{base}/1684.png\n{base}/1402.png\n".encode(), so)
-    assert bio.list_images(f"{base}/list.txt", storage_options=so) == [f"{base}/1402.png", f"{base}/1684.png"]
-    with bio.open_output(f"{base}/out/table.csv", "w", so) as f:
+    assert sorted(labels.read_hand21(f"{base}/keypoints_hand21.csv", storage_options=so)) == REAL_IDS
+    storage.write_bytes(f"{base}/list.txt", f"{base}/1684.png\n{base}/1402.png\n".encode(), so)
+    assert images.list_images(f"{base}/list.txt", storage_options=so) == [f"{base}/1402.png", f"{base}/1684.png"]
+    with storage.open_output(f"{base}/out/table.csv", "w", so) as f:
         pd.DataFrame({"a": [1, 2]}).to_csv(f, index=False)
-    with bio.open_output(f"{base}/out/table.csv", "rb", so) as f:
+    with storage.open_output(f"{base}/out/table.csv", "rb", so) as f:
         assert f.read() == b"a\n1\n2\n"
 
 
@@ -572,7 +574,7 @@ def test_s3_endpoint_from_environment(s3_real, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     s3fs.S3FileSystem.clear_instance_cache()  # a cached instance would not look at the env again
     try:
-        assert len(bio.list_images(base)) == 5
-        assert bio.read_image(f"{base}/1563.png").image.shape == (1022, 757)
+        assert len(images.list_images(base)) == 5
+        assert images.read_image(f"{base}/1563.png").image.shape == (1022, 757)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import s3fs
 
-from boneage import io, synth
+from boneage import storage, synth
 
 from ray_cluster import LocalCluster, entrypoint, run_job
 
@@ -86,7 +86,7 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
     manifest = json.loads(fs.cat_file(f"{out}/bundle/manifest.json"))
     files = manifest["files"]
     assert files and all(fs.exists(f"{out}/bundle/{item['path']}") for item in files)
-    assert {f"models/{name}.pt" for name in trials.trial} <= {item["path"] for item in files}
+    assert {f"models/{name}.safetensors" for name in trials.trial} <= {item["path"] for item in files}
     assert manifest["accuracy"]["test_split"]["n"] + len(json.loads(fs.cat_file(f"{out}/test/metrics.json"))["failed"]) == 2
 
     # Both nodes worked: Ray Train's workers (half a CPU each, all four at once) ran on both.
@@ -95,5 +95,5 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
     workers = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")],
                           limit=1000, raise_on_missing_output=False)
     assert {w.node_id for w in workers} == {n["raylet"]["nodeId"] for n in nodes}
-    assert io.read_bytes(f"{out}/config.yaml", options)  # the resolved config, on S3 (credentials redacted)
-    assert b"testing" not in io.read_bytes(f"{out}/config.yaml", options)
+    assert storage.read_bytes(f"{out}/config.yaml", options)  # the resolved config, on S3 (credentials redacted)
+    assert b"testing" not in storage.read_bytes(f"{out}/config.yaml", options)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from boneage import io, prepare, run, synth
+from boneage import prepare, run, storage, synth, weights
 from boneage.config import load_config
 from boneage.ingest import build_manifest
 
@@ -36,8 +35,7 @@ def test_train_then_register_with_the_model(tmp_path, ray_local, synthetic_30, l
 
     model_uri = run.keypoint_model(config, manifest, annotations)
     assert model_uri is not None
-    with io.open_output(model_uri, "rb") as f:
-        state = torch.load(f, weights_only=False)
+    state = weights.from_bytes(storage.read_bytes(model_uri))  # safetensors: no pickle
     assert state["spec"]["kind"] == "keypoints" and "val_dist_px" in state["metrics"]
     # A Train worker (as on a GPU) keeps a resumable checkpoint under the run's storage path; local
     # mode (the CPU default) trains in this process and keeps none

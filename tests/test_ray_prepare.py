@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from boneage import frame, io, prepare, run
+from boneage import frame, prepare, run, storage
 from boneage.config import load_config
 from boneage.errors import error_code
 from boneage.ray_prepare import read_registered
@@ -82,8 +82,8 @@ def test_images_and_output_on_s3(tmp_path, ray_local, synthetic_small, s3_server
     options = s3_server["storage_options"]
     prefix = f"s3://{s3_server['bucket']}/prepare"
     for path in sorted(Path(synthetic_small["images"]).iterdir())[:3]:
-        io.write_bytes(f"{prefix}/images/{path.name}", path.read_bytes(), options)
-    io.write_bytes(f"{prefix}/labels.csv", Path(synthetic_small["labels"]).read_bytes(), options)
+        storage.write_bytes(f"{prefix}/images/{path.name}", path.read_bytes(), options)
+    storage.write_bytes(f"{prefix}/labels.csv", Path(synthetic_small["labels"]).read_bytes(), options)
     config = load_config(overrides={"data": {"images": f"{prefix}/images", "labels": f"{prefix}/labels.csv",
                                              "storage_options": options},
                                     "output": f"{prefix}/run"})

@@ -58,7 +58,7 @@ def test_mixed_folder_one_row_per_file(tmp_path, ray_local, synthetic_small):
     table = pd.read_parquet(out)
     files = sorted(p.name for p in images.iterdir())
     assert sorted(Path(u).name for u in table.uri) == files  # exactly one row per input file
-    assert list(table.columns) == list(score.OUTPUT_COLUMNS) + list(KINDS)
+    assert list(table.columns) == score.output_schema(list(KINDS)).names
     schema = pq.read_schema(out)
     assert schema.field("boneage_months").type == "double" and schema.field("sex_unknown").type == "bool"
     rows = table.set_index("id")
@@ -87,3 +87,55 @@ def test_a_missing_bundle_is_a_clear_error(tmp_path, capsys, synthetic_small):
     assert cli.main(["score", synthetic_small["images"], "--bundle", str(tmp_path / "nowhere"),
                      "--out", str(tmp_path / "p.parquet")]) == 2
     assert "bundle" in capsys.readouterr().err and not (tmp_path / "p.parquet").exists()
+
+
+def test_pacs_export_resumes_and_carries_provenance(tmp_path, ray_local, capsys):
+    """Nested studies with colliding file names score as distinct ids; the output records which bundle
+    made it; a rerun after a crash (a part cut off mid-write, new files) scores only the files without
+    a row, and every file still has exactly one row."""
+    import hashlib
+    import json
+
+    from boneage.ray_score import read_provenance
+
+    export = tmp_path / "export"
+    pixels = np.asarray(Image.open(REAL_DIR / "1675.png").convert("L"), np.uint16) * 16
+    for path in ("patientA/study1/IM0001.dcm", "patientB/study7/IM0001"):
+        (export / path).parent.mkdir(parents=True, exist_ok=True)
+        (export / path).write_bytes(dicom_bytes(pixels, sex="F"))
+    shutil.copy(REAL_DIR / "1402.png", export / "1402.png")
+    bundle = tmp_path / "bundle"
+    write_tiny_bundle(str(bundle))
+    out = tmp_path / "predictions.parquet"
+    args = ["score", str(export), "--bundle", str(bundle), "--out", str(out), "--keep-dicom-uids", "--batch-size", "2"]
+
+    assert cli.main(args) == 0
+    first = pd.read_parquet(out).set_index("id")
+    assert sorted(first.index) == ["1402", "patientA/study1/IM0001", "patientB/study7/IM0001"]
+    assert (first.status == "ok").all() and first.loc["patientB/study7/IM0001", "path"] == "patientB/study7/IM0001"
+    assert first.loc["patientA/study1/IM0001", "SOPInstanceUID"].startswith("1.2.")
+    assert pd.isna(first.loc["1402", "SOPInstanceUID"])
+    provenance = read_provenance(str(out))
+    manifest_sha = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    assert provenance["bundle"]["sha256"] == manifest_sha and provenance["bundle"]["version"] == 2
+    assert provenance["boneage_version"] and provenance["dicom_uids"] is True and "mirrored" in provenance["qa_columns"]
+    assert (first.bundle_sha256 == manifest_sha).all() and first.scored_at.notna().all()
+    assert first["transform"].map(len).eq(6).all() and first.mirrored.notna().all()
+    parts = sorted((tmp_path / "predictions.parquet.parts").glob("*.parquet"))
+    assert parts and all(read_provenance(str(p))["run_id"] == provenance["run_id"] for p in parts)
+
+    # A crash mid-run: one part half written; meanwhile two more files arrived.
+    (tmp_path / "predictions.parquet.parts" / "part-cut-off.parquet").write_bytes(parts[0].read_bytes()[:100])
+    shutil.copy(REAL_DIR / "1563.png", export / "1563.png")
+    shutil.copy(REAL_DIR / "1684.png", export / "patientA" / "1684.png")
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "3 files already have a row" in capsys.readouterr().out
+    second = pd.read_parquet(out)
+    assert sorted(second.id) == sorted(list(first.index) + ["1563", "patientA/1684"]) and second.uri.is_unique
+    again = second.set_index("id")
+    assert (again.loc[first.index, "scored_at"] == first.scored_at).all()  # not scored again
+    assert (again.loc[["1563", "patientA/1684"], "scored_at"] > first.scored_at.max()).all()
+    assert not (tmp_path / "predictions.parquet.parts" / "part-cut-off.parquet").exists()
+    assert read_provenance(str(out))["run_id"] != provenance["run_id"]
+    assert json.loads(json.dumps(read_provenance(str(out))))  # plain JSON

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from boneage import ensemble, io, prepare, score, train
+from boneage import ensemble, prepare, score, train
+from boneage.labels import read_subjects
 from boneage.bundle import load_bundle
 from boneage.models import model_kind
 
@@ -100,7 +101,7 @@ def test_ensemble_weights_are_the_bundles(models):
 def test_subjects_csv(tmp_path):
     path = tmp_path / "subjects.csv"
     path.write_text("id,sex,age_months,boneage\n1,M,100,50\n2,F,,\n3,,36.5,\n4,X,10,\n5,M,999,\n")
-    table, errors = io.read_subjects(str(path))
+    table, errors = read_subjects(str(path))
     assert table.set_index("id").to_dict("index") == {
         "1": {"male": True, "age_months": 100.0}, "2": {"male": False, "age_months": pytest.approx(np.nan, nan_ok=True)},
         "3": {"male": None, "age_months": 36.5}}
@@ -111,4 +112,4 @@ def test_subjects_csv(tmp_path):
     assert joined.male.tolist() == [True, None, None] and joined.status.tolist() == ["ok", "error", "ok"]
     with pytest.raises(ValueError, match="needs an id column"):
         (tmp_path / "bad.csv").write_text("id,boneage\n1,50\n")
-        io.read_subjects(str(tmp_path / "bad.csv"))
+        read_subjects(str(tmp_path / "bad.csv"))

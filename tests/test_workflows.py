@@ -60,7 +60,7 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     table = read_registered(str(out / "registered"), with_images=False)
     assert len(table) == 30 and set(table.status) == {"ok"}
     summary = json.loads((out / "qa" / "preprocess_summary.json").read_text())
-    assert summary["items"] == 30 and summary["keypoint_model"].endswith("keypoint_model.pt")
+    assert summary["items"] == 30 and summary["keypoint_model"].endswith("keypoint_model.safetensors")
     assert summary["keypoint_error_on_held_out_annotations"]["images"] == 6
     assert (out / "qa" / "registered_sheet.png").stat().st_size > 10_000
     # The locked test split: 10% of the images, both sexes, set aside before anything was fit.
@@ -83,7 +83,7 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     bundle = load_bundle(str(out / "bundle"))
     assert sorted(bundle.models) == [("A-reg", "F"), ("A-reg", "M")]
     assert all(len(states) == 2 for states in bundle.models.values())
-    assert bundle.keypoint_model.endswith("keypoints/keypoint_model.pt") and bundle.training["images"] == 30 - n_test
+    assert bundle.keypoint_model.endswith("keypoints/keypoint_model.safetensors") and bundle.training["images"] == 30 - n_test
     test = json.loads((out / "test" / "metrics.json").read_text())
     assert test["images"] == n_test and test["scored"] + len(test["failed"]) == n_test
     acc = test["accuracy"]["all"]

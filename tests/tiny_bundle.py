@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import zlib
-from io import BytesIO
 
 import torch
 import yaml
 
-from boneage import bundle, ensemble
+from boneage import bundle, ensemble, weights
 from boneage.config import Config
 from boneage.models import model_kind
 
@@ -33,10 +32,8 @@ def write_tiny_bundle(uri: str, storage_options: dict | None = None) -> dict:
     for kind in KINDS:
         for sex in ("F", "M"):
             for fold in range(FOLDS):
-                buffer = BytesIO()
-                torch.save(fold_state(kind, sex, fold), buffer)
-                path = f"models/{kind}-{sex}-fold{fold}.pt"
-                files[path] = buffer.getvalue()
+                path = f"models/{kind}-{sex}-fold{fold}.safetensors"
+                files[path] = weights.to_bytes(fold_state(kind, sex, fold))
                 models.append({"file": path, "kind": kind, "sex": sex, "fold": fold, "oof_mae": 20.0})
     record = ensemble.make_record("lad", KINDS, WEIGHTS)
     files["ensemble.json"] = json.dumps({"use": "lad", "fits": {"lad": record}}).encode()
