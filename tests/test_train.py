@@ -117,7 +117,7 @@ def test_a_watched_set_is_recorded_and_chooses_nothing():
     np.testing.assert_array_equal(watched.val_pred, plain.val_pred)
 
 
-@pytest.mark.parametrize("loss", train.CLS_LOSSES)
+@pytest.mark.parametrize("loss", ["ce", "mae"])  # "mae+ce" sums the two
 def test_each_classification_loss_learns_the_toy_problem(loss):
     bank, ages = toy_bank(128)
     tr, va = np.arange(96), np.arange(96, 128)
