@@ -46,7 +46,7 @@ _TYPES = {"sex_unknown": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_
           "mirrored": pa.bool_(), "height": pa.int64(), "width": pa.int64(), "transform": pa.list_(pa.float64()),
           "scored_at": pa.timestamp("us", tz="UTC")}
 _STRINGS = {"id", "uri", "path", "status", "error", "sex", "sex_source", "age_source", "keypoint_source", "format",
-            "bundle_sha256", *UID_COLUMNS}
+            "bundle_sha256", "boneage_interpretation", "sds_note", "reject_reason", *CARD_COLUMNS, *UID_COLUMNS}
 
 
 def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = (), cards: bool = False) -> pa.Schema:
