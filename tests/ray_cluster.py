@@ -242,6 +242,24 @@ class LocalCluster:
         """This cluster's processes (raylets, GCS, workers, job drivers...), never another Ray's."""
         return descendants([n.popen.pid for n in self.nodes if n.popen is not None])
 
+    def node_processes(self, name: str) -> list[Proc]:
+        """The processes of one node (its `ray start` and everything below it)."""
+        node = next(n for n in self.nodes if n.name == name)
+        return descendants([node.popen.pid]) if node.popen is not None else []
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of one node at once, as when its machine is taken away: its `ray start`
+        group, then whatever of it left the group (Ray workers run in groups of their own)."""
+        node = next(n for n in self.nodes if n.name == name)
+        procs = self.node_processes(name)
+        _signal_group(node.popen.pid, signal.SIGKILL)
+        for proc in _alive(procs):
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        node.popen.wait(10)
+
     def workers(self, title_contains: str) -> list[Proc]:
         return [p for p in self.processes() if p.title.startswith("ray::") and title_contains in p.title]
 

@@ -211,3 +211,40 @@ def test_rerun_after_killed_driver_skips_finished_trials(cluster, data, referenc
     assert pd.isna(trials.loc[seen["finished"], "resumed_from_epoch"])
     pd.testing.assert_frame_equal(pd.read_parquet(out / "cv" / "oof.parquet"),
                                   pd.read_parquet(reference / "cv" / "oof.parquet"), check_exact=True)
+
+
+def test_a_lost_worker_node_costs_time_not_results(cluster, data, reference):
+    """Every process of the worker node (its raylet, object store, Train workers, whatever Ray put
+    there) is SIGKILLed mid-CV, as when a spot node is taken away. The trial drivers stay on the head
+    (`cv.driver_resources` asks for the head's custom resource, as configs/rsna.yaml asks for the
+    head's `trial_driver` in cluster.yaml); the lost trial resumes from its last checkpoint on the
+    head, and the out-of-fold table equals the uninterrupted run's. Runs last: the node stays dead."""
+    out = data["folder"] / "cv-node-lost"
+    shutil.copytree(reference / "registered", out / "registered")
+    config = data["folder"] / "drivers-on-head.yaml"
+    config.write_text(CV_CONFIG + "  driver_resources: {CPU: 0, node_a: 0.001}\n")
+    worker_node = cluster.nodes[1]
+    lost = {}
+
+    def kill_the_worker_node():
+        if lost:
+            return
+        on_node = [p.pid for p in cluster.node_processes(worker_node.name) if p.title.startswith("ray::RayTrainWorker")]
+        under_way = {t: e for t in TRIALS if (e := _checkpointed_epoch(out, t)) is not None
+                     and e < EPOCHS - 2 and not _part(out, t).exists()}
+        if on_node and under_way:
+            lost.update(under_way)
+            cluster.kill_node(worker_node.name)
+
+    command = entrypoint("-m", "boneage.cli", "cv", "--config", str(config), "--output", str(out))
+    logs = _ok(run_job(cluster, command, timeout_s=900, on_poll=kill_the_worker_node))
+    assert lost, "no trial was caught training on the worker node: the test killed nothing"
+    assert len(cluster.alive_nodes()) == 1
+
+    trials = pd.read_parquet(out / "cv" / "trials.parquet").set_index("trial")
+    assert sorted(trials.index) == TRIALS and (trials.epochs_run == EPOCHS).all()
+    head = next(n["raylet"]["nodeId"] for n in cluster.alive_nodes())
+    resumed = trials[trials.resumed_from_epoch.notna()]
+    assert len(resumed) >= 1 and (resumed.node_id == head).all(), (trials, logs[-4000:])
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "cv" / "oof.parquet"),
+                                  pd.read_parquet(reference / "cv" / "oof.parquet"), check_exact=True)
