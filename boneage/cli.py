@@ -213,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for s3://")
     p.add_argument("--cards", help="also write a PNG card per image here (registered hand, zones, occlusion heatmap, "
                                    "bone age, SDS, gate; ~130 extra ensemble passes per image)")
-    p.add_argument("--actors", type=int, default=1, help="scoring actors (model copies)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPU per scoring actor; 0: CPU")
+    p.add_argument("--actors", type=int, default=None,
+                   help="scoring actors (model copies); default: one per GPU of the cluster, else 1")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="GPU per scoring actor (0: CPU); default: 1 where the cluster has GPUs, else 0. "
+                        "Never the bundle's training settings: a GPU-trained bundle scores on a CPU machine")
     p.add_argument("--batch-size", type=int, help="images per preprocessing task (default: the bundle's)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")

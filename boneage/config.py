@@ -38,6 +38,11 @@ class PreprocessConfig:
     # that a batch of full-resolution images (~3 MB each, several copies in flight) stays far below 1 GB.
     batch_size: int = 8
     qa_sheet_size: int = 64  # registered images on the QA contact sheet
+    # Ray resources of the preparation: each CPU task (decode, mask, register) and each actor of the
+    # key point model and of scoring. Half a CPU for an actor: a request unlike the tasks' keeps Ray
+    # Data from fusing the CPU stages into the (few) actors, and on CPU torch uses what tasks leave idle.
+    cpus_per_task: float = 1.0
+    cpus_per_actor: float = 0.5
 
 
 @dataclass
@@ -64,6 +69,9 @@ class KeypointConfig:
     # checkpoint per epoch); None: local unless use_gpu (a GPU worker checkpoints and can resume).
     local_train: bool | None = None
     actors: int = 1  # prediction actor pool size
+    # CPUs of the training worker (Ray sizes torch's threads by them); None: a node's CPUs on CPU, one
+    # with a GPU (the data are on the device).
+    cpus_per_worker: float | None = None
     gpus_per_actor: float = 0.0  # >0 on a GPU cluster: the net is tiny, a fraction of a GPU suffices
 
 

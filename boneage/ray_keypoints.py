@@ -91,7 +91,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
                                      "seed": config.data.seed, "schedule": "onecycle"}},
         scaling_config=(ray.train.ScalingConfig(num_workers=0) if local else
                         ray.train.ScalingConfig(num_workers=1, use_gpu=kp.use_gpu,
-                                                resources_per_worker={"CPU": _worker_cpus(kp.use_gpu)})),
+                                                resources_per_worker={"CPU": _worker_cpus(kp.use_gpu, kp.cpus_per_worker)})),
         run_config=ray.train.RunConfig(
             name="keypoints",
             storage_path=storage_path,
@@ -108,9 +108,11 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
     return compact["metrics"]
 
 
-def _worker_cpus(use_gpu: bool) -> float:
-    """On CPU the one training worker gets the CPUs of a node (Ray sizes torch's thread pool by them);
-    on GPU one CPU is enough: the data is on the device."""
+def _worker_cpus(use_gpu: bool, configured: float | None = None) -> float:
+    """keypoints.cpus_per_worker, else: on CPU the one training worker gets the CPUs of a node (Ray
+    sizes torch's thread pool by them); on GPU one CPU is enough: the data is on the device."""
+    if configured:
+        return float(configured)
     if use_gpu:
         return 1
     return max(1, min(node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]))

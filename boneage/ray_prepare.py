@@ -88,7 +88,7 @@ def analyse_dataset(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Analyse (decode, mask, geometric key points, key point model input) without registering."""
     ds = _from_manifest(manifest, config.preprocess.batch_size)
     ds = ds.map_batches(_Analyse(config.data.storage_options), batch_size=config.preprocess.batch_size,
-                        batch_format="pandas", num_cpus=1)
+                        batch_format="pandas", num_cpus=config.preprocess.cpus_per_task)
     return ds.map_batches(_analysed_without_arrays, batch_format="pandas").to_pandas()
 
 
@@ -99,7 +99,8 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
     string columns of the manifest carried along (e.g. DICOM UIDs when asked for)."""
     batch = config.preprocess.batch_size
     ds = _from_manifest(manifest, batch).map_batches(
-        _Analyse(config.data.storage_options), batch_size=batch, batch_format="pandas", num_cpus=1)
+        _Analyse(config.data.storage_options), batch_size=batch, batch_format="pandas",
+        num_cpus=config.preprocess.cpus_per_task)
     if keypoint_model:
         from boneage.ray_keypoints import KeypointPredictor
 
@@ -112,15 +113,13 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
             batch_size=batch * 4,
             batch_format="pandas",
             num_gpus=kp.gpus_per_actor,
-            # A fraction of a CPU on CPU-only clusters: inference at 130x100 is cheap, and a resource
-            # request unlike the tasks' keeps Ray Data from fusing the CPU stage into the (small) pool.
-            num_cpus=0.5 if kp.gpus_per_actor == 0 else 1,
+            num_cpus=config.preprocess.cpus_per_actor,  # inference at 130x100 is cheap (PreprocessConfig)
         )
     schema = REGISTERED_SCHEMA
     for column in extra_columns:
         schema = schema.append(pa.field(column, pa.string()))
     return ds.map_batches(_register, fn_kwargs={"schema": schema}, batch_size=batch, batch_format="pandas",
-                          num_cpus=1)
+                          num_cpus=config.preprocess.cpus_per_task)
 
 
 def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_model: str | None = None

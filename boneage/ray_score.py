@@ -133,9 +133,7 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
             batch_size=config.preprocess.batch_size * 4,
             batch_format="pandas",
             num_gpus=gpus_per_actor,
-            # Half a CPU: a resource request unlike the CPU tasks' keeps Ray Data from fusing preparation
-            # into the (few) scoring actors, and on CPU torch's threads use what the tasks leave idle.
-            num_cpus=0.5,
+            num_cpus=config.preprocess.cpus_per_actor,  # see PreprocessConfig
         )
         path, filesystem = storage.arrow_location(parts_uri(out_uri), options)
         # APPEND (Ray Data's default) with this run's own file prefix: the parts of earlier runs stay.

@@ -394,8 +394,27 @@ SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_d
 CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note")
 
 
+def scoring_resources(actors: int | None, gpus_per_actor: float | None, cluster_gpus: float) -> tuple[int, float]:
+    """(actors, GPUs per actor) of a scoring run: what the user gave, else from the cluster: one actor
+    per GPU where there are GPUs, one CPU actor where there are none."""
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster_gpus >= 1 else 0.0
+    if actors is None:
+        actors = max(1, int(cluster_gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
+    return int(actors), float(gpus_per_actor)
+
+
+def scoring_config(config: Config, actors: int, gpus_per_actor: float) -> Config:
+    """The bundle's preprocessing and key point settings with the scorer's resources: the key point
+    model's actors take what the scoring actors take. A bundle trained with GPU actors (configs/rsna.yaml)
+    would otherwise ask a CPU-only machine for GPUs that are not there, and wait forever."""
+    config.keypoints.actors, config.keypoints.gpus_per_actor = actors, gpus_per_actor
+    config.keypoints.use_gpu = gpus_per_actor > 0
+    return config
+
+
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
-          storage_options: dict | None = None, actors: int = 1, gpus_per_actor: float = 0.0,
+          storage_options: dict | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
           batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
           resume: bool = True, cards: str | None = None) -> pd.DataFrame:
     """Score radiographs with a bundle (boneage.ray_score): one row per input file in `out_uri` (a
@@ -403,7 +422,9 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
     `out_uri` scores only the files without a row (`resume=False`: all of them, afresh). Returns the
     table's SUMMARY_COLUMNS (the driver never holds the whole table). With `cards` (a folder), a PNG
-    per image (boneage.cards). Ray is started by the caller."""
+    per image (boneage.cards). `actors` / `gpus_per_actor`: the scoring actors' (and the key point
+    model's), never the bundle's training run's; None: from the cluster (scoring_resources). Ray is
+    started by the caller."""
     from boneage import bundle as bundle_mod, clinical, gate, metrics, ray_score, score as score_mod
     from boneage.config import load_config
 
@@ -421,6 +442,12 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     trained = loaded.config or {}
     config = load_config(None, {"preprocess": trained.get("preprocess", {}), "keypoints": trained.get("keypoints", {}),
                                 "data": {"storage_options": options}})
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actors, gpus_per_actor = scoring_resources(actors, gpus_per_actor, gpus)
+    config = scoring_config(config, actors, gpus_per_actor)
+    print(f"[score] {actors} scoring actor(s), {gpus_per_actor:g} GPU each (the cluster has {gpus:g} GPUs)")
     if batch_size:
         config.preprocess.batch_size = batch_size
     manifest = ingest.build_manifest(images, None, options, id_from=id_from, keep_uids=keep_dicom_uids)

@@ -113,3 +113,20 @@ def test_subjects_csv(tmp_path):
     with pytest.raises(ValueError, match="needs an id column"):
         (tmp_path / "bad.csv").write_text("id,boneage\n1,50\n")
         read_subjects(str(tmp_path / "bad.csv"))
+
+
+def test_scoring_resources_are_the_scorers_not_the_bundles():
+    from pathlib import Path
+
+    from boneage.config import load_config
+    from boneage.run import scoring_config, scoring_resources
+
+    assert scoring_resources(None, None, cluster_gpus=0) == (1, 0.0)  # a CPU machine: one CPU actor
+    assert scoring_resources(None, None, cluster_gpus=4) == (4, 1.0)  # one actor per GPU
+    assert scoring_resources(None, 0.5, cluster_gpus=2) == (4, 0.5)
+    assert scoring_resources(3, 0.0, cluster_gpus=8) == (3, 0.0)  # what the user asks for
+    # A bundle trained with configs/rsna.yaml (GPU key point actors) scored on a CPU machine.
+    trained = load_config(Path(__file__).resolve().parents[1] / "configs" / "rsna.yaml")
+    assert trained.keypoints.gpus_per_actor > 0 and trained.keypoints.use_gpu
+    config = scoring_config(trained, *scoring_resources(None, None, cluster_gpus=0))
+    assert (config.keypoints.actors, config.keypoints.gpus_per_actor, config.keypoints.use_gpu) == (1, 0.0, False)
