@@ -58,18 +58,18 @@ def train_device() -> torch.device:
     no CUDA device behind it (a logical GPU: a local twin of a GPU cluster, a misdeclared node), the
     CPU, and the log says so, instead of failing on the first tensor moved to the GPU."""
     if torch.cuda.is_available():
-        import ray.train.torch
+        from ray.train.torch import get_device
 
-        return ray.train.torch.get_device()
+        return get_device()
     if ray.get_gpu_ids():
         print(f"[train] Ray assigned GPU {ray.get_gpu_ids()} but torch sees no CUDA device: training on "
               "the CPU", flush=True)
     return torch.device("cpu")
 
 
-def torch_config() -> "ray.train.torch.TorchConfig":
+def torch_config():
     """One Train worker per run has no collective to run: gloo works with and without CUDA (nccl
     would fail on a logical GPU)."""
-    import ray.train.torch
+    from ray.train.torch import TorchConfig
 
-    return ray.train.torch.TorchConfig(backend="gloo")
+    return TorchConfig(backend="gloo")

@@ -153,3 +153,13 @@ def test_an_error_every_trial_would_meet_stops_the_cv_with_one_message(registere
     assert message.startswith("CV stopped at the first failed trial") and "fix:" in message
     assert "Traceback" not in message and len(message.splitlines()) == 4
     assert not list((tmp_path / "run" / "cv").glob("parts/*.parquet"))
+
+
+def test_train_device_is_the_cpu_where_torch_has_no_cuda(ray_local):
+    from boneage import ray_env
+
+    @ray_local.remote(num_cpus=0)
+    def device_in_a_worker():
+        return str(ray_env.train_device()), ray_env.torch_config().backend
+
+    assert ray_local.get(device_in_a_worker.remote()) == ("cpu", "gloo")
