@@ -158,14 +158,17 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
         at = np.flatnonzero(ok)
         bank = cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist())
         if models.sex_kind is not None:  # P(male) of every image (QA where the sex is known)
-            out.loc[at, "p_male"] = models.p_male(bank)
-            guess, unsure = predicted_sex(out.loc[at, "p_male"])
-            for i, sex, doubt in zip(at, guess, unsure):
-                if sexes[i] is None:  # unknown sex: the predicted one, unless unsure
-                    out.loc[i, "sex_unsure"] = bool(doubt)
-                    if sex is not None:
-                        sexes[i] = sex
-                        out.loc[i, ["sex", "sex_source", "sex_unknown"]] = [sex, "predicted", False]
+            p_male = models.p_male(bank)
+            guess, unsure = predicted_sex(p_male)
+            unknown = np.array([sexes[i] is None for i in at])
+            use = at[unknown & ~unsure]  # unknown sex: the predicted one, unless unsure
+            for i, sex in zip(use, np.asarray(guess, dtype=object)[unknown & ~unsure]):
+                sexes[i] = sex
+            out.loc[at, "p_male"] = p_male
+            out.loc[at, "sex_unsure"] = unknown & unsure
+            out.loc[use, "sex"] = [sexes[i] for i in use]
+            out.loc[use, "sex_source"] = "predicted"
+            out.loc[use, "sex_unknown"] = False
         sex_of = np.array([sexes[i] for i in at], dtype=object)
         unknown = pd.isna(sex_of)
         both = {}

@@ -138,6 +138,7 @@ def test_unknown_sex_is_scored_by_the_predicted_sex(models_with_sex, registered)
     assert out.sex.tolist()[:4] == ["M", "F", "M", "M"]  # a known sex stays what the CSV says
     assert out.sex_source.tolist() == ["csv", "csv", "predicted", "predicted", "unknown"]
     assert not out.sex_unknown[:4].any() and not out.sex_unsure.any()
+    assert out.sex_unknown.dtype == bool and out.sex_unsure.dtype == bool
     for i in (2, 3):  # the boys' models, as a boy of known sex would get
         expected, spread, _ = by_hand(models_with_sex, rows.registered_png[i], "M")
         assert out.boneage_months[i] == pytest.approx(expected, abs=1e-3)
