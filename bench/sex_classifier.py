@@ -14,8 +14,8 @@ MAE on the run's locked test split with the predicted sex vs the true sex vs the
      mean       - no sex and no classifier: both sexes' mean for every image (scoring before issue #15).
    The registered images are those of OUTPUT/registered (the same key point model the bundle ships).
 
-    /work/main/.venv/bin/python bench/sex_classifier.py --run /work/main/runs/rsna-dev-honest \
-        --json bench/results/sex_classifier_rsna_dev.json
+    PYTHONPATH=. /work/main/.venv/bin/python bench/sex_classifier.py --run /work/main/runs/rsna-dev-honest \
+        --input-scale 0.125 --json bench/results/sex_classifier_rsna_dev.json
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run", required=True, help="a finished run folder (registered, cv, bundle, test)")
     parser.add_argument("--sex-kind", default="A-sex")
     parser.add_argument("--epochs", type=int, default=None, help="override the run's cv.epochs")
+    parser.add_argument("--input-scale", type=float, default=None, help="override the run's cv.input_scale")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--cache", default=None, help="step 1's fold models and P(male): loaded from here when "
@@ -51,8 +52,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
+    overrides = {"epochs": args.epochs, "input_scale": args.input_scale}
     config = load_config(run / "config.yaml", {"cv": {"sex_kind": args.sex_kind,
-                                                     **({"epochs": args.epochs} if args.epochs else {})}})
+                                                     **{k: v for k, v in overrides.items() if v}}})
     cvc = config.cv
     kind = model_kind(cvc.sex_kind, cvc.input_scale)
 
