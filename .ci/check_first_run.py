@@ -42,6 +42,8 @@ def main(run: str) -> int:
     kinds = [k for k in bundle.kinds if k in oof]
     if len(kinds) != len(bundle.kinds) or oof[kinds].isna().any().any():
         problems.append(f"oof.parquet has null predictions or lacks kinds: {oof[kinds].isna().sum().to_dict()}")
+    if bundle.manifest.get("sex_kind") and ("p_male" not in oof or oof["p_male"].isna().any()):
+        problems.append("oof.parquet lacks the sex classifier's out-of-fold P(male) (p_male) for some images")
     if set(test.id) & set(oof.id):
         problems.append("test split images took part in CV")
     metrics = json.loads((out / "test" / "metrics.json").read_text())

@@ -87,6 +87,10 @@ class CVConfig:
     k: int = 3
     kinds: tuple[str, ...] = ("A-reg", "A-cls", "B-reg", "B-cls", "C-reg", "C-cls")  # zone x head: all 6
     sexes: tuple[str, ...] = ("F", "M")  # a per-sex model per kind: 12 model kinds in all
+    # The sex classifier (P(male), for images of unknown sex at scoring): a kind of its own on one zone,
+    # trained on both sexes pooled in the same folds and Tune run (k more trials); never in the
+    # ensemble. None: no sex classifier (an image of unknown sex gets the mean of both sexes' readings).
+    sex_kind: str | None = "A-sex"
     # Inputs at 1/8 of the seed's sizes (zone A 62x47) and a quarter of its widths (8-16-32-32-64-96):
     # on the embedded set, trained for 70 epochs, this beat 1/4 size at the epochs that fit the same
     # time (subset mean 13.7 vs 25 months, docs/benchmarks.md); a CPU epoch of ~77 images is ~0.2 s.

@@ -25,10 +25,11 @@ from boneage import prepare, storage
 from boneage.config import CVConfig
 from boneage.errors import STATUS_OK
 from boneage.frame import STORE_H, STORE_W
-from boneage.models import MODEL_KINDS
+from boneage.models import MODEL_KINDS, SEX_KINDS
 from boneage.train import TrainConfig
 
 SEXES = ("F", "M")
+POOLED = "all"  # the sex of a sex classifier's trials: trained on both sexes pooled
 TRIAL_META_KEY = b"boneage_trial"  # parquet metadata key of a part's trial record
 
 
@@ -105,8 +106,8 @@ def folds_table(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
 
 @dataclass(frozen=True, order=True)
 class Trial:
-    kind: str  # 'A-reg', ... (a key of models.MODEL_KINDS)
-    sex: str  # 'F' or 'M'
+    kind: str  # 'A-reg', ... (a key of models.MODEL_KINDS), or a sex classifier 'A-sex' (SEX_KINDS)
+    sex: str  # 'F' or 'M'; POOLED for a sex classifier
     fold: int
 
     @property
@@ -114,17 +115,23 @@ class Trial:
         return f"{self.kind}-{self.sex}-fold{self.fold}"
 
     @property
-    def male(self) -> bool:
-        return self.sex == "M"
+    def male(self) -> bool | None:
+        """The sex of the images it trains on (None: both, a sex classifier)."""
+        return None if self.sex == POOLED else self.sex == "M"
+
+    @property
+    def is_sex_classifier(self) -> bool:
+        return self.kind in SEX_KINDS
 
 
-_TRIAL_NAME = re.compile(r"^(?P<kind>[A-Z]+-[a-z]+)-(?P<sex>[FM])-fold(?P<fold>\d+)$")
+_TRIAL_NAME = re.compile(r"^(?P<kind>[A-Z]+-[a-z]+)-(?P<sex>[FM]|all)-fold(?P<fold>\d+)$")
 
 
 def parse_trial(name: str) -> Trial:
     m = _TRIAL_NAME.match(name)
-    if not m or m["kind"] not in MODEL_KINDS:
-        raise ValueError(f"not a trial name: {name!r} (expected e.g. 'A-reg-F-fold0')")
+    sex_kind = m is not None and m["kind"] in SEX_KINDS
+    if not m or (m["kind"] not in MODEL_KINDS and not sex_kind) or sex_kind != (m["sex"] == POOLED):
+        raise ValueError(f"not a trial name: {name!r} (expected e.g. 'A-reg-F-fold0' or 'A-sex-all-fold0')")
     return Trial(m["kind"], m["sex"], int(m["fold"]))
 
 
@@ -138,6 +145,15 @@ def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int) -> list[Trial]
         if sex not in SEXES:
             raise ValueError(f"sex must be one of {SEXES}, got {sex!r}")
     return [Trial(kind, sex, fold) for kind in kinds for sex in sexes for fold in range(k)]
+
+
+def sex_trials(sex_kind: str | None, k: int) -> list[Trial]:
+    """The sex classifier's trials, one per fold on both sexes pooled ([] when sex_kind is None)."""
+    if sex_kind is None:
+        return []
+    if sex_kind not in SEX_KINDS:
+        raise ValueError(f"unknown sex classifier kind {sex_kind!r}; known: {', '.join(SEX_KINDS)}")
+    return [Trial(sex_kind, POOLED, fold) for fold in range(k)]
 
 
 def pending_trials(trials: Sequence[Trial], finished: Iterable[str]) -> list[Trial]:
@@ -167,14 +183,16 @@ def train_config(cv: CVConfig, trial: Trial, seed: int) -> TrainConfig:
 # -- the bank -------------------------------------------------------------------------------------
 
 
-def read_trial_rows(registered_uri: str, folds: pd.DataFrame, male: bool,
+def read_trial_rows(registered_uri: str, folds: pd.DataFrame, male: bool | None,
                     storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """The CV rows of one sex with their registered images: id, boneage, fold, registered_png,
-    sorted by id. Reads only that sex's rows of the registered parquet."""
-    mine = folds[folds["male"] == male]
+    """The CV rows of one sex (None: both) with their registered images: id, male, boneage, fold,
+    registered_png, sorted by id. Reads only that sex's rows of the registered parquet."""
+    mine = folds if male is None else folds[folds["male"] == male]
     path, filesystem = storage.arrow_location(registered_uri, storage_options)
+    filters = [("status", "==", STATUS_OK)] + ([] if male is None else [("male", "==", male)])
     images = pq.read_table(path, filesystem=filesystem, columns=["id", "registered_png"],
-                           filters=[("male", "==", male), ("status", "==", STATUS_OK)]).to_pandas()
+                           filters=filters).to_pandas()
+    images = images[images["id"].isin(mine["id"])]
     rows = mine.merge(images, on="id", how="left", validate="one_to_one")
     missing = rows["registered_png"].isna()
     if missing.any():
@@ -256,6 +274,35 @@ def oof_table(folds: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], k
     for kind in kinds:
         out[kind] = columns[kind]
     return out
+
+
+def with_p_male(oof: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], sex_kind: str) -> pd.DataFrame:
+    """The OOF table with `p_male`: each image's out-of-fold P(male) from the sex classifier's trial
+    that scored its fold (NaN where that trial has not finished). Never an input of the ensemble."""
+    out = oof.copy()
+    position = pd.Series(np.arange(len(out)), index=out["id"])
+    p_male = np.full(len(out), np.nan)
+    for pred, record in parts:
+        trial = parse_trial(record["trial"])
+        if trial.kind != sex_kind:
+            continue
+        at = position.reindex(pred["id"]).to_numpy()
+        if np.isnan(at.astype(float)).any() or (out["fold"].to_numpy()[at.astype(int)] != trial.fold).any():
+            raise ValueError(f"part {trial.name} predicts images outside its fold")
+        p_male[at.astype(int)] = pred["pred"].to_numpy(float)
+    out["p_male"] = p_male
+    return out
+
+
+def sex_record(p_male: np.ndarray, male: np.ndarray) -> dict:
+    """A sex classifier trial's out-of-fold numbers on its scored fold: ROC AUC, accuracy at 0.5,
+    cross-entropy."""
+    from boneage.metrics import roc_auc
+
+    p, y = np.asarray(p_male, float), np.asarray(male, bool)
+    clipped = np.clip(p, 1e-6, 1 - 1e-6)
+    return {"oof_auc": roc_auc(p, y), "oof_accuracy": float(((p > 0.5) == y).mean()) if len(p) else float("nan"),
+            "oof_bce": float(-np.mean(np.where(y, np.log(clipped), np.log(1 - clipped)))) if len(p) else float("nan")}
 
 
 def trials_table(parts: Sequence[tuple[pd.DataFrame, dict]]) -> pd.DataFrame:

@@ -10,7 +10,8 @@ Every threshold is measured on data, never set by hand:
     get (each out-of-fold image was held out by one fold only), and the test split is the run's only
     such set; only the spreads are used, never the test labels.
 The registration and mask QA flags, an unknown sex (the bone age is then the mean of both sexes'
-readings) and a failed row reject without a threshold.
+readings; a sex predicted with confidence by the bundle's sex classifier counts as known) and a failed
+row reject without a threshold.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ REASONS = {
     "not_scored": "the image has no bone age (see `error`)",
     "registration_doubtful": "registration QA flag: key points or transform look wrong",
     "mask_doubtful": "hand mask QA flag",
-    "sex_unknown": "no sex known: the bone age is the mean of both sexes' readings",
+    "sex_unknown": "no sex known, nor predicted with confidence: the bone age is the mean of both sexes' readings",
     "outside_label_range": "the bone age is outside the range of the training labels for this sex",
     "zone_models_disagree": "the zone models disagree more than on all but (1-quantile) of the out-of-fold images",
     "fold_models_disagree": "the fold-wise ensembles disagree more than on all but (1-quantile) of the test split",

@@ -11,6 +11,10 @@ import pandas as pd
 
 from boneage.ensemble import groups
 
+# An image's predicted sex is used only when P(male) is outside (UNSURE_LOW, UNSURE_HIGH): fixed
+# beforehand (issue #15), not tuned on the data it is reported on.
+UNSURE_LOW, UNSURE_HIGH = 0.2, 0.8
+
 METRICS = ("mae", "rmse", "median_ae", "within_12", "bias")
 METRIC_NAMES = {"mae": "MAE", "rmse": "RMSE", "median_ae": "median |error|", "within_12": "within ±12 mo",
                 "bias": "bias (pred − true)"}
@@ -68,3 +72,41 @@ def describe(acc: dict[str, Any]) -> str:
     return (f"MAE {part('mae', '{:.2f}')} months, RMSE {part('rmse', '{:.2f}')}, median |error| "
             f"{part('median_ae', '{:.2f}')}, within ±12 months {part('within_12', '{:.0%}')}, "
             f"bias {part('bias', '{:+.2f}')} (n={acc['n']})")
+
+
+def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC: the chance a random positive scores above a random negative (ties count half), by the
+    Mann-Whitney rank sum; NaN without both classes. Rows with a non-finite score are left out."""
+    from scipy.stats import rankdata
+
+    score, positive = np.asarray(score, float), np.asarray(positive, bool)
+    keep = np.isfinite(score)
+    score, positive = score[keep], positive[keep]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def sex_accuracy(p_male: np.ndarray, male: np.ndarray) -> dict[str, Any]:
+    """{"n", "auc", "accuracy" (at 0.5), "unsure" (share with UNSURE_LOW < p < UNSURE_HIGH),
+    "accuracy_sure" (of the others: the images whose predicted sex scoring would use)}."""
+    p, y = np.asarray(p_male, float), np.asarray(male, bool)
+    keep = np.isfinite(p)
+    p, y = p[keep], y[keep]
+    if not len(p):
+        return {"n": 0}
+    unsure = (p > UNSURE_LOW) & (p < UNSURE_HIGH)
+    return {"n": int(len(p)), "auc": roc_auc(p, y), "accuracy": float(((p > 0.5) == y).mean()),
+            "unsure": float(unsure.mean()),
+            "accuracy_sure": float(((p[~unsure] > 0.5) == y[~unsure]).mean()) if (~unsure).any() else float("nan")}
+
+
+def sex_report(p_male: np.ndarray, male: np.ndarray, boneage: np.ndarray) -> dict[str, Any]:
+    """sex_accuracy overall ("all") and by age band ("by_age_band", the report's bands by true bone age)."""
+    p, y, age = np.asarray(p_male, float), np.asarray(male, bool), np.asarray(boneage, float)
+    masks = groups(pd.DataFrame({"boneage": age, "male": y}))
+    return {"all": sex_accuracy(p, y),
+            "by_age_band": {name: sex_accuracy(p[mask], y[mask]) for name, mask in masks.items()
+                            if name not in ("all", "F", "M") and mask.any()}}

@@ -16,7 +16,7 @@ from boneage.frame import FRAME_H, FRAME_W, ZONES, Zone
 
 MAX_MONTHS = 240.0
 N_CLASSES = 240  # one class per month, ages 0..239
-HEADS = ("reg", "cls")
+HEADS = ("reg", "cls")  # the bone age heads; "sex" (one logit of P(male)) is the sex classifier's
 
 
 def to_scaled(months: torch.Tensor) -> torch.Tensor:
@@ -87,13 +87,14 @@ class KeypointNet(nn.Module):
 
 
 class ZoneNet(nn.Module):
-    """Bone age from one zone crop. forward() returns the age scaled to [-1, 1], shape (B,)."""
+    """Bone age from one zone crop. forward() returns the age scaled to [-1, 1], shape (B,); with the
+    "sex" head, the logit of P(male) instead."""
 
     def __init__(self, input_size, head="reg", width_mult=1.0, fc=2048, dropout=0.5):
         super().__init__()
         head = {"regression": "reg", "classification": "cls"}.get(head, head)
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head not in (*HEADS, "sex"):
+            raise ValueError(f"head must be one of {(*HEADS, 'sex')}, got {head!r}")
         self.input_size, self.head_kind = tuple(input_size), head
         self.features = _trunk(_scale_widths((32, 64, 128, 128, 256, 384), width_mult))
         n = _flat_features(self.features, self.input_size)
@@ -101,7 +102,7 @@ class ZoneNet(nn.Module):
             nn.Flatten(), nn.Linear(n, fc), nn.ELU(inplace=True), nn.Dropout(dropout),
             nn.Linear(fc, fc), nn.ELU(inplace=True), nn.Dropout(dropout),
         )
-        self.out = nn.Linear(fc, 1 if head == "reg" else N_CLASSES)
+        self.out = nn.Linear(fc, N_CLASSES if head == "cls" else 1)
         # Class k stands for k months, on the same [-1, 1] scale as the regression target.
         self.register_buffer("class_ages", to_scaled(torch.arange(N_CLASSES, dtype=torch.float32)))
 
@@ -109,7 +110,7 @@ class ZoneNet(nn.Module):
         """The scaled age; with logits=True a classification head returns its (B, 240) logits
         (training uses them for its distribution loss; `expectation` turns them into the age)."""
         z = _fp32(self.out, self.fc(self.features(x)))
-        if self.head_kind == "reg":
+        if self.head_kind != "cls":
             return z.squeeze(1)
         return z if logits else self.expectation(z)
 
@@ -149,13 +150,17 @@ class ModelKind:
 
 
 MODEL_KINDS = {f"{z}-{h}": ModelKind(f"{z}-{h}", ZONES[z], h) for z in ZONES for h in HEADS}
+# The sex classifiers (P(male) from a zone), one model for both sexes; never part of the bone age ensemble.
+SEX_KINDS = {f"{z}-sex": ModelKind(f"{z}-sex", ZONES[z], "sex") for z in ZONES}
 
 
 def model_kind(name: str, input_scale: float = 1.0) -> ModelKind:
-    """'A-reg', 'B-cls', ... (sex is not part of the kind: a per-sex model is one kind)."""
-    if name not in MODEL_KINDS:
-        raise KeyError(f"unknown model kind {name!r}; known: {sorted(MODEL_KINDS)}")
-    return MODEL_KINDS[name].scaled(input_scale)
+    """'A-reg', 'B-cls', ... or a sex classifier 'A-sex' (sex is not part of the kind: a per-sex model
+    is one kind)."""
+    kinds = {**MODEL_KINDS, **SEX_KINDS}
+    if name not in kinds:
+        raise KeyError(f"unknown model kind {name!r}; known: {sorted(kinds)}")
+    return kinds[name].scaled(input_scale)
 
 
 def build_from_spec(spec: dict) -> nn.Module:

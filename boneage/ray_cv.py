@@ -1,5 +1,6 @@
 """k-fold CV of the zone models on Ray: a Ray Tune experiment with one trial per (kind, sex, fold),
-each trial fitting a Ray Train TorchTrainer on that sex's registered images.
+each trial fitting a Ray Train TorchTrainer on that sex's registered images; the sex classifier
+(cv.sex_kind) has one trial per fold on both sexes pooled, in the same experiment.
 
     registered/*.parquet ─► CV/folds.parquet (driver) ─► Tune trials, max_concurrent_trials in parallel
         trial = TorchTrainer ─► read parquet, bank, fit on the training folds with the epoch chosen on
@@ -40,7 +41,7 @@ from boneage.config import Config, CVConfig
 from boneage.errors import RunError
 from boneage.models import model_kind
 from boneage.progress import Progress
-from boneage.train import TrainConfig, fit_zone_model, predict
+from boneage.train import TrainConfig, fit_sex_model, fit_zone_model, predict, predict_p_male
 
 # The Tune trial itself only waits on its Train run: it takes this sliver of a CPU, and its worker
 # the rest of `cpus_per_trial`, so that N trials fit exactly on N x cpus_per_trial CPUs.
@@ -87,8 +88,9 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     options = loop_config["storage_options"]
     with storage.open_output(loop_config["folds_uri"], "rb", options) as f:
         folds = pq.read_table(f).to_pandas()
+    # A sex classifier's trial reads both sexes (trial.male is None), a bone age trial its own sex.
     rows = cv.read_trial_rows(loop_config["registered_uri"], folds, trial.male, options)
-    bank, ages, _ = cv.load_bank(rows)
+    bank, ages, male = cv.load_bank(rows)
     fold = rows["fold"].to_numpy()
     train_cfg = TrainConfig(**loop_config["train"])
     # The scored fold chooses nothing: the epoch is chosen on a split of the training folds.
@@ -114,11 +116,17 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     fitting = time.time()
     # Local mode inside a Tune trial has nothing to resume and may not call ray.train.report (Tune's
     # session owns reporting): no per-epoch reports there.
-    result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device,
-                            None if local else report, resume,
-                            watch_idx=scored_idx if loop_config["watch_scored_fold"] else None)
-    scored = predict(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
-                     train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
+    if trial.is_sex_classifier:  # P(male) of the scored fold instead of its bone age
+        result = fit_sex_model(bank, male, fit_idx, select_idx, kind, train_cfg, device,
+                               None if local else report, resume)
+        scored = predict_p_male(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
+                                train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
+    else:
+        result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device,
+                                None if local else report, resume,
+                                watch_idx=scored_idx if loop_config["watch_scored_fold"] else None)
+        scored = predict(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
+                         train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
     meta["scored_pred"] = scored.tolist()
     meta["fit_seconds"] = round(time.time() - fitting, 2)  # the training loop and the scored fold's prediction
     if local:
@@ -180,8 +188,14 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
     scored_ids, scored_pred = meta["scored_ids"], np.asarray(meta["scored_pred"], float)
     folds = cv_folds(paths["folds.parquet"], options).set_index("id")
     truth = folds.loc[scored_ids, "boneage"].to_numpy(float)
-    record = cv.record_from_state(state, meta["n_train"], meta["n_select"], len(scored_ids),
-                                  float(np.mean(np.abs(scored_pred - truth))), time.time() - started)
+    if trial.is_sex_classifier:  # no bone age: the record's out-of-fold numbers are AUC and accuracy
+        record = cv.record_from_state(state, meta["n_train"], meta["n_select"], len(scored_ids),
+                                      float("nan"), time.time() - started)
+        record["select_bce"] = record.pop("select_mae")  # the selection split's metric is cross-entropy
+        record.update(cv.sex_record(scored_pred, folds.loc[scored_ids, "male"].to_numpy(bool)))
+    else:
+        record = cv.record_from_state(state, meta["n_train"], meta["n_select"], len(scored_ids),
+                                      float(np.mean(np.abs(scored_pred - truth))), time.time() - started)
     record["finished_at"] = time.time()
     record["resumed_from_epoch"] = meta.get("resumed_from_epoch")  # last checkpoint's epoch, or None
     record["local_train"] = local
@@ -267,6 +281,8 @@ class CVProgress(ray.tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         note = f"{trial.config['trial']}: {result['oof_mae']:.1f} months out of fold" if "oof_mae" in result else ""
+        if "oof_auc" in result:  # a sex classifier's trial
+            note = f"{trial.config['trial']}: AUC {result['oof_auc']:.2f} out of fold"
         self.progress.update(1, note)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -331,7 +347,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
             folds.to_parquet(f, index=False)
 
     # 2. The trials still to train.
-    trials = cv.cv_trials(cvc.kinds, cv.sexes_present(folds, cvc.sexes), cvc.k)
+    trials = cv.cv_trials(cvc.kinds, cv.sexes_present(folds, cvc.sexes), cvc.k) + cv.sex_trials(cvc.sex_kind, cvc.k)
     done = finished_trials(cv_uri, options)
     pending = cv.pending_trials(trials, done)
     print(f"[cv] {len(folds)} images in {cvc.k} folds; {len(trials)} trials, {len(trials) - len(pending)} "
@@ -389,6 +405,8 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
     done = finished_trials(cv_uri, options)
     parts = [done[t.name] for t in trials if t.name in done]
     oof = cv.oof_table(folds, parts, list(cvc.kinds))
+    if cvc.sex_kind is not None:
+        oof = cv.with_p_male(oof, parts, cvc.sex_kind)
     records = cv.trials_table(parts)
     with storage.open_output(paths["oof.parquet"], "wb", options) as f:
         oof.to_parquet(f, index=False)

@@ -373,6 +373,25 @@ def _frame_table(frame: pd.DataFrame, digits: int = 1, general: Sequence[str] = 
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _sex_section(sex: Mapping[str, Any] | None) -> str:
+    """The sex classifier's out-of-fold ROC AUC and accuracy, overall and by age band ('' without one)."""
+    if not sex:
+        return ""
+    low, high = sex.get("unsure_between", (0.2, 0.8))
+    rows = "".join(
+        f'<tr><td class="text">{_e(group)}</td><td>{a.get("n", 0)}</td><td>{_num(a.get("auc"), 3)}</td>'
+        f'<td>{_num(100 * a.get("accuracy", float("nan")), 1)}</td><td>{_num(100 * a.get("unsure", float("nan")), 1)}</td>'
+        f'<td>{_num(100 * a.get("accuracy_sure", float("nan")), 1)}</td></tr>'
+        for group, a in {"all": sex.get("all", {}), **sex.get("by_age_band", {})}.items())
+    return (f"<h2>Sex classifier {_e(sex.get('kind', ''))} (out of fold)</h2><p class='note'>P(male) of every "
+            "image from the fold model that never saw it (trained on both sexes pooled, in the same folds; not part "
+            f"of the ensemble). Scoring uses the predicted sex of an image of unknown sex when P(male) ≤ {low} or ≥ "
+            f"{high}; in between it is unsure and the image gets the mean of both sexes' readings. Accuracy at 0.5; "
+            "unsure: share of images in between; sure: accuracy of the others. Age bands by true bone age.</p>"
+            '<table><tr><th class="text">group</th><th>n</th><th>ROC AUC</th><th>accuracy %</th><th>unsure %</th>'
+            f"<th>accuracy of the sure %</th></tr>{rows}</table>")
+
+
 def _trials_section(trials: pd.DataFrame | None, ensembles) -> str:
     out = ["<h2>Trials</h2>"]
     if trials is None or len(trials) == 0:
@@ -461,6 +480,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  worst_images: pd.DataFrame | None = None, primary: str | None = None, n_worst: int = 12,
                  storage_options: Mapping[str, Any] | None = None,
                  test: Mapping[str, Any] | None = None, test_table: pd.DataFrame | None = None,
+                 sex_classifier: Mapping[str, Any] | None = None,
                  title: str = "Bone age: accuracy report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
@@ -469,7 +489,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     ensemble of the headline, Bland-Altman and worst cases (the first one by default). worst_images:
     rows with id and registered_png (and optionally registration_doubtful, keypoint_source) for the
     worst cases' thumbnails. test: the locked test split's result (run.evaluate_test), test_table its
-    rows (boneage, male, pred) for the plot; they come first. Anything else missing is said in its
+    rows (boneage, male, pred) for the plot; they come first. sex_classifier: cv/summary.json's
+    "sex_classifier" (its section is left out without one). Anything else missing is said in its
     section."""
     oof = oof.reset_index(drop=True)
     kinds = [k for k in kinds if k in oof.columns]
@@ -556,6 +577,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     else:
         sections.append("<h2>Worst cases</h2>" + _missing("No ensemble prediction was given."))
 
+    sections.append(_sex_section(sex_classifier))
     sections.append(_qa_section(preprocess_summary))
     sections.append(_trials_section(trials, ensembles))
 

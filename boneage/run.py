@@ -25,7 +25,7 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
     """Settings and input paths that would fail every trial or image, checked before any work starts:
     ValueError or FileNotFoundError naming the setting and what it may be. need_data: check the
     input paths; need_labels: given images need labels (to train)."""
-    from boneage.models import MODEL_KINDS
+    from boneage.models import MODEL_KINDS, SEX_KINDS
     from boneage.train import CLS_LOSSES, SCHEDULES
 
     cvc = config.cv
@@ -33,6 +33,8 @@ def check_config(config: Config, need_data: bool = True, need_labels: bool = Tru
     unknown = [k for k in cvc.kinds if k not in MODEL_KINDS]
     if unknown or not cvc.kinds:
         problems.append(f"cv.kinds {list(cvc.kinds)}: known kinds are {', '.join(MODEL_KINDS)}")
+    if cvc.sex_kind is not None and cvc.sex_kind not in SEX_KINDS:
+        problems.append(f"cv.sex_kind {cvc.sex_kind!r}: one of {', '.join(SEX_KINDS)}, or null for none")
     if [s for s in cvc.sexes if s not in ("F", "M")] or not cvc.sexes:
         problems.append(f"cv.sexes {list(cvc.sexes)}: each must be F or M")
     if cvc.k < 2:
@@ -371,6 +373,12 @@ def cross_validate(config: Config) -> dict[str, Any]:
         "fit_seconds_total": round(float(trials["fit_seconds"].sum()), 1) if "fit_seconds" in trials else None,
         "mae": table.to_dict("records"),
     }
+    if config.cv.sex_kind is not None:  # out-of-fold AUC and accuracy of the sex classifier
+        from boneage import metrics
+
+        summary["sex_classifier"] = {"kind": config.cv.sex_kind, "unsure_between": [metrics.UNSURE_LOW,
+                                                                                     metrics.UNSURE_HIGH],
+                                     **metrics.sex_report(oof["p_male"], oof["male"], oof["boneage"])}
     storage.write_bytes(storage.join_uri(config.output, "cv", "summary.json"), json.dumps(summary, indent=2).encode(),
                    config.data.storage_options)
     print_cv_summary(summary)
@@ -386,6 +394,12 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
     print(f"  {'model':<16}{'F':>8}{'M':>8}{'all':>8}")
     for row in summary["mae"]:
         print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")
+    sex = summary.get("sex_classifier")
+    if sex and sex["all"].get("n"):
+        a = sex["all"]
+        print(f"  sex classifier {sex['kind']}, out of fold: ROC AUC {a['auc']:.3f}, accuracy {a['accuracy']:.1%}; "
+              f"{a['unsure']:.0%} unsure ({sex['unsure_between'][0]} < P(male) < {sex['unsure_between'][1]}), "
+              f"the others {a['accuracy_sure']:.1%} right")
 
 
 SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months",
@@ -508,6 +522,16 @@ def write_bundle(config: Config) -> str:
         state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
         files[path] = weights.to_bytes(state)
         models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "oof_mae": float(oof_mae[t.name])})
+    # The sex classifier's fold models (scoring predicts P(male) for images of unknown sex).
+    sex_trials = cv.sex_trials(config.cv.sex_kind, config.cv.k)
+    missing = [t.name for t in sex_trials if t.name not in oof_mae]
+    if missing:
+        raise RunError(f"no bundle: {len(missing)} sex classifier trials have not finished (e.g. {missing[0]}); rerun")
+    for t in sex_trials:
+        path = f"models/{t.name}.safetensors"
+        state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
+        files[path] = weights.to_bytes(state)
+        models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold})
     preprocess_summary = _read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options)
     keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
     if config.keypoints.source == "model" and not keypoint_model:
@@ -539,6 +563,7 @@ def write_bundle(config: Config) -> str:
     out = storage.join_uri(config.output, "bundle")
     bundle.write_bundle(out, files, models, {
         "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
+        "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
         "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
         "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
@@ -620,7 +645,8 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         ensembles["fits"], predictions, trials=trials,
         preprocess_summary=_read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
         worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
-        test=test, test_table=test_table)
+        test=test, test_table=test_table,
+        sex_classifier=_read_json(storage.join_uri(cv_uri, "summary.json"), options).get("sex_classifier"))
     print(f"[report] {uri}")
     return uri
 

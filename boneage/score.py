@@ -7,6 +7,10 @@ ensembles (fold f's models of every kind, combined with the same weights): how m
 with the training data. With unknown sex both sexes' bone ages are given, `boneage_months` is their
 mean, flagged `sex_unknown`, and the spread is over both sexes' 2k fold-wise ensembles (girls mature
 ~1.15x faster: the two estimates differ by up to ~15 months).
+
+A bundle with a sex classifier (manifest `sex_kind`) gives every image `p_male`, the mean P(male) of
+its k fold models. An image of unknown sex whose P(male) is at most 0.2 or at least 0.8 is scored as
+that sex (`sex_source` "predicted"); in between it is `sex_unsure` and scored as unknown (both sexes).
 """
 
 from __future__ import annotations
@@ -18,15 +22,15 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from boneage import clinical, cv, ensemble, gate, train
+from boneage import clinical, cv, ensemble, gate, metrics, train
 from boneage.bundle import Bundle, BundleError
 from boneage.models import model_kind
 
-SEX_SOURCES = ("csv", "dicom", "unknown")
+SEX_SOURCES = ("csv", "dicom", "predicted", "unknown")
 
 # The output table, in order: see docs/scoring.md for each column's meaning.
 OUTPUT_COLUMNS = (
-    "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown",
+    "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown", "p_male", "sex_unsure",
     "boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
@@ -64,6 +68,7 @@ class BundleModels:
         self.kinds = bundle.kinds
         self.record = ensemble_record(bundle)
         self.gate = gate.calibration_of(bundle.training)  # the rejection gate's thresholds (boneage.gate)
+        self.sex_kind = bundle.manifest.get("sex_kind")  # the sex classifier's kind; None: the bundle has none
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
         for (kind, sex), states in bundle.models.items():
             self.models[(kind, sex)] = [
@@ -79,6 +84,14 @@ class BundleModels:
                      for model, zone in self.models[(kind, sex)]]
             out[kind] = np.stack(preds, axis=1)
         return out
+
+    def p_male(self, bank: torch.Tensor) -> np.ndarray:
+        """(n,) P(male): the mean of the sex classifier's fold models (NaN without one)."""
+        if self.sex_kind is None:
+            return np.full(len(bank), np.nan)
+        idx = np.arange(len(bank))
+        return np.mean([train.predict_p_male(model, bank, idx, zone, device=self.device).float().cpu().numpy()
+                        for model, zone in self.models[(self.sex_kind, cv.POOLED)]], axis=0)
 
     def score(self, bank: torch.Tensor, sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         """(per-kind mean predictions, ensemble bone age, (n, k) fold-wise ensembles)."""
@@ -124,6 +137,15 @@ def resolve_sex(rows: pd.DataFrame) -> tuple[list[str | None], list[str]]:
     return sexes, sources
 
 
+def predicted_sex(p_male: np.ndarray) -> tuple[list[str | None], np.ndarray]:
+    """(sex 'F'/'M', or None where unsure, unsure bool) per P(male): unsure strictly between
+    metrics.UNSURE_LOW and UNSURE_HIGH (fixed beforehand), or NaN."""
+    p = np.asarray(p_male, float)
+    with np.errstate(invalid="ignore"):
+        male, female = p >= metrics.UNSURE_HIGH, p <= metrics.UNSURE_LOW
+    return ["M" if m else "F" if f else None for m, f in zip(male, female)], ~(male | female)
+
+
 def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
     """(chronological age in months, its source) per row: the CSV's age_months, else the DICOM's."""
     ages = np.full(len(rows), np.nan)
@@ -152,10 +174,23 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
         out[column] = np.nan
     for kind in models.kinds:
         out[kind] = np.nan
+    out["p_male"], out["sex_unsure"] = np.nan, False
     ok = (rows["status"] == "ok").to_numpy() & rows["registered_png"].notna().to_numpy()
     if ok.any():
         at = np.flatnonzero(ok)
         bank = cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist())
+        if models.sex_kind is not None:  # P(male) of every image (QA where the sex is known)
+            p_male = models.p_male(bank)
+            guess, unsure = predicted_sex(p_male)
+            unknown = np.array([sexes[i] is None for i in at])
+            use = at[unknown & ~unsure]  # unknown sex: the predicted one, unless unsure
+            for i, sex in zip(use, np.asarray(guess, dtype=object)[unknown & ~unsure]):
+                sexes[i] = sex
+            out.loc[at, "p_male"] = p_male
+            out.loc[at, "sex_unsure"] = unknown & unsure
+            out.loc[use, "sex"] = [sexes[i] for i in use]
+            out.loc[use, "sex_source"] = "predicted"
+            out.loc[use, "sex_unknown"] = False
         sex_of = np.array([sexes[i] for i in at], dtype=object)
         unknown = pd.isna(sex_of)
         both = {}
@@ -200,6 +235,7 @@ def summary(table: pd.DataFrame) -> dict[str, Any]:
         "files": int(len(table)), "scored": int(ok["boneage_months"].notna().sum()), "failed": int(len(failed)),
         "failed_by_code": {str(k): int(v) for k, v in failed["error"].map(error_code).value_counts().items()},
         "sex_source": {str(k): int(v) for k, v in ok["sex_source"].value_counts().items()},
+        "sex_unsure": int(ok["sex_unsure"].fillna(False).astype(bool).sum()) if "sex_unsure" in ok else 0,
         "registration_doubtful": int(ok["registration_doubtful"].fillna(False).astype(bool).sum()),
         "boneage_months_median": float(ok["boneage_months"].median()) if len(ok) else None,
     }

@@ -115,9 +115,8 @@ def _batches(idx: torch.Tensor, batch_size: int):
 
 
 @torch.no_grad()
-def predict(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16=True,
-            channels_last=True) -> torch.Tensor:
-    """Bone age in months for bank[idx], no augmentation; crops are cut where the bank lives."""
+def _zone_outputs(model, bank, idx, kind: ModelKind, batch_size, device, bf16, channels_last) -> torch.Tensor:
+    """The network's output (B,) for bank[idx], no augmentation; crops are cut where the bank lives."""
     device = torch.device(device or next(model.parameters()).device)
     sampler = ZoneSampler(kind.box, kind.input_size)
     idx = _as_index(idx, bank.device)
@@ -127,7 +126,19 @@ def predict(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16
         x = _to_input(sampler(bank, chunk), device, channels_last)
         with _autocast(device, bf16):
             out.append(model(x).float()[:n])
-    return to_months(torch.cat(out)) if out else torch.zeros(0, device=device)
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def predict(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16=True,
+            channels_last=True) -> torch.Tensor:
+    """Bone age in months for bank[idx], no augmentation; crops are cut where the bank lives."""
+    return to_months(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last))
+
+
+def predict_p_male(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16=True,
+                   channels_last=True) -> torch.Tensor:
+    """P(male) for bank[idx] from a sex classifier (a "sex" head), no augmentation."""
+    return torch.sigmoid(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last))
 
 
 @torch.no_grad()
@@ -326,6 +337,45 @@ def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainCo
             loss_fn, kwargs = class_loss(model, cfg), {"logits": True}
         res = _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, "val_mae", 120.0,
                    report, resume_state, kwargs)
+    res.val_idx = val_idx.cpu().numpy()
+    return res
+
+
+def fit_sex_model(bank, male, train_idx, val_idx, kind: ModelKind, cfg: TrainConfig, device="cpu",
+                  report: Callable | None = None, resume_state: dict | None = None) -> FitResult:
+    """Train a sex classifier (a kind with the "sex" head) on bank[train_idx]; male: (N,) bool.
+
+    Binary cross-entropy on the logit of P(male); the selection split's cross-entropy (`val_bce`)
+    picks the epoch (empty val_idx: a fixed schedule). Returns the chosen model and P(male) for val_idx.
+    Same zone crops and augmentation as the bone age models of that zone.
+    """
+    if kind.head != "sex":
+        raise ValueError(f"fit_sex_model trains a sex classifier (e.g. 'A-sex'), not {kind.name!r}")
+    device = torch.device(device)
+    bank = bank.to(device)
+    target = torch.as_tensor(np.asarray(male, dtype=np.float32), device=device)
+    train_idx, val_idx = _as_index(train_idx, device), _as_index(val_idx, device)
+    fc = cfg.fc or 2048
+    spec = {"kind": kind.name, "input_scale": kind.input_scale, "width_mult": cfg.width_mult,
+            "fc": fc, "dropout": cfg.dropout}
+    sampler = ZoneSampler(kind.box, kind.input_size, cfg.augment or Augment())
+
+    def make_batch(idx, gen):
+        return sampler(bank, idx, gen, train=True), target[idx]
+
+    def evaluate(run):
+        if not val_idx.numel():
+            return {}, None
+        p = predict_p_male(run, bank, val_idx, kind, cfg.eval_batch_size, device, cfg.bf16, cfg.channels_last)
+        y = target[val_idx]
+        bce = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), y).item()
+        return {"val_bce": bce, "val_accuracy": ((p > 0.5).float() == y).float().mean().item()}, p
+
+    with _seeded(cfg, device):
+        torch.manual_seed(cfg.seed)
+        model = kind.build(cfg.width_mult, fc, cfg.dropout)
+        res = _fit(model, spec, cfg, device, train_idx, make_batch, F.binary_cross_entropy_with_logits,
+                   evaluate, "val_bce", 1.0, report, resume_state)
     res.val_idx = val_idx.cpu().numpy()
     return res
 

@@ -122,6 +122,37 @@ def test_trial_names_and_selection():
     assert len(cv.cv_trials(CVConfig().kinds, CVConfig().sexes, 5)) == 60  # 12 model kinds x 5 folds
 
 
+def test_sex_classifier_trials():
+    trials = cv.sex_trials("A-sex", 3)
+    assert [t.name for t in trials] == ["A-sex-all-fold0", "A-sex-all-fold1", "A-sex-all-fold2"]
+    assert all(cv.parse_trial(t.name) == t and t.male is None and t.is_sex_classifier for t in trials)
+    assert cv.sex_trials(None, 3) == [] and not cv.parse_trial("A-reg-F-fold0").is_sex_classifier
+    for bad in ("A-sex-F-fold0", "A-reg-all-fold0"):  # a sex classifier pools both sexes, a zone model never
+        with pytest.raises(ValueError):
+            cv.parse_trial(bad)
+    with pytest.raises(ValueError, match="unknown sex classifier"):
+        cv.sex_trials("A-reg", 3)
+
+
+def test_p_male_joins_the_oof_table_by_fold():
+    folds = cv.folds_table(_table(), 3, seed=0)
+    parts = []
+    for t in cv.sex_trials("A-sex", 3):
+        mine = folds[folds.fold == t.fold]
+        part = cv.part_table(t, mine.id, mine.boneage, mine.male.astype(float) * 0.5 + 0.25, {})
+        parts.append((part.to_pandas(), cv.part_record(part)))
+    oof = cv.with_p_male(cv.oof_table(folds, parts, ["A-reg"]), parts[:2], "A-sex")
+    assert oof["A-reg"].isna().all()  # the sex classifier's parts are no bone age predictions
+    done = oof.fold < 2
+    np.testing.assert_allclose(oof.p_male[done], np.where(oof.male[done], 0.75, 0.25))
+    assert oof.p_male[~done].isna().all()  # fold 2's trial has not finished
+    record = cv.sex_record(oof.p_male[done], oof.male[done])
+    assert record["oof_auc"] == 1.0 and record["oof_accuracy"] == 1.0
+    assert record["oof_bce"] == pytest.approx(-np.log(0.75))
+    with pytest.raises(ValueError, match="outside its fold"):
+        cv.with_p_male(oof, [(parts[0][0], {**parts[0][1], "trial": "A-sex-all-fold1"})], "A-sex")
+
+
 def test_train_config_per_trial():
     cfg = CVConfig(epochs=7, width_mult=0.5, fc=64, patience=3, schedule="cosine")
     a = cv.train_config(cfg, cv.Trial("A-reg", "F", 0), seed=0)

@@ -44,6 +44,7 @@ cv:
   k: 2
   kinds: [A-reg]
   sexes: [F]
+  sex_kind: null             # no sex classifier: these tests are about killed zone trials
   input_scale: 0.125
   width_mult: 0.0625
   fc: 32

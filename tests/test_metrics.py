@@ -43,3 +43,19 @@ def test_accuracy_report_groups_by_sex_and_age_band():
         "0-2 y": 1, "2-5 y": 1, "5-10 y": 1, "10-15 y": 1, "15-19 y": 2}  # 228 months is in the last band
     line = metrics.describe(metrics.accuracy(truth + 6, truth, n_boot=50))
     assert line.startswith("MAE 6.00 [6.00, 6.00] months") and "within ±12 months 100%" in line
+
+
+def test_roc_auc_and_sex_accuracy_by_hand():
+    from boneage.metrics import roc_auc, sex_accuracy, sex_report
+
+    # positives 0.35, 0.8 against negatives 0.1, 0.4: 3 of the 4 pairs ordered right
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75
+    assert roc_auc([0.5, 0.5], [False, True]) == 0.5  # a tie counts half
+    assert np.isnan(roc_auc([0.2, 0.9], [True, True])) and np.isnan(roc_auc([np.nan, 0.3], [False, True]))
+    p = [0.1, 0.3, 0.9, 0.6, np.nan]
+    male = [False, True, True, False, True]
+    acc = sex_accuracy(p, male)  # the NaN row is left out; 0.3 and 0.6 are unsure
+    assert acc == {"n": 4, "auc": 0.75, "accuracy": 0.5, "unsure": 0.5, "accuracy_sure": 1.0}
+    report = sex_report(p, male, [10.0, 30.0, 100.0, 100.0, 100.0])
+    assert report["all"] == acc and set(report["by_age_band"]) == {"0-2 y", "2-5 y", "5-10 y"}
+    assert report["by_age_band"]["5-10 y"]["n"] == 2

@@ -3,11 +3,11 @@ import torch
 
 from boneage.frame import ZONES
 from boneage.models import (
-    MODEL_KINDS, N_CLASSES, KeypointNet, ZoneNet, build_from_spec, model_kind, to_months, to_scaled,
+    MODEL_KINDS, N_CLASSES, SEX_KINDS, KeypointNet, ZoneNet, build_from_spec, model_kind, to_months, to_scaled,
 )
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_KINDS))
+@pytest.mark.parametrize("name", sorted({**MODEL_KINDS, **SEX_KINDS}))
 def test_every_kind_builds_and_runs(name):
     torch.manual_seed(0)
     kind = model_kind(name, input_scale=0.2)

@@ -31,6 +31,7 @@ keypoints:
 cv:
   k: 2
   kinds: [A-reg]
+  sex_kind: null             # no sex classifier (test_workflows covers it): 4 trials, all at once
   input_scale: 0.125
   width_mult: 0.0625
   fc: 32

@@ -1,5 +1,5 @@
 """k-fold CV through Ray Tune + Ray Train on a real local Ray: 30 small synthetic radiographs, 2 folds,
-2 model kinds, the girls only (4 trials; both sexes run in test_workflows), 2 epochs of a tiny net (this
+2 model kinds, the girls only (4 trials; both sexes and the sex classifier run in test_workflows), 2 epochs of a tiny net (this
 checks the wiring, the tables and resuming, not accuracy; accuracy: workflows/full_cv.py)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def registered_30(tmp_path_factory, ray_local):
 
 def _cv_config(output: str):
     return load_config(overrides={
-        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F"], "input_scale": 0.125, "width_mult": 0.0625, "fc": 32,
+        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F"], "sex_kind": None, "input_scale": 0.125, "width_mult": 0.0625, "fc": 32,
                "epochs": 3, "batch_size": 4, "patience": 0,
                # a selection split (the embedded default is a fixed schedule): ~1 girl in 4 of the
                # training folds chooses the epoch

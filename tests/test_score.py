@@ -115,6 +115,59 @@ def test_subjects_csv(tmp_path):
         read_subjects(str(tmp_path / "bad.csv"))
 
 
+@pytest.fixture(scope="module")
+def models_with_sex(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle_sex")
+    write_tiny_bundle(str(path), sex_kind="A-sex")
+    return score.BundleModels(load_bundle(str(path)))
+
+
+def _set_p_male(models, per_fold: list[float]) -> None:
+    """Make fold model f of the sex classifier answer P(male) = per_fold[f] for every image."""
+    with torch.no_grad():
+        for (model, _), p in zip(models.models[("A-sex", "all")], per_fold):
+            model.out.weight.zero_()
+            model.out.bias.fill_(float(np.log(p / (1 - p))))
+
+
+def test_unknown_sex_is_scored_by_the_predicted_sex(models_with_sex, registered):
+    rows = registered.assign(male=[True, False, None, None, None])  # rows 2-3 of unknown sex; 4 failed
+    _set_p_male(models_with_sex, [0.95, 0.75])  # mean 0.85: male, sure
+    out = score.score_rows(rows, models_with_sex)
+    assert list(out.columns) == list(score.OUTPUT_COLUMNS) + list(KINDS)
+    assert out.p_male[:4].tolist() == pytest.approx([0.85] * 4) and np.isnan(out.p_male[4])  # the mean P
+    assert out.sex.tolist()[:4] == ["M", "F", "M", "M"]  # a known sex stays what the CSV says
+    assert out.sex_source.tolist() == ["csv", "csv", "predicted", "predicted", "unknown"]
+    assert not out.sex_unknown[:4].any() and not out.sex_unsure.any()
+    assert out.sex_unknown.dtype == bool and out.sex_unsure.dtype == bool
+    expected, spread, _ = by_hand(models_with_sex, rows.registered_png[2], "M")  # as a boy of known sex gets
+    assert out.boneage_months[2] == pytest.approx(expected, abs=1e-3)
+    assert out.boneage_sd_months[2] == pytest.approx(spread, abs=1e-3)
+    assert np.isnan(out.boneage_if_female_months[2:4]).all() and out["A-reg"][2:4].notna().all()
+    assert not out.reject_reason[2:4].fillna("").str.contains("sex_unknown").any()
+
+    _set_p_male(models_with_sex, [0.1, 0.2])  # 0.15: female
+    out = score.score_rows(rows, models_with_sex)
+    assert out.sex.tolist()[2:4] == ["F", "F"] and set(out.sex_source[2:4]) == {"predicted"}
+    assert out.boneage_months[2] == pytest.approx(by_hand(models_with_sex, rows.registered_png[2], "F")[0], abs=1e-3)
+
+    _set_p_male(models_with_sex, [0.3, 0.9])  # 0.6: unsure → both sexes' mean, as without a classifier
+    out = score.score_rows(rows, models_with_sex)
+    assert out.sex_unsure.tolist() == [False, False, True, True, False] and out.sex_unknown[2:4].all()
+    assert pd.isna(out.sex[2]) and out.sex_source[2] == "unknown" and out.p_male[2] == pytest.approx(0.6)
+    female, male = (by_hand(models_with_sex, rows.registered_png[2], s)[0] for s in ("F", "M"))
+    assert out.boneage_months[2] == pytest.approx((female + male) / 2, abs=1e-3)
+    assert "sex_unknown" in out.reject_reason[2]  # the gate still rejects an unsure sex
+    assert score.summary(out)["sex_unsure"] == 2
+
+
+def test_predicted_sex_thresholds_are_fixed():
+    sexes, unsure = score.predicted_sex([0.0, 0.2, 0.21, 0.5, 0.79, 0.8, 1.0, np.nan])
+    assert sexes == ["F", "F", None, None, None, "M", "M", None]
+    assert unsure.tolist() == [False, False, True, True, True, False, False, True]
+
+
+
 def test_scoring_resources_are_the_scorers_not_the_bundles():
     from pathlib import Path
 

@@ -143,3 +143,23 @@ def test_distribution_loss_is_smallest_for_a_gaussian_at_the_label():
     assert abs(to_months(model.expectation(gaussian_logits(100.0, 6.0))).item() - 100.0) < 0.01
     with pytest.raises(ValueError, match="cls_loss"):
         train.class_loss(model, TrainConfig(cls_loss="hinge"))
+
+
+def test_the_sex_classifier_learns_the_toy_problem():
+    """A sex kind on the whole hand: a patch inside zone A (away from zone B's age patch) is brighter in
+    the boys; P(male) must separate the held-out images and score like the run did from its state."""
+    bank, ages = toy_bank(96, seed=5)
+    male = np.random.default_rng(5).random(96) < 0.5
+    z, s = ZONES["C"], RES[1] / FRAME_W
+    cx, cy, half = z.center[0] * s, z.center[1] * s, 0.15 * z.width * s
+    patch = bank[:, :, round(cy - half) : round(cy + half), round(cx - half) : round(cx + half)]
+    patch[:] = torch.from_numpy(np.where(male, 170, 90).astype(np.uint8)).view(-1, 1, 1, 1)
+    tr, va = np.arange(64), np.arange(64, 96)
+    kind = model_kind("A-sex", 0.125)
+    res = train.fit_sex_model(bank, male, tr, va, kind, small_cfg(epochs=5, lr=3e-3))
+    assert res.metric == "val_bce" and res.val_pred.shape == (32,)
+    assert ((res.val_pred > 0.5) == male[va]).mean() >= 0.9, res.val_pred
+    p = train.predict_p_male(model_from_state(res.state), bank, va, kind).numpy()
+    np.testing.assert_allclose(p, res.val_pred, atol=1e-4)
+    with pytest.raises(ValueError, match="sex classifier"):
+        train.fit_sex_model(bank, male, tr, va, model_kind("A-reg", 0.125), small_cfg())

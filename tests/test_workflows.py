@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from boneage.bundle import load_bundle
+from boneage.metrics import roc_auc
 from boneage.ray_prepare import read_registered
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,8 @@ def _load_workflow(name: str):
 
 @pytest.fixture(scope="module")
 def embedded_run(tmp_path_factory, ray_local) -> Path:
-    """full_cv.py on a shrunken embedded default (30 synthetic images, one kind, 2 folds, 2 epochs), run
+    """full_cv.py on a shrunken embedded default (30 synthetic images, one kind and the default sex
+    classifier A-sex, 2 folds, 2 epochs), run
     as a user would: from a working directory that is not the repository, with relative paths
     (Ray Tune runs each trial in a directory of its own: a relative path must still work there)."""
     tmp_path = tmp_path_factory.mktemp("embedded")
@@ -67,13 +69,22 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     split = pd.read_csv(out / "test" / "split.csv", dtype={"id": str})
     n_test = len(split)
     assert 2 <= n_test <= 4 and split.male.nunique() == 2 and set(split.source) == {"test_fraction"}
-    # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every other labelled image
+    # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every other labelled image;
+    # the sex classifier: 1 trial per fold on both sexes, an out-of-fold P(male) for every image
     oof = pd.read_parquet(out / "cv" / "oof.parquet")
     assert len(oof) == 30 - n_test and oof["A-reg"].notna().all() and not set(oof.id) & set(split.id)
-    assert len(pd.read_parquet(out / "cv" / "trials.parquet")) == 4
+    assert oof["p_male"].between(0, 1).all()
+    trials = pd.read_parquet(out / "cv" / "trials.parquet")
+    assert len(trials) == 4 + 2 and set(trials.trial) >= {"A-sex-all-fold0", "A-sex-all-fold1"}
     assert len(list((out / "cv" / "models").glob("A-reg-*-fold*.pt"))) == 4
+    for row in trials[trials.kind == "A-sex"].itertuples():  # each trial's AUC is its scored fold's
+        scored = oof[oof.fold == row.fold]
+        assert row.n_val == len(scored) and row.oof_auc == roc_auc(scored.p_male, scored.male)
     cv_summary = json.loads((out / "cv" / "summary.json").read_text())
     assert {row["model"] for row in cv_summary["mae"]} == {"A-reg", "per-sex median"}
+    sex = cv_summary["sex_classifier"]
+    assert sex["kind"] == "A-sex" and sex["all"]["n"] == len(oof) and sex["all"]["auc"] == roc_auc(oof.p_male, oof.male)
+    assert sum(band["n"] for band in sex["by_age_band"].values()) == len(oof)
     # Ensemble: three fits, each with a cross-validated MAE; the one that scores was fixed beforehand.
     ensembles = json.loads((out / "cv" / "ensemble.json").read_text())
     assert set(ensembles["fits"]) == {"tune", "lad", "nnls"} and ensembles["use"] == "tune"
@@ -81,7 +92,8 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     # The bundle: every fold model, the key point model, weights, config; loads for scoring; carries
     # the accuracy measured on the test split it never saw, and its out-of-fold accuracy.
     bundle = load_bundle(str(out / "bundle"))
-    assert sorted(bundle.models) == [("A-reg", "F"), ("A-reg", "M")]
+    assert sorted(bundle.models) == [("A-reg", "F"), ("A-reg", "M"), ("A-sex", "all")]
+    assert bundle.manifest["sex_kind"] == "A-sex"
     assert all(len(states) == 2 for states in bundle.models.values())
     assert bundle.keypoint_model.endswith("keypoints/keypoint_model.safetensors") and bundle.training["images"] == 30 - n_test
     test = json.loads((out / "test" / "metrics.json").read_text())
@@ -100,6 +112,7 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert html.index("Locked test split") < html.index("Cross-validation (out of fold)")
     pictures = re.findall(r'src="([^"]+\.png)"', html)
     assert len(pictures) >= 4 and all((out / "report" / p).stat().st_size > 1000 for p in pictures)
+    assert "Sex classifier A-sex (out of fold)" in html
 
 
 def test_scoring_with_the_trained_bundle(embedded_run, tmp_path):
@@ -109,15 +122,26 @@ def test_scoring_with_the_trained_bundle(embedded_run, tmp_path):
         (images / path.name).write_bytes(path.read_bytes())
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     bundle = os.path.relpath(embedded_run / "bundle", tmp_path)
-    labels = os.path.relpath(embedded_run / "synthetic" / "labels.csv", tmp_path)
+    # The subjects' sexes, but two left blank: the bundle's sex classifier decides those.
+    labels = pd.read_csv(embedded_run / "synthetic" / "labels.csv", dtype={"id": str})
+    names = sorted(p.stem for p in images.iterdir())
+    labels["male"] = labels["male"].astype(object).where(~labels.id.isin(names[:2]), None)
+    labels[["id", "male"]].to_csv(tmp_path / "subjects.csv", index=False)
     with _working_directory(tmp_path):  # relative paths, from a directory that is not the repository
         assert _load_workflow("score").main(["images", "--bundle", bundle, "--out", "predictions.parquet",
-                                             "--subjects", labels]) == 0
+                                             "--subjects", "subjects.csv"]) == 0
     table = pd.read_parquet(tmp_path / "predictions.parquet")
     assert len(table) == 6 and table.set_index("id").loc["broken", "status"] == "error"
     ok = table[table.status == "ok"]
-    assert len(ok) >= 4 and ok.boneage_months.between(0, 240).all() and ok["A-reg"].notna().all()
-    assert set(ok.sex_source) == {"csv"}
+    assert len(ok) >= 4 and ok.boneage_months.between(0, 240).all() and ok.p_male.between(0, 1).all()
+    blank = ok.id.isin(names[:2])
+    assert set(ok.sex_source[~blank]) == {"csv"} and not ok.sex_unsure[~blank].any()
+    # no sex given: the predicted one where P(male) is sure, else both sexes' mean (flagged unsure)
+    sure = ~ok.p_male.between(0.2, 0.8, inclusive="neither")
+    assert (ok.sex_source[blank] == sure[blank].map({True: "predicted", False: "unknown"})).all()
+    assert (ok.sex_unsure[blank] == ~sure[blank]).all() and (ok.sex_unknown == ok.sex_unsure).all()
+    assert (ok.sex[blank & sure] == ok.p_male[blank & sure].gt(0.5).map({True: "M", False: "F"})).all()
+    assert ok["A-reg"][~blank].notna().all()
 
 
 def test_full_cv_reports_a_bad_config_key(tmp_path, capsys):

@@ -27,8 +27,13 @@ def fold_state(kind: str, sex: str, fold: int) -> dict:
             "sex": sex, "fold": fold}
 
 
-def write_tiny_bundle(uri: str, storage_options: dict | None = None) -> dict:
+def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: str | None = None) -> dict:
+    """sex_kind (e.g. "A-sex"): also a sex classifier's fold models."""
     files, models = {}, []
+    for fold in range(FOLDS) if sex_kind else ():
+        path = f"models/{sex_kind}-all-fold{fold}.safetensors"
+        files[path] = weights.to_bytes(fold_state(sex_kind, "all", fold))
+        models.append({"file": path, "kind": sex_kind, "sex": "all", "fold": fold})
     for kind in KINDS:
         for sex in ("F", "M"):
             for fold in range(FOLDS):
@@ -42,4 +47,4 @@ def write_tiny_bundle(uri: str, storage_options: dict | None = None) -> dict:
     files["config.yaml"] = yaml.safe_dump(config).encode()
     files["training.json"] = b'{"images": 0}'
     return bundle.write_bundle(uri, files, models, {"kinds": list(KINDS), "sexes": ["F", "M"], "folds": FOLDS,
-                                                    "keypoint_model": None}, storage_options)
+                                                    "keypoint_model": None, "sex_kind": sex_kind}, storage_options)
