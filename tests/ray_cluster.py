@@ -367,7 +367,10 @@ def local_twin(cluster_yaml: str | Path = ROOT / "cluster.yaml", cpus_per_node: 
         "cluster_name": real["cluster_name"] + "-local", "max_workers": real["max_workers"],
         "upscaling_speed": real.get("upscaling_speed", 1.0),
         "idle_timeout_minutes": real["idle_timeout_minutes"] if idle_timeout_minutes is None else idle_timeout_minutes,
-        "provider": {"type": "fake_multinode"}, "auth": {"ssh_user": "ubuntu"},
+        # No node updaters (nothing to set up: the "nodes" are local raylets; the fake provider's tags
+        # are read-only, so an updater's first step would fail every launch) and no launch-config hash.
+        "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types, "head_node_type": "ray.head.default",
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
         "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
