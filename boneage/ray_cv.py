@@ -412,6 +412,11 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
         oof.to_parquet(f, index=False)
     with storage.open_output(paths["trials.parquet"], "wb", options) as f:
         records.to_parquet(f, index=False)
+    if {"gpu_ids", "device"} <= set(records.columns):  # the workers' own log lines stay in Ray's files
+        on_cpu = records[records["gpu_ids"].map(lambda g: g is not None and len(g) > 0) & (records["device"] == "cpu")]
+        if len(on_cpu):
+            print(f"[cv] {len(on_cpu)} trials were given a GPU by Ray but trained on the CPU: torch sees no CUDA "
+                  "device there (a logical GPU, a CPU build of torch, or a driver mismatch)")
     if errors:
         raise RuntimeError(f"{len(errors)} CV trials failed (rerun to retry them):\n  " + "\n  ".join(errors))
     return oof, records

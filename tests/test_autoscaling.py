@@ -89,7 +89,7 @@ def test_full_cv_on_an_autoscaling_twin_of_cluster_yaml(cluster, ray_local, tmp_
     # GPU nodes came from the autoscaler, for the work that asked for GPUs.
     assert launched(cluster, "gpu_worker") >= 1 and launched(cluster, "cpu_worker") >= 1
     trials = pd.read_parquet(out / "cv" / "trials.parquet")
-    assert len(trials) == 4 and trials["local_train"].eq(False).all()
+    assert len(trials) == 6 and trials["local_train"].eq(False).all()  # A-reg x 2 sexes x 2 folds, A-sex x 2 folds
     assert trials["device"].eq("cpu").all() and trials["gpu_ids"].map(len).eq(1).all()  # a logical GPU each
     from ray.util.state import list_nodes
 
@@ -97,7 +97,7 @@ def test_full_cv_on_an_autoscaling_twin_of_cluster_yaml(cluster, ray_local, tmp_
     gpu_nodes = {n.node_id for n in every_node if n.resources_total.get("GPU")}  # alive or gone since
     assert set(trials["node_id"]) <= gpu_nodes  # every Train worker on a GPU node
     assert trials.groupby(["node_id", trials["gpu_ids"].map(tuple)]).size().max() >= 2  # packed: 2 per GPU
-    assert "torch sees no CUDA device: training on the CPU" in logs
+    assert "6 trials were given a GPU by Ray but trained on the CPU: torch sees no CUDA device" in logs
 
     # The same settings on CPU (this session's local Ray, no GPU), on the same registered images.
     cpu = tmp_path / "cpu"
@@ -112,6 +112,7 @@ def test_full_cv_on_an_autoscaling_twin_of_cluster_yaml(cluster, ray_local, tmp_
     cpu_oof = pd.read_parquet(cpu / "cv" / "oof.parquet").sort_values("id").reset_index(drop=True)
     assert list(gpu_oof.id) == list(cpu_oof.id)
     np.testing.assert_allclose(gpu_oof["A-reg"], cpu_oof["A-reg"], atol=1e-3)
+    np.testing.assert_allclose(gpu_oof["p_male"], cpu_oof["p_male"], atol=1e-5)  # the sex classifier too
 
     # Idle nodes go (idle timeout 12 s, the autoscaler checks every second).
     deadline = time.time() + 180
