@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 
@@ -23,6 +24,7 @@ def init_ray(config: RayConfig) -> None:
     kwargs = {"log_to_driver": config.verbose, "logging_level": level}
     if address:
         ray.init(address=address, **kwargs)
+        atexit.register(release_resource_requests)
     else:
         # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train uses to watch its
         # controller; without it Train logs a warning every few seconds.
@@ -73,3 +75,16 @@ def torch_config():
     from ray.train.torch import TorchConfig
 
     return TorchConfig(backend="gloo")
+
+
+def release_resource_requests() -> None:
+    """Clear the cluster's standing autoscaler request. Ray Data and Tune ask the autoscaler for
+    resources (`request_resources`), and the request outlives the job: idle nodes, GPU ones included,
+    would stay up for it. Called when a run that joined a cluster ends."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        if ray.is_initialized():
+            request_resources(bundles=[])
+    except Exception as err:  # noqa: BLE001 - at exit: say it, never fail the run for it
+        print(f"[ray] could not clear the autoscaler's resource request ({type(err).__name__}: {err})")
