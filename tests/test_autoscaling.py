@@ -29,7 +29,10 @@ from boneage import synth
 
 from ray_cluster import AutoscalingLocalCluster, _alive, entrypoint, local_twin, run_job
 
-pytestmark = pytest.mark.slow
+# Not in the default run yet (pyproject.toml): on this 2-core machine its fake nodes sometimes stay
+# "uninitialized" and the job waits for CPUs that never come (issue #14 stays open for it).
+# Run it with: python -m pytest -m cluster_twin tests/test_autoscaling.py
+pytestmark = [pytest.mark.slow, pytest.mark.cluster_twin]
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 16
