@@ -214,6 +214,7 @@ def test_rerun_after_killed_driver_skips_finished_trials(cluster, data, referenc
                                   pd.read_parquet(reference / "cv" / "oof.parquet"), check_exact=True)
 
 
+@pytest.mark.cluster_twin  # not in the default run yet: see pyproject.toml (issue #14 stays open for it)
 def test_a_lost_worker_node_costs_time_not_results(cluster, data, reference):
     """Every process of the worker node (its raylet, object store, Train workers, whatever Ray put
     there) is SIGKILLed mid-CV, as when a spot node is taken away. The trial drivers stay on the head
