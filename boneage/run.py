@@ -513,25 +513,20 @@ def write_bundle(config: Config) -> str:
     models = []
     records = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
     oof_mae = dict(zip(records["trial"], records["oof_mae"])) if len(records) else {}
-    missing = [t.name for t in trials if t.name not in oof_mae]
+    # With the sex classifier's fold models (scoring predicts P(male) for images of unknown sex).
+    shipped = trials + cv.sex_trials(config.cv.sex_kind, config.cv.k)
+    missing = [t.name for t in shipped if t.name not in oof_mae]
     if missing:
         raise RunError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
-    for t in trials:
+    for t in shipped:
         # The CV's models are tensors-only .pt files; the bundle, which travels, holds safetensors.
         path = f"models/{t.name}.safetensors"
         state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
         files[path] = weights.to_bytes(state)
-        models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold, "oof_mae": float(oof_mae[t.name])})
-    # The sex classifier's fold models (scoring predicts P(male) for images of unknown sex).
-    sex_trials = cv.sex_trials(config.cv.sex_kind, config.cv.k)
-    missing = [t.name for t in sex_trials if t.name not in oof_mae]
-    if missing:
-        raise RunError(f"no bundle: {len(missing)} sex classifier trials have not finished (e.g. {missing[0]}); rerun")
-    for t in sex_trials:
-        path = f"models/{t.name}.safetensors"
-        state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
-        files[path] = weights.to_bytes(state)
-        models.append({"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold})
+        record = {"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold}
+        if not t.is_sex_classifier:  # a sex classifier has no bone age error
+            record["oof_mae"] = float(oof_mae[t.name])
+        models.append(record)
     preprocess_summary = _read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options)
     keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
     if config.keypoints.source == "model" and not keypoint_model:
