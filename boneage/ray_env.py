@@ -69,6 +69,17 @@ def train_device() -> torch.device:
     return torch.device("cpu")
 
 
+def actor_device(use_gpu: bool, what: str) -> torch.device:
+    """The torch device of a Ray Data actor (key point predictor, bundle scorer) that asked for a GPU or
+    not. On a logical GPU with no CUDA device behind it, the CPU, and the log says so."""
+    if use_gpu and torch.cuda.is_available():
+        return torch.device("cuda")
+    if use_gpu:
+        print(f"[{what}] Ray assigned GPU {ray.get_gpu_ids()} but torch sees no CUDA device: running on the CPU",
+              flush=True)
+    return torch.device("cpu")
+
+
 def torch_config():
     """One Train worker per run has no collective to run: gloo works with and without CUDA (nccl
     would fail on a logical GPU)."""

@@ -132,7 +132,7 @@ class KeypointPredictor:
             state = weights.load_state(data)  # safetensors, or a tensors-only .pt: never a pickle
         except weights.UnsafeWeights as err:
             raise UserError(f"key point model {model_uri} refused: {err}") from None
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = ray_env.actor_device(use_gpu, "keypoints")
         self.model = train.model_from_state(state).to(self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:

@@ -28,11 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data import ActorPoolStrategy
 
 import boneage
-from boneage import cards, clinical, score, storage
+from boneage import cards, clinical, ray_env, score, storage
 from boneage.bundle import keypoint_model_sha256, keypoint_model_uri, load_bundle, read_manifest
 from boneage.config import Config
 from boneage.errors import UserError
@@ -48,7 +47,7 @@ class BundleScorer:
     def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, use_gpu: bool,
                  ages: Mapping[str, float], provenance: Mapping[str, Any], uid_columns: tuple[str, ...] = (),
                  cards_dir: str | None = None):
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        device = ray_env.actor_device(use_gpu, "score")
         self.models = score.BundleModels(load_bundle(bundle_uri, storage_options), device)
         self.ages = dict(ages)
         self.uid_columns = tuple(uid_columns)

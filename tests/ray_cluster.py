@@ -288,6 +288,13 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     pass
 
+    def keep_logs(self, dest: Path) -> None:
+        """Copy the cluster's Ray logs (autoscaler, GCS, raylets, job drivers) to `dest` before
+        cleanup() deletes them: what a failed test's reader needs."""
+        for session in Path(self.temp_dir).glob("session_2*"):
+            shutil.copytree(session / "logs", Path(dest) / session.name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.sock", "events", "export_events"))
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -369,7 +376,10 @@ def local_twin(cluster_yaml: str | Path = ROOT / "cluster.yaml", cpus_per_node: 
         "idle_timeout_minutes": real["idle_timeout_minutes"] if idle_timeout_minutes is None else idle_timeout_minutes,
         # No node updaters (nothing to set up: the "nodes" are local raylets; the fake provider's tags
         # are read-only, so an updater's first step would fail every launch) and no launch-config hash.
-        "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True},
+        # Every fake node has this machine's IP: the autoscaler must key its load metrics by node id,
+        # or it sees one node flickering between the nodes' resources and never finds one idle.
+        "provider": {"type": "fake_multinode", "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "use_node_id_as_ip": True},
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": types, "head_node_type": "ray.head.default",
         "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,

@@ -160,6 +160,6 @@ def test_train_device_is_the_cpu_where_torch_has_no_cuda(ray_local):
 
     @ray_local.remote(num_cpus=0)
     def device_in_a_worker():
-        return str(ray_env.train_device()), ray_env.torch_config().backend
+        return str(ray_env.train_device()), ray_env.torch_config().backend, str(ray_env.actor_device(False, "score"))
 
-    assert ray_local.get(device_in_a_worker.remote()) == ("cpu", "gloo")
+    assert ray_local.get(device_in_a_worker.remote()) == ("cpu", "gloo", "cpu")
