@@ -75,15 +75,15 @@ class BundleModels:
                 (train.model_from_state(s).to(self.device), model_kind(s["spec"]["kind"], s["spec"]["input_scale"]))
                 for s in states]
 
+    def kind_predictions(self, bank: torch.Tensor, sex: str, kind: str, idx=None) -> np.ndarray:
+        """(len(idx), k) months: the k fold models of `kind` and `sex` on bank[idx] (all by default)."""
+        idx = np.arange(len(bank)) if idx is None else np.asarray(idx)
+        return np.stack([train.predict(model, bank, idx, zone, device=self.device).float().cpu().numpy()
+                         for model, zone in self.models[(kind, sex)]], axis=1)
+
     def fold_predictions(self, bank: torch.Tensor, sex: str) -> dict[str, np.ndarray]:
         """{kind: (n, k) months}: every fold model of `sex` on every image of the bank."""
-        idx = np.arange(len(bank))
-        out = {}
-        for kind in self.kinds:
-            preds = [train.predict(model, bank, idx, zone, device=self.device).float().cpu().numpy()
-                     for model, zone in self.models[(kind, sex)]]
-            out[kind] = np.stack(preds, axis=1)
-        return out
+        return {kind: self.kind_predictions(bank, sex, kind) for kind in self.kinds}
 
     def p_male(self, bank: torch.Tensor) -> np.ndarray:
         """(n,) P(male): the mean of the sex classifier's fold models (NaN without one)."""
@@ -95,8 +95,12 @@ class BundleModels:
 
     def score(self, bank: torch.Tensor, sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         """(per-kind mean predictions, ensemble bone age, (n, k) fold-wise ensembles)."""
-        folds = self.fold_predictions(bank, sex)
-        male = np.full(len(bank), sex == "M")
+        return self.combine(self.fold_predictions(bank, sex), sex)
+
+    def combine(self, folds: Mapping[str, np.ndarray], sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """`score` from fold_predictions' {kind: (n, k)}: the kinds' fold means, their ensemble, and the
+        k fold-wise ensembles."""
+        male = np.full(len(next(iter(folds.values()))), sex == "M")
         means = pd.DataFrame({kind: p.mean(axis=1) for kind, p in folds.items()})
         k = min(p.shape[1] for p in folds.values())
         per_fold = np.stack([ensemble.predict(self.record, pd.DataFrame({kind: p[:, f] for kind, p in folds.items()}),
