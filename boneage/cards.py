@@ -152,6 +152,8 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
     ]
     if not accepted:
         lines += [(f"  {reason}", 9, "#c0392b") for reason in str(row.get("reject_reason")).split(";")]
+    if row.get("sex_mismatch") is True or row.get("sex_mismatch") == 1:
+        lines.append((f"sex {row.get('sex')} given, but P(male) {row.get('p_male'):.2f}: check", 9, "#b26b00"))
     lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
     y = 0.93
     for text, size, colour in lines:

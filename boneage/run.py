@@ -405,7 +405,7 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
 SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months",
                    "boneage_sd_months")
 # what the gate's and the SDS's counts are read from (boneage.clinical.describe)
-CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note")
+CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note", "sex_mismatch")
 
 
 def scoring_resources(actors: int | None, gpus_per_actor: float | None, cluster_gpus: float) -> tuple[int, float]:
