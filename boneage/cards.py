@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from boneage import frame, prepare, sds, storage
+from boneage.augment import ZoneSampler
 
 # Patch side in stored pixels (1040x800 image): 80 px is 160 frame px, about one carpal bone; a 13x10
 # grid, 130 occluded copies per image.
@@ -47,6 +48,56 @@ def occlusion_map(predict: Predict, image: np.ndarray, patch: int = PATCH, fill:
             bank[k, 0, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] = fill
         for (i, j), value in zip(chunk, np.asarray(predict(bank), dtype=float)):
             out[i, j] = value - reference
+    return out
+
+
+def reach(kind, shape: tuple[int, int], patch: int = PATCH) -> np.ndarray:
+    """(rows, cols) bool: the tiles whose pixels can change what a model of `kind` (a ModelKind) sees
+    in an (H, W) registered image: those that overlap its zone box widened by the sampler's reach (its
+    average pooling of k pixels, then bilinear sampling of the pooled image: under 1.5 k pixels; 2 k + 2
+    is kept)."""
+    h, w = shape
+    sx, sy = w / frame.FRAME_W, h / frame.FRAME_H
+    x0, y0, bw, bh = kind.box
+    margin = 2 * ZoneSampler(kind.box, kind.input_size)._pool_factor(h, w) + 2
+    left, right = x0 * sx - margin, (x0 + bw) * sx + margin
+    top, bottom = y0 * sy - margin, (y0 + bh) * sy + margin
+    rows, cols = np.meshgrid(np.arange(-(-h // patch)), np.arange(-(-w // patch)), indexing="ij")
+    return ((cols + 1) * patch > left) & (cols * patch < right) & ((rows + 1) * patch > top) & (rows * patch < bottom)
+
+
+def ensemble_occlusion(models, sex: str | None, image: np.ndarray, patch: int = PATCH, fill: int = FILL,
+                       batch: int = 32) -> np.ndarray:
+    """occlusion_map(ensemble_predictor(models, sex), image, patch, fill), with less work for the same
+    numbers: a tile that is already all `fill` (the black background) changes nothing, and a fold model
+    reads only its zone's crop, so a tile out of its `reach` leaves its prediction as on the whole image.
+    Each fold model scores only the occluded copies that can change its output, `batch` copies at a
+    time; the ensemble then combines every kind's fold predictions as scoring does."""
+    h, w = image.shape
+    rows, cols = -(-h // patch), -(-w // patch)
+    base = torch.from_numpy(np.array(image, dtype=np.uint8))[None, None]  # a writable copy
+    tiles = [(i, j) for i in range(rows) for j in range(cols)
+             if (image[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] != fill).any()]
+    sexes = (sex,) if sex in ("F", "M") else ("F", "M")
+    zones = {kind: reach(next(z for _, z in models.models[(kind, sexes[0])]), (h, w), patch) for kind in models.kinds}
+    reference = {s: models.fold_predictions(base, s) for s in sexes}
+    # Every copy starts from the whole image's predictions; the models that can see the tile overwrite theirs.
+    occluded = {s: {kind: np.repeat(p, len(tiles), axis=0) for kind, p in reference[s].items()} for s in sexes}
+    for start in range(0, len(tiles), batch):
+        chunk = tiles[start:start + batch]
+        bank = base.repeat(len(chunk), 1, 1, 1)
+        for k, (i, j) in enumerate(chunk):
+            bank[k, 0, i * patch:(i + 1) * patch, j * patch:(j + 1) * patch] = fill
+        for kind, seen in zones.items():
+            idx = [k for k, (i, j) in enumerate(chunk) if seen[i, j]]
+            for s in sexes if idx else ():
+                occluded[s][kind][start + np.array(idx)] = models.kind_predictions(bank, s, kind, idx)
+    # The bone age the table gives: the sex's ensemble, or both sexes' mean when the sex is unknown.
+    before = np.mean([models.combine(reference[s], s)[1] for s in sexes], axis=0)[0]
+    after = np.mean([models.combine(occluded[s], s)[1] for s in sexes], axis=0) if tiles else []
+    out = np.zeros((rows, cols))
+    for (i, j), value in zip(tiles, after):
+        out[i, j] = value - before
     return out
 
 
@@ -101,6 +152,8 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
     ]
     if not accepted:
         lines += [(f"  {reason}", 9, "#c0392b") for reason in str(row.get("reject_reason")).split(";")]
+    if row.get("sex_mismatch") is True or row.get("sex_mismatch") == 1:
+        lines.append((f"sex {row.get('sex')} given, but P(male) {row.get('p_male'):.2f}: check", 9, "#b26b00"))
     lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
     y = 0.93
     for text, size, colour in lines:
@@ -111,21 +164,33 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
     return out.getvalue()
 
 
+def card_uri(folder: str, rid: str) -> str:
+    """FOLDER/<id>.png. An id's "/" makes subfolders, so a nested input (patientA/study1/IM0001) keeps its
+    layout and two studies' IM0001 never collide. ValueError for an id that is not a plain relative
+    path (empty, absolute, "." or ".." parts, backslashes, control characters): ids can come from a DICOM
+    header (--id-from sop), and such a name could write outside FOLDER."""
+    parts = str(rid).split("/")
+    if (not rid or any(p in ("", ".", "..") for p in parts) or "\\" in rid
+            or any(ord(c) < 32 or ord(c) == 127 for c in rid)):
+        raise ValueError(f"id {rid!r} is not a safe relative file name")
+    return storage.join_uri(folder, f"{rid}.png")
+
+
 def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
                 storage_options: Mapping[str, Any] | None = None, patch: int = PATCH) -> tuple[list, list]:
-    """A card FOLDER/<id>.png per scored row. `rows`: the registered rows (registered_png), `table`:
+    """A card per scored row, at card_uri(FOLDER, id). `rows`: the registered rows (registered_png), `table`:
     their scoring rows, in the same order. Returns (card URI or None, error or None) lists: a card that
     cannot be drawn is an error for its row, not for the run."""
     uris, errors = [], []
     for png, row in zip(rows["registered_png"], table.to_dict("records")):
         if pd.isna(row.get("boneage_months")) or png is None:
             uris.append(None)
-            errors.append("no card: the image has no bone age")
+            errors.append("no card: the image has no bone age (see error)")
             continue
         try:
+            uri = card_uri(folder, row["id"])
             image = prepare.decode_png(png)
-            heat = occlusion_map(ensemble_predictor(models, row.get("sex")), image, patch)
-            uri = storage.join_uri(folder, f"{row['id']}.png")
+            heat = ensemble_occlusion(models, row.get("sex"), image, patch)
             storage.write_bytes(uri, card_png(image, row, heat, patch), storage_options)
             uris.append(uri)
             errors.append(None)

@@ -33,7 +33,10 @@ def summary(table: pd.DataFrame) -> dict[str, Any]:
             "rejected_by_reason": {str(k): int(v) for k, v in reasons.items()},
             "interpretation": {c: int((kept["boneage_interpretation"] == c).sum())
                                for c in ("delayed", "normal", "advanced")},
-            "no_sds": {str(k): int(v) for k, v in kept["sds_note"].value_counts().items()}}
+            "no_sds": {str(k): int(v) for k, v in kept["sds_note"].value_counts().items()},
+            # a flag, not a reason: the sex classifier is too weak to overrule a given sex (docs/scoring.md)
+            "sex_mismatch": int(scored["sex_mismatch"].fillna(False).astype(bool).sum()) if "sex_mismatch" in scored
+            else 0}
 
 
 def describe(table: pd.DataFrame, calibration: Mapping[str, Any]) -> str:
@@ -43,6 +46,9 @@ def describe(table: pd.DataFrame, calibration: Mapping[str, Any]) -> str:
             f"accepted on the {sds.SCALE} scale: {s['interpretation']['delayed']} delayed, "
             f"{s['interpretation']['normal']} normal, {s['interpretation']['advanced']} advanced"
             + (f", no SDS {s['no_sds']}" if s["no_sds"] else ""))
+    if s["sex_mismatch"]:
+        line += (f"\n[score] {s['sex_mismatch']} images whose given sex the sex classifier contradicts with confidence "
+                 "(sex_mismatch; not rejected): check the sex in the record")
     if "card" in table:
         failed = table[table["card"].isna() & table["boneage_months"].notna()]
         line += f"\n[score] {int(table['card'].notna().sum())} cards written, {len(failed)} failed" + "".join(

@@ -127,3 +127,54 @@ def gate(table: pd.DataFrame, kinds: Sequence[str], calibration: Mapping[str, An
         fired = [name for name in REASONS if checks[name][i]]
         reasons[i] = ";".join(fired) if fired else None
     return np.array([r is None for r in reasons]), reasons
+
+
+def cross_fitted(oof: pd.DataFrame, kinds: Sequence[str], boneage: Sequence[float],
+                 quantile: float = QUANTILE) -> tuple[np.ndarray, np.ndarray]:
+    """The gate on the CV's out-of-fold table with thresholds that never saw the row: fold f's rows are
+    gated with `calibrate` on the other folds' rows, so a row's own label and zone spread cannot set the
+    threshold it is judged by. (accepted, reject_reason) per row, as `gate` gives them.
+
+    oof: id, male, boneage (label), fold, one column per kind, and the QA flags registration_doubtful and
+    mask_doubtful where known (absent: not checked). boneage: the prediction gated (the ensemble's, out of
+    fold). The fold spread is not checked: each out-of-fold row was predicted by one fold model only."""
+    oof = oof.reset_index(drop=True)
+    folds = oof["fold"].to_numpy()
+    if len(np.unique(folds)) < 2:
+        raise ValueError("cross-fitting the gate needs at least two folds in the out-of-fold table")
+    table = pd.DataFrame({"sex": np.where(oof["male"].to_numpy(bool), "M", "F"), "sex_unknown": False,
+                          "boneage_months": np.asarray(boneage, float), "boneage_sd_months": np.nan,
+                          **{c: oof[c] for c in ("registration_doubtful", "mask_doubtful") if c in oof},
+                          **{k: oof[k] for k in kinds}})
+    accepted, reasons = np.ones(len(oof), bool), np.full(len(oof), None, dtype=object)
+    for fold in np.unique(folds):
+        mine = folds == fold
+        accepted[mine], reasons[mine] = gate(table[mine], kinds, calibrate(oof[~mine], kinds, quantile))
+    return accepted, reasons
+
+
+def effect(accepted: Sequence[bool], reasons: Sequence[str | None], boneage: Sequence[float],
+           truth: Sequence[float]) -> dict[str, Any]:
+    """What the gate does to the error on labelled rows: {images, rejected, rejected_fraction,
+    mae_accepted, mae_rejected, n_accepted_scored, n_rejected_scored, by_reason {reason: {n, mae}}}.
+    A row rejected for several reasons counts under each; MAEs are over rows with a bone age (NaN when
+    a group has none)."""
+    accepted = np.asarray(accepted, bool)
+    error = np.abs(np.asarray(boneage, float) - np.asarray(truth, float))
+    scored = np.isfinite(error)
+
+    def mae(rows: np.ndarray) -> float:
+        rows = rows & scored
+        return float(error[rows].mean()) if rows.any() else float("nan")
+
+    by_reason = {}
+    for name in REASONS:
+        rows = np.array([r is not None and name in str(r).split(";") for r in reasons], bool)
+        if rows.any():
+            by_reason[name] = {"n": int(rows.sum()), "mae": mae(rows)}
+    n = len(accepted)
+    return {"images": n, "rejected": int((~accepted).sum()),
+            "rejected_fraction": float((~accepted).mean()) if n else float("nan"),
+            "mae_accepted": mae(accepted), "mae_rejected": mae(~accepted),
+            "n_accepted_scored": int((accepted & scored).sum()), "n_rejected_scored": int((~accepted & scored).sum()),
+            "by_reason": by_reason}

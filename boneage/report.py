@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from boneage import ensemble, metrics, prepare, storage
+from boneage import ensemble, gate, metrics, prepare, storage
 
 SEX_COLOURS = {"F": "#d6604d", "M": "#4393c3"}
 THUMB_WIDTH = 200  # px of a worst case's registered image in the report (the image is 800 wide)
@@ -150,6 +150,38 @@ def plot_bland_altman(oof: pd.DataFrame, name: str, pred: np.ndarray) -> bytes:
            title=f"Bland-Altman, {name} (n={stats['n']})")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_gate_effect(sets: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> bytes:
+    """|predicted - true| of the accepted images and of those rejected for each reason, one panel per
+    (name, accepted, reject_reason, absolute error): boxes with every image as a dot."""
+    fig = Figure(figsize=(max(6.0, 5.0 * len(sets)), 4.4))
+    top = max([1.0] + [float(np.nanmax(e)) for *_, e in sets if np.isfinite(e).any()])
+    for i, (name, accepted, reasons, error) in enumerate(sets, start=1):
+        ax = fig.add_subplot(1, len(sets), i, sharey=fig.axes[0] if fig.axes else None)
+        groups = [("accepted", accepted)] + [
+            (reason, np.array([r is not None and reason in str(r).split(";") for r in reasons], bool))
+            for reason in gate.REASONS]
+        groups = [(label, rows & np.isfinite(error)) for label, rows in groups]
+        groups = [(label, rows) for label, rows in groups if rows.any()]
+        for x, (label, rows) in enumerate(groups):
+            values = error[rows]
+            colour = "#1a7f37" if label == "accepted" else "#c0392b"
+            if len(values) >= 5:
+                ax.boxplot([values], positions=[x], widths=0.5, showfliers=False,
+                           medianprops={"color": colour}, boxprops={"color": "#555"})
+            jitter = np.random.default_rng(x).uniform(-0.18, 0.18, len(values))  # fixed: the same picture each time
+            ax.scatter(x + jitter, values, s=8 if len(values) > 100 else 14, alpha=0.35 if len(values) > 100 else 0.8,
+                       color=colour, zorder=3)
+            ax.annotate(f"n={len(values)}\nMAE {values.mean():.1f}", (x, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, -3), textcoords="offset points", ha="center", va="top", fontsize=8)
+        ax.set_xticks(range(len(groups)), [label.replace("_", "\n") for label, _ in groups], fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylim(0, top * 1.18)
+        ax.set(ylabel="|predicted - true| (months)", title=name)
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 
@@ -392,6 +424,40 @@ def _sex_section(sex: Mapping[str, Any] | None) -> str:
             f"<th>accuracy of the sure %</th></tr>{rows}</table>")
 
 
+def _gate_section(effects: Mapping[str, Mapping[str, Any]], notes: Sequence[str], png: str | None) -> str:
+    """The rejection gate's effect on labelled images: {set name: gate.effect(...)}."""
+    out = ["<h2>Rejection gate: its effect</h2><p class='note'>What <code>boneage score</code>'s gate "
+           "(<code>accepted</code>, <code>reject_reason</code>; docs/scoring.md) does to the error on images "
+           "with labels. Out of fold: the ensemble's cross-validated prediction, gated with thresholds "
+           "calibrated on the other folds only (each fold in turn), so no row sets the threshold it is judged by; "
+           "the fold spread check cannot run there (each row was predicted by one fold model). A row rejected "
+           "for several reasons counts under each.</p>"]
+    out += [f"<p class='note'>{_e(n)}</p>" for n in notes]
+    if not effects:
+        return "".join(out)
+    head = "".join(f"<th>{_e(name)}</th>" for name in effects)
+
+    def row(label: str, cell, key: str) -> str:
+        return (f'<tr data-row="{_e(key)}"><td class="text">{label}</td>'
+                + "".join(f"<td>{cell(e)}</td>" for e in effects.values()) + "</tr>")
+
+    rows = [row("images", lambda e: e["images"], "images"),
+            row("rejected", lambda e: f"{e['rejected']} ({_num(100 * e['rejected_fraction'], 1)} %)", "rejected"),
+            row("MAE of the accepted (n)", lambda e: f"{_num(e['mae_accepted'], 2)} ({e['n_accepted_scored']})",
+                "mae_accepted"),
+            row("MAE of the rejected (n)", lambda e: f"{_num(e['mae_rejected'], 2)} ({e['n_rejected_scored']})",
+                "mae_rejected")]
+    for reason in gate.REASONS:
+        if any(reason in e["by_reason"] for e in effects.values()):
+            rows.append(row(f"&nbsp;&nbsp;{_e(reason)}: n, MAE", lambda e, r=reason: (
+                f"{e['by_reason'][r]['n']}, {_num(e['by_reason'][r]['mae'], 1)}" if r in e["by_reason"] else "0"),
+                reason))
+    out.append(f'<table class="gate"><tr><th class="text">months</th>{head}</tr>{"".join(rows)}</table>')
+    if png:
+        out.append(f'<img class="plot" src="{_e(png)}" alt="error of accepted and rejected images">')
+    return "".join(out)
+
+
 def _trials_section(trials: pd.DataFrame | None, ensembles) -> str:
     out = ["<h2>Trials</h2>"]
     if trials is None or len(trials) == 0:
@@ -471,6 +537,42 @@ def _cases_section(cases: pd.DataFrame, name: str, images: pd.DataFrame | None,
     return "".join(out)
 
 
+def _gate_effect(oof: pd.DataFrame, kinds: Sequence[str], pred: np.ndarray | None, flags: pd.DataFrame | None,
+                 test_gate: pd.DataFrame | None, quantile: float, files: dict[str, bytes]) -> str:
+    """The gate's section: cross-fitted on the OOF table, and the test split as scored; adds its PNG."""
+    effects, sets, notes = {}, [], []
+    if pred is None or oof["fold"].nunique() < 2:
+        notes.append("The out-of-fold gate needs an ensemble prediction and at least two folds: not measured.")
+    else:
+        table = oof.drop(columns=["registration_doubtful", "mask_doubtful"], errors="ignore")
+        if flags is None:
+            notes.append("No QA flags were given: out of fold, only the threshold checks were applied.")
+        else:
+            table = table.merge(flags.drop_duplicates("id")[["id", "registration_doubtful", "mask_doubtful"]],
+                                on="id", how="left")
+        accepted, reasons = gate.cross_fitted(table, kinds, pred, quantile)
+        name = f"out of fold, cross-fitted (q={quantile:g})"
+        effects[name] = gate.effect(accepted, reasons, pred, table["boneage"])
+        sets.append((name, accepted, reasons, np.abs(np.asarray(pred, float) - table["boneage"].to_numpy(float))))
+    if test_gate is not None and len(test_gate):
+        pred_t, truth = test_gate["boneage_months"].to_numpy(float), test_gate["boneage"].to_numpy(float)
+        accepted = test_gate["accepted"].fillna(False).astype(bool).to_numpy()
+        reasons = test_gate["reject_reason"].astype(object).where(test_gate["reject_reason"].notna(), None).to_numpy()
+        name = "locked test split, shipped thresholds"
+        effects[name] = gate.effect(accepted, reasons, pred_t, truth)
+        sets.append((name, accepted, reasons, np.abs(pred_t - truth)))
+        notes.append("Test split: the shipped bundle's thresholds; its fold spread threshold is the 99th "
+                     "percentile of these same images' spreads (no labels), so about 1 in 100 is rejected for it "
+                     "by construction.")
+    else:
+        notes.append("No locked test split was scored: its part is left out.")
+    png = None
+    if sets:
+        files["gate_effect.png"] = plot_gate_effect(sets)
+        png = "gate_effect.png"
+    return _gate_section(effects, notes, png)
+
+
 # -- the report -----------------------------------------------------------------------------------
 
 
@@ -481,6 +583,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  storage_options: Mapping[str, Any] | None = None,
                  test: Mapping[str, Any] | None = None, test_table: pd.DataFrame | None = None,
                  sex_classifier: Mapping[str, Any] | None = None,
+                 gate_flags: pd.DataFrame | None = None, test_gate: pd.DataFrame | None = None,
+                 gate_quantile: float = gate.QUANTILE,
                  title: str = "Bone age: accuracy report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
@@ -490,8 +594,11 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     rows with id and registered_png (and optionally registration_doubtful, keypoint_source) for the
     worst cases' thumbnails. test: the locked test split's result (run.evaluate_test), test_table its
     rows (boneage, male, pred) for the plot; they come first. sex_classifier: cv/summary.json's
-    "sex_classifier" (its section is left out without one). Anything else missing is said in its
-    section."""
+    "sex_classifier" (its section is left out without one). gate_flags: id, registration_doubtful,
+    mask_doubtful of the oof rows (the registered table's QA flags) for the rejection gate's effect,
+    cross-fitted on the OOF table with `gate_quantile`; test_gate: the locked test split's rows (boneage,
+    boneage_months, accepted, reject_reason), gated with the shipped thresholds. Anything else missing is
+    said in its section."""
     oof = oof.reset_index(drop=True)
     kinds = [k for k in kinds if k in oof.columns]
     ensemble_oof = {name: np.asarray(p, float) for name, p in ensemble_oof.items()}
@@ -578,6 +685,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
         sections.append("<h2>Worst cases</h2>" + _missing("No ensemble prediction was given."))
 
     sections.append(_sex_section(sex_classifier))
+    sections.append(_gate_effect(oof, kinds, ensemble_oof.get(primary) if primary is not None else None,
+                                 gate_flags, test_gate, gate_quantile, files))
     sections.append(_qa_section(preprocess_summary))
     sections.append(_trials_section(trials, ensembles))
 

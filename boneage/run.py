@@ -405,7 +405,7 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
 SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months",
                    "boneage_sd_months")
 # what the gate's and the SDS's counts are read from (boneage.clinical.describe)
-CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note")
+CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note", "sex_mismatch")
 
 
 def scoring_resources(actors: int | None, gpus_per_actor: float | None, cluster_gpus: float) -> tuple[int, float]:
@@ -616,7 +616,7 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
            n_worst: int = 12) -> str:
     """OUTPUT/report/report.html and its PNGs (boneage.report) from the CV's tables, the ensemble fits,
     the preprocessing summary and the worst cases' registered images."""
-    from boneage import ray_prepare, report as report_mod
+    from boneage import gate, ray_prepare, report as report_mod
 
     options = config.data.storage_options
     cv_uri = storage.join_uri(config.output, "cv")
@@ -629,18 +629,28 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     images = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, ids=worst)
     trials = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
     test = test or _read_json(storage.join_uri(config.output, "test", "metrics.json"), options) or None
-    test_table = None
+    test_table = test_gate = None
     if test:
         scored = pd.read_parquet(storage.join_uri(config.output, "test", "predictions.parquet"),
                                  storage_options=options or None)
-        test_table = read_test_split(config).merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
+        split = read_test_split(config)
+        test_table = split.merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
         test_table = test_table.rename(columns={"boneage_months": "pred"})
+        # The gate again with the shipped thresholds: the split was scored before its own fold spread
+        # threshold was added to the bundle.
+        training = _read_json(storage.join_uri(config.output, "bundle", "training.json"), options)
+        test_gate = split[["id", "boneage"]].merge(scored.drop(columns=["boneage"], errors="ignore"), on="id", how="left")
+        test_gate["accepted"], test_gate["reject_reason"] = gate.gate(
+            test_gate, [k for k in kinds if k in test_gate], gate.calibration_of(training))
+    # The QA flags of every registered image: the gate's effect out of fold.
+    flags = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, with_images=False)
     uri = report_mod.write_report(
         storage.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
         ensembles["fits"], predictions, trials=trials,
         preprocess_summary=_read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
         worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
-        test=test, test_table=test_table,
+        test=test, test_table=test_table, gate_flags=flags[["id", "registration_doubtful", "mask_doubtful"]],
+        test_gate=test_gate,
         sex_classifier=_read_json(storage.join_uri(cv_uri, "summary.json"), options).get("sex_classifier"))
     print(f"[report] {uri}")
     return uri

@@ -30,7 +30,7 @@ SEX_SOURCES = ("csv", "dicom", "predicted", "unknown")
 
 # The output table, in order: see docs/scoring.md for each column's meaning.
 OUTPUT_COLUMNS = (
-    "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown", "p_male", "sex_unsure",
+    "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown", "p_male", "sex_unsure", "sex_mismatch",
     "boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
@@ -45,7 +45,7 @@ PROVENANCE_KEY = b"boneage"
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 CARD_COLUMNS = ("card", "card_error")  # only with --cards (boneage.cards)
 
-_TYPES = {"sex_unknown": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
+_TYPES = {"sex_unknown": pa.bool_(), "sex_mismatch": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
           "accepted": pa.bool_(),
           "mirrored": pa.bool_(), "height": pa.int64(), "width": pa.int64(), "transform": pa.list_(pa.float64()),
           "scored_at": pa.timestamp("us", tz="UTC")}
@@ -75,15 +75,15 @@ class BundleModels:
                 (train.model_from_state(s).to(self.device), model_kind(s["spec"]["kind"], s["spec"]["input_scale"]))
                 for s in states]
 
+    def kind_predictions(self, bank: torch.Tensor, sex: str, kind: str, idx=None) -> np.ndarray:
+        """(len(idx), k) months: the k fold models of `kind` and `sex` on bank[idx] (all by default)."""
+        idx = np.arange(len(bank)) if idx is None else np.asarray(idx)
+        return np.stack([train.predict(model, bank, idx, zone, device=self.device).float().cpu().numpy()
+                         for model, zone in self.models[(kind, sex)]], axis=1)
+
     def fold_predictions(self, bank: torch.Tensor, sex: str) -> dict[str, np.ndarray]:
         """{kind: (n, k) months}: every fold model of `sex` on every image of the bank."""
-        idx = np.arange(len(bank))
-        out = {}
-        for kind in self.kinds:
-            preds = [train.predict(model, bank, idx, zone, device=self.device).float().cpu().numpy()
-                     for model, zone in self.models[(kind, sex)]]
-            out[kind] = np.stack(preds, axis=1)
-        return out
+        return {kind: self.kind_predictions(bank, sex, kind) for kind in self.kinds}
 
     def p_male(self, bank: torch.Tensor) -> np.ndarray:
         """(n,) P(male): the mean of the sex classifier's fold models (NaN without one)."""
@@ -95,8 +95,12 @@ class BundleModels:
 
     def score(self, bank: torch.Tensor, sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         """(per-kind mean predictions, ensemble bone age, (n, k) fold-wise ensembles)."""
-        folds = self.fold_predictions(bank, sex)
-        male = np.full(len(bank), sex == "M")
+        return self.combine(self.fold_predictions(bank, sex), sex)
+
+    def combine(self, folds: Mapping[str, np.ndarray], sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+        """`score` from fold_predictions' {kind: (n, k)}: the kinds' fold means, their ensemble, and the
+        k fold-wise ensembles."""
+        male = np.full(len(next(iter(folds.values()))), sex == "M")
         means = pd.DataFrame({kind: p.mean(axis=1) for kind, p in folds.items()})
         k = min(p.shape[1] for p in folds.values())
         per_fold = np.stack([ensemble.predict(self.record, pd.DataFrame({kind: p[:, f] for kind, p in folds.items()}),
@@ -146,6 +150,16 @@ def predicted_sex(p_male: np.ndarray) -> tuple[list[str | None], np.ndarray]:
     return ["M" if m else "F" if f else None for m, f in zip(male, female)], ~(male | female)
 
 
+def sex_mismatch(p_male: np.ndarray, sex) -> np.ndarray:
+    """True where the sex classifier confidently contradicts a given sex: 'M' with P(male) at most
+    metrics.UNSURE_LOW, 'F' with at least UNSURE_HIGH (the thresholds at which scoring would use a
+    predicted sex). False where P(male) or the sex is missing. A flag to look at, not a rejection:
+    docs/scoring.md says why."""
+    p, sex = np.asarray(p_male, float), np.asarray(sex, dtype=object)
+    with np.errstate(invalid="ignore"):
+        return ((sex == "M") & (p <= metrics.UNSURE_LOW)) | ((sex == "F") & (p >= metrics.UNSURE_HIGH))
+
+
 def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
     """(chronological age in months, its source) per row: the CSV's age_months, else the DICOM's."""
     ages = np.full(len(rows), np.nan)
@@ -174,13 +188,14 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
         out[column] = np.nan
     for kind in models.kinds:
         out[kind] = np.nan
-    out["p_male"], out["sex_unsure"] = np.nan, False
+    out["p_male"], out["sex_unsure"], out["sex_mismatch"] = np.nan, False, False
     ok = (rows["status"] == "ok").to_numpy() & rows["registered_png"].notna().to_numpy()
     if ok.any():
         at = np.flatnonzero(ok)
         bank = cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist())
         if models.sex_kind is not None:  # P(male) of every image (QA where the sex is known)
             p_male = models.p_male(bank)
+            out.loc[at, "sex_mismatch"] = sex_mismatch(p_male, [sexes[i] for i in at])  # given sexes only
             guess, unsure = predicted_sex(p_male)
             unknown = np.array([sexes[i] is None for i in at])
             use = at[unknown & ~unsure]  # unknown sex: the predicted one, unless unsure

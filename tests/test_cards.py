@@ -62,6 +62,48 @@ def test_heatmap_of_a_real_wrist_model_stays_inside_its_zone():
     assert outside.sum() >= 90 and (~outside).sum() >= 25  # of 13 x 10 tiles
     assert np.abs(heat[outside]).max() < 1e-3
     assert np.abs(heat[~outside]).max() > 10  # months
+    # Every tile that moves the prediction is within the kind's reach (ensemble_occlusion skips the others).
+    within = cards.reach(kind, bank.shape[-2:])
+    assert np.abs(heat[~within]).max() < 1e-3 and (np.abs(heat) > 1e-3).sum() <= within.sum() < 60
+
+
+@pytest.fixture(scope="module")
+def loud_models(tmp_path_factory):
+    """The tiny bundle with every output layer scaled 300x: untrained, its models move by ~1e-3 months
+    when a tile is masked, too close to float noise to tell a skipped tile from a computed one."""
+    path = tmp_path_factory.mktemp("bundle")
+    write_tiny_bundle(str(path))
+    models = score.BundleModels(load_bundle(str(path)))
+    with torch.no_grad():
+        for states in models.models.values():
+            for net, _ in states:
+                net.out.weight *= 300
+    return models
+
+
+def test_ensemble_occlusion_gives_the_brute_force_numbers(loud_models):
+    # A hand-like image on black, sex unknown (both sexes' models): the background tiles and the tiles out
+    # of a zone model's reach are skipped; the heatmap must be the one of masking every tile for every model.
+    rng = np.random.default_rng(1)
+    image = np.zeros((frame.STORE_H, frame.STORE_W), np.uint8)
+    image[100:1000, 150:650] = rng.integers(40, 255, (900, 500))
+    brute = cards.occlusion_map(cards.ensemble_predictor(loud_models, None), image)
+    fast = cards.ensemble_occlusion(loud_models, None, image, batch=16)
+    assert fast.shape == brute.shape == (13, 10)
+    assert np.abs(brute).max() > 0.1 and (np.abs(brute) > 0.01).sum() > 50
+    np.testing.assert_allclose(fast, brute, atol=1e-3)
+    assert (fast == 0).sum() >= 20  # the black tiles: skipped
+    wrist = next(z for _, z in loud_models.models[("B-cls", "F")])
+    assert 10 < cards.reach(wrist, image.shape).sum() < 60  # the wrist model saw a part of the tiles only
+
+
+def test_card_names_are_the_ids_and_stay_inside_the_folder():
+    assert cards.card_uri("out/cards", "1377") == "out/cards/1377.png"
+    assert cards.card_uri("s3://b/cards/", "patientA/study1/IM0001") == "s3://b/cards/patientA/study1/IM0001.png"
+    assert cards.card_uri("c", "1.2.840.1 x") == "c/1.2.840.1 x.png"
+    for bad in ("", "../x", "a/../../x", "/etc/x", "a//b", "a/./b", "a\\..\\b", "a\nb", "x/"):
+        with pytest.raises(ValueError, match="not a safe"):
+            cards.card_uri("c", bad)
 
 
 def test_a_card_per_scored_row(models, tmp_path):
@@ -76,7 +118,7 @@ def test_a_card_per_scored_row(models, tmp_path):
                           "reject_reason": ["mask_doubtful;zone_models_disagree", "not_scored"]})
     uris, errors = cards.write_cards(rows, table, models, str(tmp_path / "cards"))
     assert uris[0] == str(tmp_path / "cards" / "hand.png") and errors[0] is None
-    assert uris[1] is None and errors[1].startswith("no card")
+    assert uris[1] is None and errors[1].startswith("no card: the image has no bone age")
     with open(uris[0], "rb") as f:
         card = prepare.decode_png(f.read())
     assert card.shape == (600, 840) and card.std() > 10

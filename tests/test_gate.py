@@ -95,3 +95,47 @@ def test_scoring_rows_get_sds_and_gate(models, synthetic_small, tmp_path):
     pq.write_table(clinical.with_metadata(pa.Table.from_pandas(out)), tmp_path / "t.parquet")
     meta = pq.read_schema(tmp_path / "t.parquet").metadata
     assert b"Greulich-Pyle" in meta[b"boneage.sds"]
+
+
+def cross_fit_table() -> pd.DataFrame:
+    # Two folds (alternate rows) of girls with the same labels, 50-90; predictions exact, kinds 1 month
+    # apart, except the planted row 3 (kinds 40 months apart, 30 months off) and row 6 (registration flagged).
+    rows = [{"id": str(i), "male": False, "boneage": 50.0 + 10 * (i // 2), "fold": i % 2,
+             "registration_doubtful": i == 6, "mask_doubtful": False} for i in range(10)]
+    table = pd.DataFrame(rows)
+    table["pred"], table["A-reg"], table["B-cls"] = table.boneage, table.boneage, table.boneage + 1
+    table.loc[3, ["pred", "B-cls"]] = [table.loc[3, "boneage"] + 30, table.loc[3, "boneage"] + 40]
+    return table
+
+
+def test_cross_fitted_gate_uses_the_other_folds_thresholds():
+    table = cross_fit_table()
+    accepted, reason = gate.cross_fitted(table, KINDS, table["pred"], quantile=1.0)
+    # quantile 1: the largest zone spread of the other fold (sqrt(0.5)). Calibrated on its own fold too,
+    # row 3 would set its own threshold and pass.
+    assert reason.tolist() == [None] * 3 + ["zone_models_disagree", None, None, "registration_doubtful"] + [None] * 3
+    assert accepted.tolist() == [r is None for r in reason]
+    in_sample, _ = gate.gate(table.assign(sex="F", sex_unknown=False, boneage_months=table.pred,
+                                          boneage_sd_months=np.nan), KINDS, gate.calibrate(table, KINDS, quantile=1.0))
+    assert in_sample[3]
+    # The label range is the other fold's too: without row 1, fold 1's labels start at 60, so row 0
+    # (fold 0, label and prediction 50) is outside it; fold 1's rows are inside fold 0's 50-90.
+    narrow = table.drop(index=1).reset_index(drop=True)
+    accepted, reason = gate.cross_fitted(narrow, KINDS, narrow["pred"], quantile=1.0)
+    assert reason.tolist() == ["outside_label_range", None, "zone_models_disagree", None, None,
+                               "registration_doubtful", None, None, None]
+    with pytest.raises(ValueError, match="two folds"):
+        gate.cross_fitted(table.assign(fold=0), KINDS, table["pred"])
+
+
+def test_effect_counts_reasons_and_splits_the_error():
+    accepted = [True, True, False, False, False]
+    reasons = [None, None, "mask_doubtful", "mask_doubtful;zone_models_disagree", "not_scored"]
+    pred, truth = [10.0, 12.0, 30.0, 50.0, np.nan], [11.0, 15.0, 10.0, 10.0, 20.0]
+    e = gate.effect(accepted, reasons, pred, truth)
+    assert e["images"] == 5 and e["rejected"] == 3 and e["rejected_fraction"] == pytest.approx(0.6)
+    assert e["mae_accepted"] == pytest.approx(2.0) and e["mae_rejected"] == pytest.approx(30.0)
+    assert e["n_rejected_scored"] == 2
+    assert e["by_reason"] == {"not_scored": {"n": 1, "mae": pytest.approx(np.nan, nan_ok=True)},
+                              "mask_doubtful": {"n": 2, "mae": pytest.approx(30.0)},
+                              "zone_models_disagree": {"n": 1, "mae": pytest.approx(40.0)}}

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from boneage import cli, score
+from boneage import cli, score, storage
 from boneage.errors import error_code
 
 from conftest import REAL_DIR
@@ -139,3 +139,70 @@ def test_pacs_export_resumes_and_carries_provenance(tmp_path, ray_local, capsys)
     assert not (tmp_path / "predictions.parquet.parts" / "part-cut-off.parquet").exists()
     assert read_provenance(str(out))["run_id"] != provenance["run_id"]
     assert json.loads(json.dumps(read_provenance(str(out))))  # plain JSON
+
+
+def _card_folder(tmp_path: Path, synthetic: dict) -> Path:
+    """Two radiographs at the top, one nested two folders down (its id is a relative path), one broken."""
+    images = tmp_path / "images"
+    (images / "clinic" / "2024").mkdir(parents=True)
+    found = sorted(Path(synthetic["images"]).glob("*.png"))
+    for path in found[:2]:
+        shutil.copy(path, images / path.name)
+    shutil.copy(found[2], images / "clinic" / "2024" / found[2].name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return images
+
+
+def _check_cards(table: pd.DataFrame, names: list[str], read) -> None:
+    """One valid card per scored row, named by its id; the broken file's row says why it has none."""
+    rows = table.set_index("id")
+    scored = rows[rows.status == "ok"]
+    assert len(scored) == 3 and any("/" in i for i in scored.index)
+    assert rows.loc["broken", "status"] == "error" and pd.isna(rows.loc["broken", "card"])
+    assert rows.loc["broken", "card_error"].startswith("no card: the image has no bone age")
+    assert scored.card_error.isna().all()
+    assert sorted(names) == sorted(f"{i}.png" for i in scored.index)  # nothing else in the folder
+    for rid, uri in scored.card.items():
+        assert uri.endswith(f"/{rid}.png")
+        from io import BytesIO
+
+        with Image.open(BytesIO(read(uri))) as card:
+            card.verify()
+        with Image.open(BytesIO(read(uri))) as card:
+            assert card.format == "PNG" and card.size == (840, 600)
+            assert np.asarray(card.convert("L")).std() > 10  # drawn, not blank
+
+
+def test_cards_through_boneage_score(tmp_path, ray_local, synthetic_small, capsys):
+    images = _card_folder(tmp_path, synthetic_small)
+    bundle, out, folder = tmp_path / "bundle", tmp_path / "predictions.parquet", tmp_path / "cards"
+    write_tiny_bundle(str(bundle))
+    assert cli.main(["score", str(images), "--bundle", str(bundle), "--out", str(out), "--cards", str(folder),
+                     "--batch-size", "2"]) == 0
+    assert "3 cards written, 0 failed" in capsys.readouterr().out
+    table = pd.read_parquet(out)
+    assert list(table.columns) == score.output_schema(list(KINDS), cards=True).names
+    names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    _check_cards(table, names, lambda uri: Path(uri).read_bytes())
+
+
+@pytest.mark.s3
+def test_cards_on_s3(tmp_path, ray_local, synthetic_small, s3_server):
+    import json
+
+    import s3fs
+
+    options = s3_server["storage_options"]
+    prefix = f"s3://{s3_server['bucket']}/cards-test"
+    images = _card_folder(tmp_path, synthetic_small)
+    for path in images.rglob("*.png"):
+        storage.write_bytes(f"{prefix}/images/{path.relative_to(images)}", path.read_bytes(), options)
+    write_tiny_bundle(f"{prefix}/bundle", options)
+    assert cli.main(["score", f"{prefix}/images", "--bundle", f"{prefix}/bundle", "--out", f"{prefix}/p.parquet",
+                     "--cards", f"{prefix}/cards", "--storage-options", json.dumps(options), "--batch-size", "2"]) == 0
+    fs = s3fs.S3FileSystem(**options)
+    with fs.open(f"{prefix}/p.parquet", "rb") as f:
+        table = pd.read_parquet(f)
+    root = f"{s3_server['bucket']}/cards-test/cards/"
+    names = [p[len(root):] for p in fs.find(root)]
+    _check_cards(table, names, lambda uri: storage.read_bytes(uri, options))

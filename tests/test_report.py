@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from boneage import ensemble, prepare, report
+from boneage import ensemble, gate, prepare, report
 from boneage.frame import STORE_H, STORE_W
 
 from test_ensemble import synthetic_oof
@@ -56,13 +56,29 @@ def inputs():
     qa = {"items": 95, "ok": 90, "errors": 5, "errors_by_code": {"bad_image": 5}, "registration_doubtful": 7,
           "mask_doubtful": 2, "keypoint_error_on_held_out_annotations": {"images": 20, "capitate_median_pct": 5.8},
           "failed_items": [{"id": "14", "uri": "/data/14.png", "error": "bad_image: <no hand>"}]}
-    return {"oof": oof, "ensembles": ensembles, "preds": preds, "images": images, "trials": trials, "qa": qa}
+    flags = pd.DataFrame({"id": oof["id"], "registration_doubtful": oof["id"].isin(REGISTRATION_FLAGGED),
+                          "mask_doubtful": oof["id"].isin(MASK_FLAGGED)})
+    return {"oof": oof, "ensembles": ensembles, "preds": preds, "images": images, "trials": trials, "qa": qa,
+            "flags": flags, "test_gate": _test_gate()}
+
+
+REGISTRATION_FLAGGED, MASK_FLAGGED = ["f1", "f2", "m3"], ["f4", "m5"]
+
+
+def _test_gate() -> pd.DataFrame:
+    """A scored test split: 8 accepted rows 1-8 months off (MAE 4.5), 2 rejected 20 and 40 months off."""
+    truth = np.arange(10, 110, 10, dtype=float)
+    return pd.DataFrame({"id": [f"t{i}" for i in range(10)], "boneage": truth,
+                         "boneage_months": truth + [1, 2, 3, 4, 5, 6, 7, 8, 20, -40],
+                         "accepted": [True] * 8 + [False] * 2,
+                         "reject_reason": [None] * 8 + ["mask_doubtful", "mask_doubtful;fold_models_disagree"]})
 
 
 def _write_full(inputs, out: Path) -> Path:
     uri = report.write_report(str(out), inputs["oof"], KINDS, inputs["ensembles"], inputs["preds"],
                               trials=inputs["trials"], preprocess_summary=inputs["qa"],
-                              worst_images=inputs["images"], n_worst=8)
+                              worst_images=inputs["images"], n_worst=8, gate_flags=inputs["flags"],
+                              test_gate=inputs["test_gate"])
     assert uri == str(out / "report.html")
     return Path(uri)
 
@@ -103,9 +119,45 @@ def test_report_renders_with_missing_pieces_and_says_so(tmp_path):
     assert "No CV trials table was given" in page
     assert "No preprocessing summary was given" in page
     assert "No registered images were given" in page
+    assert "No QA flags were given" in page and "No locked test split was scored: its part" in page
     nothing = Path(report.write_report(str(tmp_path / "none"), oof, KINDS, {}, {})).read_text()
     assert "No ensemble prediction was given" in nothing and "No ensemble was given" in nothing
     assert "A-reg" in nothing  # the kinds' table is still there
+
+
+def _gate_cells(page: str, row: str) -> list[str]:
+    match = re.search(rf'<tr data-row="{row}">(.*?)</tr>', page)
+    assert match, row
+    return re.findall(r"<td>(.*?)</td>", match.group(1))
+
+
+def test_report_gives_the_gates_effect_out_of_fold_and_on_the_test_split(inputs, tmp_path):
+    page_path = _write_full(inputs, tmp_path / "report")
+    page = page_path.read_text()
+    assert "Rejection gate: its effect" in page and 'src="gate_effect.png"' in page
+    with Image.open(page_path.parent / "gate_effect.png") as picture:
+        assert picture.size[0] >= 900 and np.asarray(picture.convert("L")).std() > 10
+    oof, pred = inputs["oof"], inputs["preds"]["lad"]
+    # Out of fold: every flagged row is rejected for its flag, and the planted gross error (row 0: one kind
+    # 150 months off) for the zone models' disagreement.
+    assert _gate_cells(page, "images") == [str(len(oof)), "10"]
+    assert _gate_cells(page, "registration_doubtful")[0].startswith(f"{len(REGISTRATION_FLAGGED)}, ")
+    assert _gate_cells(page, "mask_doubtful")[0].startswith(f"{len(MASK_FLAGGED)}, ")
+    accepted, reasons = gate.cross_fitted(oof.merge(inputs["flags"], on="id"), KINDS, pred)
+    assert "zone_models_disagree" in reasons[0] and not accepted[0]
+    error = np.abs(pred - oof["boneage"].to_numpy())
+    rejected = int((~accepted).sum())
+    assert rejected >= 6
+    assert _gate_cells(page, "rejected")[0] == f"{rejected} ({100 * rejected / len(oof):.1f} %)"
+    assert _gate_cells(page, "mae_accepted")[0] == f"{error[accepted].mean():.2f} ({int(accepted.sum())})"
+    assert _gate_cells(page, "mae_rejected")[0] == f"{error[~accepted].mean():.2f} ({rejected})"
+    assert error[~accepted].mean() > error[accepted].mean()  # the planted error lands among the rejected
+    # The test split, as scored: worked out by hand.
+    assert _gate_cells(page, "rejected")[1] == "2 (20.0 %)"
+    assert _gate_cells(page, "mae_accepted")[1] == "4.50 (8)"
+    assert _gate_cells(page, "mae_rejected")[1] == "30.00 (2)"
+    assert _gate_cells(page, "mask_doubtful")[1] == "2, 30.0"
+    assert _gate_cells(page, "fold_models_disagree") == ["0", "1, 40.0"]
 
 
 @pytest.mark.s3

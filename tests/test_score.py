@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from boneage import ensemble, prepare, score, train
+from boneage import clinical, ensemble, prepare, score, train
 from boneage.labels import read_subjects
 from boneage.bundle import load_bundle
 from boneage.models import model_kind
@@ -145,20 +145,32 @@ def test_unknown_sex_is_scored_by_the_predicted_sex(models_with_sex, registered)
     assert out.boneage_sd_months[2] == pytest.approx(spread, abs=1e-3)
     assert np.isnan(out.boneage_if_female_months[2:4]).all() and out["A-reg"][2:4].notna().all()
     assert not out.reject_reason[2:4].fillna("").str.contains("sex_unknown").any()
+    # Row 1 is a girl by the CSV, the classifier is sure of a boy: flagged, not rejected, not re-sexed.
+    assert out.sex_mismatch.tolist() == [False, True, False, False, False] and out.sex_mismatch.dtype == bool
+    assert "sex" not in str(out.reject_reason[1]) and clinical.summary(out)["sex_mismatch"] == 1
+    assert "1 images whose given sex the sex classifier contradicts" in clinical.describe(out, {})
 
     _set_p_male(models_with_sex, [0.1, 0.2])  # 0.15: female
     out = score.score_rows(rows, models_with_sex)
     assert out.sex.tolist()[2:4] == ["F", "F"] and set(out.sex_source[2:4]) == {"predicted"}
+    assert out.sex_mismatch.tolist() == [True, False, False, False, False]  # now the boy of row 0
     assert out.boneage_months[2] == pytest.approx(by_hand(models_with_sex, rows.registered_png[2], "F")[0], abs=1e-3)
 
     _set_p_male(models_with_sex, [0.3, 0.9])  # 0.6: unsure → both sexes' mean, as without a classifier
     out = score.score_rows(rows, models_with_sex)
     assert out.sex_unsure.tolist() == [False, False, True, True, False] and out.sex_unknown[2:4].all()
+    assert not out.sex_mismatch.any()  # unsure contradicts nothing
     assert pd.isna(out.sex[2]) and out.sex_source[2] == "unknown" and out.p_male[2] == pytest.approx(0.6)
     female, male = (by_hand(models_with_sex, rows.registered_png[2], s)[0] for s in ("F", "M"))
     assert out.boneage_months[2] == pytest.approx((female + male) / 2, abs=1e-3)
     assert "sex_unknown" in out.reject_reason[2]  # the gate still rejects an unsure sex
     assert score.summary(out)["sex_unsure"] == 2
+
+
+def test_sex_mismatch_needs_a_given_sex_and_a_sure_classifier():
+    p = [0.2, 0.21, 0.8, 0.79, 0.1, 0.95, np.nan, 0.05]
+    sex = ["M", "M", "F", "F", "F", "M", "M", None]
+    assert score.sex_mismatch(p, sex).tolist() == [True, False, True, False, False, False, False, False]
 
 
 def test_predicted_sex_thresholds_are_fixed():
