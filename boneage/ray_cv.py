@@ -390,6 +390,9 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
             ),
         )
         results = tuner.fit()
+        # Tune's standing request for the trials' resources outlives the CV: cleared, idle GPU nodes
+        # can go while the ensemble, bundle and report run (the twin kept them ~3 minutes longer).
+        ray_env.release_resource_requests()
         if progress.systemic is not None:
             name, err = progress.systemic
             raise CVFailed(f"CV stopped at the first failed trial, {name}, with an error every trial would "
