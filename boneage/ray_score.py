@@ -139,7 +139,8 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
         # APPEND (Ray Data's default) with this run's own file prefix: the parts of earlier runs stay.
         ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.APPEND,
                          filename_provider=_RunFiles(provenance["run_id"]),
-                         arrow_parquet_args_fn=lambda: {"schema": _with_metadata(schema, provenance)})
+                         arrow_parquet_args_fn=lambda: {"schema": _with_metadata(schema, provenance)},
+                         ray_remote_args={"num_cpus": config.preprocess.cpus_per_write})  # see PreprocessConfig
     if out_uri.lower().endswith(".parquet"):
         gather(out_uri, provenance, options)
     return {"skipped": int(len(manifest) - len(todo)), "scored": int(len(todo))}
