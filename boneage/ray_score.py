@@ -198,8 +198,12 @@ def gather(out_uri: str, provenance: Mapping[str, Any], storage_options: Mapping
 def read_output(out_uri: str, columns: tuple[str, ...], storage_options: Mapping[str, Any] | None = None
                 ) -> pd.DataFrame:
     """`columns` of a scoring output (the .parquet file, or the folder of parts), sorted by id."""
-    path, filesystem = storage.arrow_location(out_uri if out_uri.lower().endswith(".parquet") else parts_uri(out_uri),
-                                              storage_options)
+    uri = out_uri if out_uri.lower().endswith(".parquet") else parts_uri(out_uri)
+    # s3fs caches folder listings per process: one made before Ray's workers wrote this run's parts
+    # would make their files "not found".
+    fs, fs_path = storage.filesystem(uri, storage_options)
+    fs.invalidate_cache(fs_path)
+    path, filesystem = storage.arrow_location(uri, storage_options)
     table = pq.read_table(path, filesystem=filesystem, columns=list(columns)).to_pandas()
     return table.sort_values(["id", "uri"], kind="stable").reset_index(drop=True)
 
