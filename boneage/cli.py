@@ -124,6 +124,7 @@ def _cv(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     run.check_config(config, need_data=False)
     run.check_registered(config)
+    run.check_folds(config)  # too few images for k folds: said before Ray starts
     ray_env.init_ray(config.ray)
     run.cross_validate(config)  # saves its resolved config as OUTPUT/cv/config.yaml
     return 0

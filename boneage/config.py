@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from boneage.errors import MissingInput, UserError
+
 
 @dataclass
 class DataConfig:
@@ -43,6 +45,10 @@ class PreprocessConfig:
     # Data from fusing the CPU stages into the (few) actors, and on CPU torch uses what tasks leave idle.
     cpus_per_task: float = 1.0
     cpus_per_actor: float = 0.5
+    # Each parquet write of a scored block (boneage score). Small, so that a write fits beside the busy
+    # stages at once: at Ray Data's default (1 CPU) a 2-CPU node queued every scored block until scoring
+    # was over (1,300 rows scored, none written), and a crash lost them all.
+    cpus_per_write: float = 0.1
 
 
 @dataclass
@@ -210,11 +216,11 @@ def _update(obj: Any, overrides: dict[str, Any], where: str = "") -> None:
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in overrides.items():
         if key not in known:
-            raise ValueError(f"unknown config key {where}{key!r}; known: {', '.join(known)}")
+            raise UserError(f"unknown config key {where}{key!r}; known: {', '.join(known)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where}{key!r} must be a mapping")
+                raise UserError(f"config key {where}{key!r} must be a mapping")
             _update(current, value, f"{where}{key}.")
         else:
             if isinstance(current, tuple) and isinstance(value, list):
@@ -249,11 +255,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found (presets: configs/embedded.yaml, "
+            raise MissingInput(f"config file {path} not found (presets: configs/embedded.yaml, "
                                     "configs/rsna.yaml)")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping")
+            raise UserError(f"{path}: a config file must be a YAML mapping")
         _update(config, loaded)
     if overrides:
         _update(config, overrides)

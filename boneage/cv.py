@@ -23,7 +23,7 @@ import torch
 
 from boneage import prepare, storage
 from boneage.config import CVConfig
-from boneage.errors import STATUS_OK
+from boneage.errors import STATUS_OK, UserError
 from boneage.frame import STORE_H, STORE_W
 from boneage.models import MODEL_KINDS, SEX_KINDS
 from boneage.train import TrainConfig
@@ -49,7 +49,7 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int) -> np.ndarray:
     the same number of images (±1) and nearly the same age distribution. Deterministic by seed.
     """
     if k < 2:
-        raise ValueError(f"k-fold CV needs k >= 2, got {k}")
+        raise UserError(f"k-fold CV needs k >= 2, got {k}")
     rng = np.random.default_rng(seed)
     folds = np.full(len(table), -1, dtype=np.int64)
     use = labelled(table)
@@ -60,7 +60,7 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int) -> np.ndarray:
         rows = np.flatnonzero(use & (male == is_male))
         if 0 < len(rows) < k:
             sex = "M" if is_male else "F"
-            raise ValueError(f"{len(rows)} labelled {sex} images cannot fill {k} folds: need at least {k}")
+            raise UserError(f"{len(rows)} labelled {sex} images cannot fill {k} folds: need at least {k}")
         order = rows[np.lexsort((ids[rows], ages[rows]))]
         for start in range(0, len(order), k):
             run = order[start : start + k]
@@ -77,7 +77,7 @@ def inner_split(ages: np.ndarray, train_idx: np.ndarray, fraction: float, seed: 
     if fraction <= 0:
         return train_idx, train_idx[:0]
     if not 0 < fraction < 0.5:
-        raise ValueError(f"cv.inner_val_fraction must be 0 (fixed schedule) or in (0, 0.5), not {fraction}")
+        raise UserError(f"cv.inner_val_fraction must be 0 (fixed schedule) or in (0, 0.5), not {fraction}")
     rng = np.random.default_rng(seed)
     order = train_idx[np.argsort(np.asarray(ages)[train_idx], kind="stable")]
     run = max(2, int(round(1 / fraction)))
@@ -140,10 +140,10 @@ def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int) -> list[Trial]
     kinds, sexes = list(kinds), list(sexes)
     for kind in kinds:
         if kind not in MODEL_KINDS:
-            raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
+            raise UserError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
     for sex in sexes:
         if sex not in SEXES:
-            raise ValueError(f"sex must be one of {SEXES}, got {sex!r}")
+            raise UserError(f"sex must be one of {SEXES}, got {sex!r}")
     return [Trial(kind, sex, fold) for kind in kinds for sex in sexes for fold in range(k)]
 
 
@@ -152,7 +152,7 @@ def sex_trials(sex_kind: str | None, k: int) -> list[Trial]:
     if sex_kind is None:
         return []
     if sex_kind not in SEX_KINDS:
-        raise ValueError(f"unknown sex classifier kind {sex_kind!r}; known: {', '.join(SEX_KINDS)}")
+        raise UserError(f"unknown sex classifier kind {sex_kind!r}; known: {', '.join(SEX_KINDS)}")
     return [Trial(sex_kind, POOLED, fold) for fold in range(k)]
 
 
@@ -196,7 +196,7 @@ def read_trial_rows(registered_uri: str, folds: pd.DataFrame, male: bool | None,
     rows = mine.merge(images, on="id", how="left", validate="one_to_one")
     missing = rows["registered_png"].isna()
     if missing.any():
-        raise ValueError(f"{int(missing.sum())} CV images have no registered image in {registered_uri}, "
+        raise UserError(f"{int(missing.sum())} CV images have no registered image in {registered_uri}, "
                          f"e.g. {rows.id[missing].iloc[0]}")
     return rows.sort_values("id", kind="stable").reset_index(drop=True)
 

@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from boneage import cv, ray_env, storage
 from boneage.ray_checkpoints import read_state, report_state, resume_state
 from boneage.config import Config, CVConfig
-from boneage.errors import RunError
+from boneage.errors import RunError, UserError
 from boneage.models import model_kind
 from boneage.progress import Progress
 from boneage.train import TrainConfig, fit_sex_model, fit_zone_model, predict, predict_p_male
@@ -336,11 +336,11 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
     if fs.exists(folds_path):
         folds = cv_folds(paths["folds.parquet"], options)
         if int(folds["fold"].max()) + 1 != cvc.k:
-            raise ValueError(f"{paths['folds.parquet']} has {int(folds['fold'].max()) + 1} folds, not "
-                             f"cv.k={cvc.k}: use a fresh --output")
+            raise UserError(f"{paths['folds.parquet']} has {int(folds['fold'].max()) + 1} folds, not "
+                            f"cv.k={cvc.k}: use a fresh --output")
         if folds["id"].isin(exclude).any():
-            raise ValueError(f"{paths['folds.parquet']} trains on images of the locked test split (it was "
-                             "made before the split): use a fresh --output")
+            raise UserError(f"{paths['folds.parquet']} trains on images of the locked test split (it was "
+                            "made before the split): use a fresh --output")
     else:
         folds = cv.folds_table(table, cvc.k, config.data.seed)
         with storage.open_output(paths["folds.parquet"], "wb", options) as f:

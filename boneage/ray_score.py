@@ -138,7 +138,8 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
         # APPEND (Ray Data's default) with this run's own file prefix: the parts of earlier runs stay.
         ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.APPEND,
                          filename_provider=_RunFiles(provenance["run_id"]),
-                         arrow_parquet_args_fn=lambda: {"schema": _with_metadata(schema, provenance)})
+                         arrow_parquet_args_fn=lambda: {"schema": _with_metadata(schema, provenance)},
+                         ray_remote_args={"num_cpus": config.preprocess.cpus_per_write})  # see PreprocessConfig
     if out_uri.lower().endswith(".parquet"):
         gather(out_uri, provenance, options)
     return {"skipped": int(len(manifest) - len(todo)), "scored": int(len(todo))}
@@ -196,8 +197,12 @@ def gather(out_uri: str, provenance: Mapping[str, Any], storage_options: Mapping
 def read_output(out_uri: str, columns: tuple[str, ...], storage_options: Mapping[str, Any] | None = None
                 ) -> pd.DataFrame:
     """`columns` of a scoring output (the .parquet file, or the folder of parts), sorted by id."""
-    path, filesystem = storage.arrow_location(out_uri if out_uri.lower().endswith(".parquet") else parts_uri(out_uri),
-                                              storage_options)
+    uri = out_uri if out_uri.lower().endswith(".parquet") else parts_uri(out_uri)
+    # s3fs caches folder listings per process: one made before Ray's workers wrote this run's parts
+    # would make their files "not found".
+    fs, fs_path = storage.filesystem(uri, storage_options)
+    fs.invalidate_cache(fs_path)
+    path, filesystem = storage.arrow_location(uri, storage_options)
     table = pq.read_table(path, filesystem=filesystem, columns=list(columns)).to_pandas()
     return table.sort_values(["id", "uri"], kind="stable").reset_index(drop=True)
 

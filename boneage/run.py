@@ -338,6 +338,19 @@ def check_registered(config: Config) -> str:
     return uri
 
 
+def check_folds(config: Config) -> None:
+    """A UserError, before Ray starts, when the registered table cannot be dealt into cv.k folds (too few
+    labelled images of a sex); an output that already has its folds keeps them (cv.ray_cv checks k)."""
+    from boneage import cv, ray_prepare
+
+    fs, path = fsspec.core.url_to_fs(storage.join_uri(config.output, "cv", "folds.parquet"),
+                                     **config.data.storage_options)
+    if fs.exists(path):
+        return
+    table = ray_prepare.read_registered(check_registered(config), config.data.storage_options, with_images=False)
+    cv.assign_folds(table[~table["id"].isin(read_test_ids(config))], config.cv.k, config.data.seed)
+
+
 def cross_validate(config: Config) -> dict[str, Any]:
     """k-fold CV of every configured zone model kind and sex on the registered table under
     `config.output` (Ray Tune trials, each a Ray Train run): writes OUTPUT/cv/{folds,oof,trials}.parquet,

@@ -206,3 +206,57 @@ def test_cards_on_s3(tmp_path, ray_local, synthetic_small, s3_server):
     root = f"{s3_server['bucket']}/cards-test/cards/"
     names = [p[len(root):] for p in fs.find(root)]
     _check_cards(table, names, lambda uri: storage.read_bytes(uri, options))
+
+
+@pytest.mark.s3
+def test_resume_into_s3_scores_only_the_files_without_a_row(tmp_path, ray_local, s3_server, synthetic_small, capsys):
+    """An s3:// folder of parts resumes like a local one: after runs that scored some of the files, one
+    run's parts lost and a part cut off mid-write, the rerun scores exactly the files without a row, each
+    once, and every part carries the provenance of the run that wrote it."""
+    import json
+
+    from boneage import storage
+    from boneage.ray_score import read_output, read_provenance
+
+    options = s3_server["storage_options"]
+    base = f"s3://{s3_server['bucket']}/score-resume"
+    bundle = f"{base}/bundle"
+    write_tiny_bundle(bundle, options)
+    out = f"{base}/predictions"  # no .parquet: the folder of parts is the output
+    images = sorted(str(p) for p in Path(synthetic_small["images"]).glob("*.png"))
+    assert len(images) == 6
+    score_args = ["--bundle", bundle, "--out", out, "--storage-options", json.dumps(options), "--batch-size", "1"]
+
+    # The interrupted state, made by two runs: one scored 2 files, one 2 more; the first one's parts are
+    # then lost, and a part is left cut off mid-write.
+    assert cli.main(["score", *images[:2], *score_args]) == 0
+    fs, folder = storage.filesystem(out, options)
+    lost_parts = fs.find(folder)
+    assert cli.main(["score", *images[2:4], *score_args]) == 0
+    fs.invalidate_cache()
+    kept_parts = sorted(set(fs.find(folder)) - set(lost_parts))
+    assert lost_parts and kept_parts and all(p.endswith(".parquet") for p in kept_parts)
+    first = read_output(out, ("id", "uri", "scored_at"), options)
+    assert sorted(first.uri) == images[:4]
+    kept_run = read_provenance(f"s3://{kept_parts[0]}", options)["run_id"]
+    cut_off = f"{folder}/part-cut-off.parquet"
+    fs.pipe(cut_off, fs.cat_file(kept_parts[0])[:100])
+    fs.rm(lost_parts)
+    kept = first[first.uri.isin(images[2:4])]
+
+    capsys.readouterr()
+    assert cli.main(["score", synthetic_small["images"], *score_args]) == 0
+    said = capsys.readouterr().out
+    assert "2 files already have a row" in said and "scoring the other 4" in said
+    fs.invalidate_cache()
+    assert not fs.exists(cut_off)
+    table = read_output(out, ("id", "uri", "status", "scored_at", "bundle_sha256"), options)
+    assert sorted(table.uri) == images and table.id.is_unique  # every file exactly once, none lost
+    rescored = table[table.scored_at > first.scored_at.max()]
+    assert sorted(rescored.uri) == images[:2] + images[4:]  # only the files without a row
+    assert (table.set_index("uri").loc[kept.uri, "scored_at"].to_numpy() == kept.scored_at.to_numpy()).all()
+    assert table.status.eq("ok").sum() >= 4 and table.bundle_sha256.nunique() == 1
+    provenance = [read_provenance(f"s3://{p}", options) for p in fs.find(folder)]
+    runs = {p["run_id"] for p in provenance}
+    assert len(runs) == 2 and kept_run in runs  # each part says which run wrote it, and with what
+    assert {p["bundle"]["sha256"] for p in provenance} == set(table.bundle_sha256) and all(p["boneage_version"] for p in provenance)

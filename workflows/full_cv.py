@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     with timings("1/7 data"):  # the user's, or the embedded synthetic set; then the locked test split
         if args.skip_preprocess:
             run.check_registered(config)  # the registered data's config.yaml stays; CV saves cv/config.yaml
+            run.check_folds(config)
         else:
             config = run.resolve_data(config)
             run.save_config(config)
