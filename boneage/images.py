@@ -188,7 +188,13 @@ def list_inputs(
             sniff.append(path)
     if sniff:
         with ThreadPoolExecutor(min(LISTING_THREADS, len(sniff))) as pool:
-            found += [p for p, ok in zip(sniff, pool.map(lambda p: _looks_like_dicom(fs, p), sniff)) if ok]
+            marked = list(pool.map(lambda p: _looks_like_dicom(fs, p), sniff))
+        found += [p for p, ok in zip(sniff, marked) if ok]
+        if skipped := [p for p, ok in zip(sniff, marked) if not ok]:
+            # Not silent: an empty or broken DICOM without an extension cannot be told from a README.
+            print(f"[list] {len(skipped)} file(s) under {source} skipped: no image extension and no DICOM "
+                  f"marker, e.g. {with_protocol(fs, skipped[0])} (name files in a .txt list to get an error "
+                  "row for each)", flush=True)
     root_uri = with_protocol(fs, root.rstrip("/"))
     return _with_ids((with_protocol(fs, p) for p in found), root_uri)
 

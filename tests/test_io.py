@@ -296,7 +296,7 @@ def test_bad_image_too_small_or_constant():
 # --- listing ------------------------------------------------------------------------------------
 
 
-def test_list_images_folder_txt_and_list(tmp_path):
+def test_list_images_folder_txt_and_list(tmp_path, capsys):
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
     (tmp_path / "b.png").write_bytes(b"x")
     (tmp_path / "a.JPG").write_bytes(b"x")
@@ -310,6 +310,8 @@ def test_list_images_folder_txt_and_list(tmp_path):
     found = images.list_images(str(tmp_path))
     names = [p[len(str(tmp_path)) + 1 :] for p in found]
     assert names == ["a.JPG", "b.png", "sub/1.2.840.99", "sub/c.jpeg", "sub/deeper/d.dcm"]
+    said = capsys.readouterr().out  # what was left out is said, not dropped silently
+    assert "1 file(s) under" in said and f"{tmp_path}/README" in said
     assert [images.image_id(p) for p in found] == ["a", "b", "1.2.840.99", "c", "d"]
     assert images.list_images(str(tmp_path)) == found  # deterministic
     assert [p.rsplit("/", 1)[1] for p in images.list_images(tmp_path, recursive=False)] == ["a.JPG", "b.png"]
