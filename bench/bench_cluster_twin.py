@@ -199,6 +199,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="twin-bench") as tmp:
         result = {"load_before": load_before, "autoscaling": autoscaling_run(Path(tmp) / "auto", args.images, args.settle_s)}
         print(json.dumps({k: v for k, v in result["autoscaling"].items() if k != "timeline"}, indent=1), flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))  # kept if the node-loss part fails
         if args.plot:
             plot(result["autoscaling"], args.plot)
         if args.node_loss_repeats:

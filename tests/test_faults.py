@@ -217,6 +217,12 @@ def test_rerun_after_killed_driver_skips_finished_trials(cluster, data, referenc
                                   pd.read_parquet(reference / "cv" / "oof.parquet"), check_exact=True)
 
 
+# Not in the default run (pyproject.toml): it passes, but sometimes deadlocks. Ray Train V2's controller
+# can fail with "actor unavailable" when the node under its worker dies (a ControllerError, not a worker
+# failure); the trial is then retried by Tune, but the lost worker group's placement group is never
+# removed: GCS reschedules it onto the head, whose one CPU the retried trial then waits for forever.
+# Run it with: python -m pytest -m node_loss tests/test_faults.py (docs/benchmarks.md, issue #14).
+@pytest.mark.node_loss
 def test_a_lost_worker_node_costs_time_not_results(cluster, data, reference):
     """Every process of the worker node (its raylet, object store, Train workers, whatever Ray put
     there) is SIGKILLed mid-CV, as when a spot node is taken away. The trial drivers stay on the head
