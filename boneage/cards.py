@@ -115,12 +115,33 @@ def _fmt(value: Any, spec: str, unit: str = "") -> str:
     return "—" if value is None or pd.isna(value) else f"{value:{spec}}{unit}"
 
 
-def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch: int = PATCH) -> bytes:
+def _input_panel(fig: Figure, source: Mapping[str, Any]) -> None:
+    """The input as the key point model saw it (the whole image, 16x reduced) with the three key points
+    the registration used, from `source` (a registered-table row: keypoint_input, <point>_x/_y in image
+    pixels, width, height)."""
+    thumb = source.get("keypoint_input")
+    if thumb is None or not source.get("width"):
+        return
+    image = prepare.decode_png(thumb)
+    ax = fig.add_axes((0.81, 0.45, 0.18, 0.45))
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    sx, sy = image.shape[1] / float(source["width"]), image.shape[0] / float(source["height"])
+    for name, colour in zip(frame.KEYPOINT_NAMES, ("#ff4040", "#40c0ff", "#ffd000")):
+        x, y = source.get(f"{name}_x"), source.get(f"{name}_y")
+        if x is not None and y is not None and not (pd.isna(x) or pd.isna(y)):
+            ax.plot(x * sx, y * sy, "o", color=colour, markersize=4, label=name.replace("_", " "))
+    ax.set_title(f"input, key points ({source.get('keypoint_source') or '?'})", fontsize=7)
+    ax.legend(fontsize=5, loc="lower left", framealpha=0.6)
+    ax.set_axis_off()
+
+
+def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch: int = PATCH,
+             source: Mapping[str, Any] | None = None) -> bytes:
     """The card as PNG bytes: `image` (stored registered image), `row` (a scoring table row), `heat`
-    (occlusion_map's grid)."""
-    fig = Figure(figsize=(8.4, 6.0), dpi=100)
+    (occlusion_map's grid), `source` (its registered-table row: the input panel with the key points)."""
+    fig = Figure(figsize=(10.4, 6.0), dpi=100)  # registered hand | text | the input with its key points
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.01, 0.02, 0.5, 0.94))
+    ax = fig.add_axes((0.01, 0.02, 0.40, 0.94))
     h, w = image.shape
     ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(0, w, h, 0))
     magnitude = np.abs(heat)
@@ -134,7 +155,7 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
                                edgecolor=colours.get(name, "white"), linewidth=1.2))
         ax.text(zone.x0 * s + 4, zone.y0 * s + 14, name, color=colours.get(name, "white"), fontsize=8)
     ax.set_xlim(0, w), ax.set_ylim(h, 0), ax.set_axis_off()
-    bar = fig.add_axes((0.52, 0.1, 0.015, 0.5))
+    bar = fig.add_axes((0.42, 0.1, 0.012, 0.5))
     fig.colorbar(shown, cax=bar).set_label("|change of bone age| when the patch is masked (months)", fontsize=7)
     bar.tick_params(labelsize=7)
 
@@ -154,11 +175,17 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
         lines += [(f"  {reason}", 9, "#c0392b") for reason in str(row.get("reject_reason")).split(";")]
     if row.get("sex_mismatch") is True or row.get("sex_mismatch") == 1:
         lines.append((f"sex {row.get('sex')} given, but P(male) {row.get('p_male'):.2f}: check", 9, "#b26b00"))
+    flags = [name for name in ("registration_doubtful", "mask_doubtful") if row.get(name) is True or row.get(name) == 1]
+    lines.append((f"QA: {', '.join(flags) if flags else 'no flags'}", 8, "dimgray"))
     lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
+    if row.get("bundle_sha256"):
+        lines.append((f"bundle {str(row['bundle_sha256'])[:12]}", 8, "dimgray"))
     y = 0.93
     for text, size, colour in lines:
-        fig.text(0.6, y, text, fontsize=size, color=colour, va="top")
+        fig.text(0.5, y, text, fontsize=size, color=colour, va="top")
         y -= 0.028 + size * 0.004
+    if source is not None:
+        _input_panel(fig, source)
     out = BytesIO()
     fig.savefig(out, format="png")
     return out.getvalue()
@@ -182,7 +209,8 @@ def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
     their scoring rows, in the same order. Returns (card URI or None, error or None) lists: a card that
     cannot be drawn is an error for its row, not for the run."""
     uris, errors = [], []
-    for png, row in zip(rows["registered_png"], table.to_dict("records")):
+    for source, row in zip(rows.to_dict("records"), table.to_dict("records")):
+        png = source.get("registered_png")
         if pd.isna(row.get("boneage_months")) or png is None:
             uris.append(None)
             errors.append("no card: the image has no bone age (see error)")
@@ -191,7 +219,7 @@ def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
             uri = card_uri(folder, row["id"])
             image = prepare.decode_png(png)
             heat = ensemble_occlusion(models, row.get("sex"), image, patch)
-            storage.write_bytes(uri, card_png(image, row, heat, patch), storage_options)
+            storage.write_bytes(uri, card_png(image, row, heat, patch, source), storage_options)
             uris.append(uri)
             errors.append(None)
         except Exception as err:  # noqa: BLE001 - one image's card must not stop the others

@@ -59,10 +59,10 @@ class BundleScorer:
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         batch["age_months"] = batch["id"].map(self.ages)
         out = score.score_rows(batch, self.models)
+        out["bundle_sha256"] = self.bundle_sha256  # before the cards: they name the bundle
         if self.cards_dir:  # --cards: a PNG per image (boneage.cards)
             out["card"], out["card_error"] = cards.write_cards(batch, out, self.models, self.cards_dir,
                                                                self.storage_options)
-        out["bundle_sha256"] = self.bundle_sha256
         out["scored_at"] = self.scored_at
         for column in self.uid_columns:
             out[column] = batch[column].to_numpy() if column in batch else None

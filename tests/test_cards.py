@@ -109,7 +109,12 @@ def test_card_names_are_the_ids_and_stay_inside_the_folder():
 def test_a_card_per_scored_row(models, tmp_path):
     image = np.zeros((frame.STORE_H, frame.STORE_W), np.uint8)
     image[300:900, 250:550] = 180  # a bright block as a stand-in hand
-    rows = pd.DataFrame({"registered_png": [prepare.encode_png(image), None]})
+    thumb = np.full((130, 100), 60, np.uint8)  # the input as the key point model saw it
+    rows = pd.DataFrame({"registered_png": [prepare.encode_png(image), None],
+                         "keypoint_input": [prepare.encode_png(thumb), None], "width": [1000, None],
+                         "height": [1300, None], "keypoint_source": ["geometric", None],
+                         "finger_tip_x": [500.0, None], "finger_tip_y": [100.0, None], "capitate_x": [520.0, None],
+                         "capitate_y": [900.0, None], "thumb_tip_x": [850.0, None], "thumb_tip_y": [600.0, None]})
     table = pd.DataFrame({"id": ["hand", "broken"], "sex": ["F", None], "sex_source": ["csv", "unknown"],
                           "boneage_months": [100.0, np.nan], "boneage_sd_months": [3.0, np.nan],
                           "chronological_age_months": [90.0, np.nan], "boneage_sds": [1.0, np.nan],
@@ -121,5 +126,11 @@ def test_a_card_per_scored_row(models, tmp_path):
     assert uris[1] is None and errors[1].startswith("no card: the image has no bone age")
     with open(uris[0], "rb") as f:
         card = prepare.decode_png(f.read())
-    assert card.shape == (600, 840) and card.std() > 10
+    assert card.shape == (600, 1040) and card.std() > 10
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(uris[0]).convert("RGB")).astype(int)
+    panel = rgb[60:330, 842:1030]  # the input panel, top right: its key point markers are drawn
+    finger_tip_red = (panel[..., 0] > 200) & (panel[..., 1] < 110) & (panel[..., 2] < 110)
+    assert finger_tip_red.sum() >= 4
     assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["hand.png"]

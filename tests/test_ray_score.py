@@ -169,7 +169,7 @@ def _check_cards(table: pd.DataFrame, names: list[str], read) -> None:
         with Image.open(BytesIO(read(uri))) as card:
             card.verify()
         with Image.open(BytesIO(read(uri))) as card:
-            assert card.format == "PNG" and card.size == (840, 600)
+            assert card.format == "PNG" and card.size == (1040, 600)
             assert np.asarray(card.convert("L")).std() > 10  # drawn, not blank
 
 
