@@ -91,7 +91,7 @@ def torch_config():
 def release_resource_requests() -> None:
     """Clear the cluster's standing autoscaler request. Ray Data and Tune ask the autoscaler for
     resources (`request_resources`), and the request outlives the job: idle nodes, GPU ones included,
-    would stay up for it. Called when a run that joined a cluster ends."""
+    would stay up for it. Called when the CV's trials are done and when a run that joined a cluster ends."""
     try:
         from ray.autoscaler.sdk import request_resources
 
