@@ -77,6 +77,8 @@ def _all_processes() -> dict[int, Proc]:
             continue
         # stat: "pid (comm) state ppid ... starttime(22nd) ..."; comm may hold spaces and parentheses
         fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] in ("Z", "X"):  # dead, not yet reaped by its parent: gone for every purpose here
+            continue
         title = cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
         out[int(entry)] = Proc(int(entry), int(fields[1]), int(fields[19]), title)
     return out
@@ -297,7 +299,10 @@ class LocalCluster:
 
     def cleanup(self) -> None:
         self.stop()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        deadline = time.time() + 15  # a process still dying may write a last log file into it
+        while Path(self.temp_dir).exists() and time.time() < deadline:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            time.sleep(0.2)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()

@@ -29,7 +29,9 @@ from boneage import synth
 
 from ray_cluster import AutoscalingLocalCluster, _alive, entrypoint, local_twin, run_job
 
-pytestmark = pytest.mark.slow
+# Not in the default run (pyproject.toml): 6 minutes of CI's budget, which the README's command and the
+# other tests already fill to ~31 of its 40. Run it with: python -m pytest -m cluster_twin tests/test_autoscaling.py
+pytestmark = [pytest.mark.slow, pytest.mark.cluster_twin]
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 26  # with their key point annotations: enough (20+) to train the key point model
@@ -135,4 +137,7 @@ def test_full_cv_on_an_autoscaling_twin_of_cluster_yaml(cluster, ray_local, tmp_
     ours = cluster.processes()
     assert any("monitor.py" in p.title for p in ours)
     cluster.cleanup()
-    assert _alive(ours) == [] and not Path(cluster.temp_dir).exists()
+    deadline = time.time() + 15  # SIGKILLed processes take a moment to leave /proc
+    while _alive(ours) and time.time() < deadline:
+        time.sleep(0.5)
+    assert [p.title for p in _alive(ours)] == [] and not Path(cluster.temp_dir).exists()
