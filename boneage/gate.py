@@ -153,6 +153,11 @@ def cross_fitted(oof: pd.DataFrame, kinds: Sequence[str], boneage: Sequence[floa
     return accepted, reasons
 
 
+def rejected_for(reasons: Sequence[str | None], name: str) -> np.ndarray:
+    """Rows whose reject_reason (reasons joined by ';') includes `name`."""
+    return np.array([r is not None and name in str(r).split(";") for r in reasons], bool)
+
+
 def effect(accepted: Sequence[bool], reasons: Sequence[str | None], boneage: Sequence[float],
            truth: Sequence[float]) -> dict[str, Any]:
     """What the gate does to the error on labelled rows: {images, rejected, rejected_fraction,
@@ -169,7 +174,7 @@ def effect(accepted: Sequence[bool], reasons: Sequence[str | None], boneage: Seq
 
     by_reason = {}
     for name in REASONS:
-        rows = np.array([r is not None and name in str(r).split(";") for r in reasons], bool)
+        rows = rejected_for(reasons, name)
         if rows.any():
             by_reason[name] = {"n": int(rows.sum()), "mae": mae(rows)}
     n = len(accepted)

@@ -62,16 +62,13 @@ def train_device() -> torch.device:
     if torch.cuda.is_available():
         from ray.train.torch import get_device
 
-        return get_device()
-    if ray.get_gpu_ids():
-        print(f"[train] Ray assigned GPU {ray.get_gpu_ids()} but torch sees no CUDA device: training on "
-              "the CPU", flush=True)
-    return torch.device("cpu")
+        return get_device()  # the worker's own GPU (its index), not just "cuda"
+    return actor_device(bool(ray.get_gpu_ids()), "train")
 
 
 def actor_device(use_gpu: bool, what: str) -> torch.device:
-    """The torch device of a Ray Data actor (key point predictor, bundle scorer) that asked for a GPU or
-    not. On a logical GPU with no CUDA device behind it, the CPU, and the log says so."""
+    """The torch device of a Ray Data actor (key point predictor, bundle scorer) or Train worker that asked
+    for a GPU or not. On a logical GPU with no CUDA device behind it, the CPU, and the log says so."""
     if use_gpu and torch.cuda.is_available():
         return torch.device("cuda")
     if use_gpu:

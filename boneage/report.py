@@ -162,8 +162,7 @@ def plot_gate_effect(sets: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarra
     for i, (name, accepted, reasons, error) in enumerate(sets, start=1):
         ax = fig.add_subplot(1, len(sets), i, sharey=fig.axes[0] if fig.axes else None)
         groups = [("accepted", accepted)] + [
-            (reason, np.array([r is not None and reason in str(r).split(";") for r in reasons], bool))
-            for reason in gate.REASONS]
+            (reason, gate.rejected_for(reasons, reason)) for reason in gate.REASONS]
         groups = [(label, rows & np.isfinite(error)) for label, rows in groups]
         groups = [(label, rows) for label, rows in groups if rows.any()]
         for x, (label, rows) in enumerate(groups):
