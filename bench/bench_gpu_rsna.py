@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_gpu_train import timed_rate  # noqa: E402  (this folder: python bench/bench_gpu_rsna.py)
 from boneage import train  # noqa: E402
 from boneage.models import model_kind  # noqa: E402
 
@@ -123,17 +125,8 @@ def pure_step_rate(kind, cfg: train.TrainConfig, device, windows=5, steps=8, war
         opt.step()
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    rates = []
-    for _ in range(windows):
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        rates.append(cfg.batch_size * steps / (time.perf_counter() - started))
-    return statistics.median(rates)
+    timing = SimpleNamespace(warmup=warmup, windows=windows, steps=steps)
+    return timed_rate(step, cfg.batch_size, timing, sync)  # the same timing as bench_gpu_train's numbers
 
 
 def run(args) -> dict:
