@@ -11,9 +11,18 @@ lost worker node costs.
    CV trials packed onto logical GPUs (from cv/trials.parquet).
 2. **Node loss** (`--node-loss-repeats N`). On a fixed two-node cluster (tests/test_faults.py's settings:
    two trials, one per node, trial drivers on the head), the CV runs uninterrupted, then again with every
-   process of the worker node SIGKILLed once a trial there has a checkpoint (the node is started again
+   process of the worker node SIGKILLed once both trials have a registered checkpoint (the test's
+   `kill_worker_node_mid_cv`; the node is started again
    afterwards for the next repeat). Reports both wall times per repeat, their medians and the time lost,
    and checks the out-of-fold tables are equal.
+3. **A node lost while a trial starts on it** (`--start-window-kills N`). The same cluster; the worker node
+   is SIGKILLed as soon as the Train controller whose worker group is on it is between
+   "after_worker_group_start callbacks completed" and "Train function launched" (the group counts as
+   started, the train function is not running yet: ~2.5 s). Ray Train 2.60 then leaves the group's
+   placement group behind and, without
+   `boneage.ray_env.ReleaseOrphanedPlacementGroups`, the retried trial waits for it forever. Reports per
+   run: the job's outcome, whether the controller met the dead node as "actor unavailable", the
+   placement groups the workaround removed, and whether the out-of-fold table equals an uninterrupted run's.
 
 Small synthetic data: this measures the cluster path's behaviour and overheads, not training speed.
 """
@@ -28,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +46,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import test_faults as faults  # noqa: E402
 from boneage import synth  # noqa: E402
 from ray_cluster import AutoscalingLocalCluster, LocalCluster, entrypoint, local_twin, run_job  # noqa: E402
 
@@ -108,17 +119,23 @@ def autoscaling_run(work: Path, n_images: int, settle_s: float) -> dict:
             "trial_devices": sorted(set(trials["device"]))}
 
 
-def node_loss_runs(work: Path, repeats: int) -> dict:
-    import test_faults as faults
-
+@contextmanager
+def two_node_cluster(work: Path):
+    """tests/test_faults.py's cluster (two nodes of 1 CPU, trial drivers on the head) with its synthetic
+    images preprocessed: yields the cluster, the job's data settings and the preprocessed output."""
     data = synth.write_dataset(faults.N_IMAGES, work / "synthetic", seed=11, size=(320, 240), progress=False)
     config = work / "drivers-on-head.yaml"
     config.write_text(faults.CV_CONFIG + "  driver_resources: {CPU: 0, node_a: 0.001}\n")
     prep = {"config": str(config), "images": str(data["images"]), "labels": str(data["labels"])}
-    rows = []
     with LocalCluster(["node_a", "node_b"], num_cpus=1) as cluster:
         base = work / "prep"
         assert run_job(cluster, faults._preprocess(prep, base), timeout_s=900)[0] == "SUCCEEDED"
+        yield cluster, prep, base
+
+
+def node_loss_runs(work: Path, repeats: int) -> dict:
+    rows = []
+    with two_node_cluster(work) as (cluster, prep, base):
 
         def cv(out: Path, on_poll=None) -> float:
             shutil.copytree(base / "registered", out / "registered")
@@ -132,19 +149,7 @@ def node_loss_runs(work: Path, repeats: int) -> dict:
             whole = work / f"whole{repeat}"
             whole_s = cv(whole)
             lost_out, lost = work / f"lost{repeat}", {}
-            worker = cluster.nodes[1]
-
-            def kill_the_worker_node():
-                if lost:
-                    return
-                on_node = [p for p in cluster.node_processes(worker.name) if p.title.startswith("ray::RayTrainWorker")]
-                under_way = {t: e for t in faults.TRIALS if (e := faults._checkpointed_epoch(lost_out, t)) is not None
-                             and e < faults.EPOCHS - 2 and not faults._part(lost_out, t).exists()}
-                if on_node and under_way:
-                    lost.update(under_way, at_s=time.time())
-                    cluster.kill_node(worker.name)
-
-            lost_s = cv(lost_out, kill_the_worker_node)
+            lost_s = cv(lost_out, lambda: faults.kill_worker_node_mid_cv(cluster, lost_out, lost))
             trials = pd.read_parquet(lost_out / "cv" / "trials.parquet")
             same = pd.read_parquet(lost_out / "cv" / "oof.parquet").equals(pd.read_parquet(whole / "cv" / "oof.parquet"))
             rows.append({"repeat": repeat, "uninterrupted_s": round(whole_s, 1), "node_lost_s": round(lost_s, 1),
@@ -152,11 +157,78 @@ def node_loss_runs(work: Path, repeats: int) -> dict:
                          "oof_equal": bool(same)})
             print(f"[node loss] repeat {repeat}: uninterrupted {whole_s:.0f} s, node lost {lost_s:.0f} s, "
                   f"OOF equal: {same}", flush=True)
-            cluster._start_with_retries(worker, head=False)  # the node comes back for the next repeat
+            cluster._start_with_retries(cluster.nodes[1], head=False)  # the node comes back for the next repeat
     medians = {k: statistics.median(r[k] for r in rows) for k in ("uninterrupted_s", "node_lost_s")}
     return {"repeats": rows, "median_uninterrupted_s": medians["uninterrupted_s"],
             "median_node_lost_s": medians["node_lost_s"],
             "median_time_lost_s": round(statistics.median(r["node_lost_s"] - r["uninterrupted_s"] for r in rows), 1)}
+
+
+def controller_logs(cluster) -> set[Path]:
+    return set(Path(cluster.temp_dir).glob("session_latest/logs/train/ray-train-sys-controller-*.log"))
+
+
+def groups_in_start_window(cluster, earlier: set[Path]) -> list[str]:
+    """The placement groups (hex ids) of the cluster's Train controllers (not the `earlier` runs') that
+    are between their worker group's start and the train function's launch."""
+    groups = []
+    for log in controller_logs(cluster) - earlier:
+        text = log.read_text(errors="ignore")
+        if text.count("after_worker_group_start callbacks completed") > text.count("Train function launched"):
+            groups += re.findall(r"Registered placement group PlacementGroupID\((\w+)\)", text)[-1:]
+    return groups
+
+
+def node_of_group(cluster, group: str) -> str | None:
+    """The name of the node (its custom resource, tests/ray_cluster.py) holding the group's bundle."""
+    from ray.util.state import list_nodes, list_placement_groups
+
+    found = list_placement_groups(address=cluster.dashboard_url, filters=[("placement_group_id", "=", group)],
+                                  detail=True, raise_on_missing_output=False)
+    node_ids = {b.get("node_id") for g in found for b in (g.bundles or [])}
+    for node in list_nodes(address=cluster.dashboard_url, detail=True, raise_on_missing_output=False):
+        if node.node_id in node_ids:
+            return next((n.name for n in cluster.nodes if n.name in (node.resources_total or {})), None)
+    return None
+
+
+def start_window_kills(work: Path, runs: int) -> dict:
+    rows = []
+    with two_node_cluster(work) as (cluster, prep, base):
+        reference = work / "whole"
+        shutil.copytree(base / "registered", reference / "registered")
+        assert run_job(cluster, faults._cv(prep, reference), timeout_s=900)[0] == "SUCCEEDED"
+        logs = Path(cluster.temp_dir) / "session_latest" / "logs"
+
+        def count(text: str) -> int:
+            return sum(f.read_text(errors="ignore").count(text) for f in logs.rglob("*") if f.is_file())
+
+        for run in range(runs):
+            out, killed = work / f"window{run}", {}
+            shutil.copytree(base / "registered", out / "registered")
+            before = {k: count(k) for k in ("Error in control loop iteration: The actor", "its worker group was never shut down")}
+            earlier = controller_logs(cluster)
+
+            def kill_in_window():
+                # the worker node, as soon as the trial whose worker runs there is in the window
+                if not killed and any(node_of_group(cluster, g) == "node_b" for g in groups_in_start_window(cluster, earlier)):
+                    killed["at"] = time.time()
+                    cluster.kill_node("node_b")
+
+            started = time.time()
+            status, _ = run_job(cluster, faults._cv(prep, out), timeout_s=600, on_poll=kill_in_window)
+            after = {k: count(k) for k in before}
+            same = status == "SUCCEEDED" and pd.read_parquet(out / "cv" / "oof.parquet").equals(
+                pd.read_parquet(reference / "cv" / "oof.parquet"))
+            rows.append({"run": run, "status": status, "wall_s": round(time.time() - started, 1), "killed": bool(killed),
+                         "controller_met_actor_unavailable": (after["Error in control loop iteration: The actor"]
+                                                              > before["Error in control loop iteration: The actor"]),
+                         "placement_groups_removed_by_workaround":
+                             after["its worker group was never shut down"] - before["its worker group was never shut down"],
+                         "oof_equal": bool(same)})
+            print(f"[start window] {rows[-1]}", flush=True)
+            cluster._start_with_retries(cluster.nodes[1], head=False)
+    return {"runs": rows}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -190,26 +262,35 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON results")
     parser.add_argument("--plot", type=Path, help="PNG of the worker nodes over time")
     parser.add_argument("--images", type=int, default=26,
-                        help="synthetic images of the autoscaling run (with key point annotations: 20+ train the key point model)")
+                        help="synthetic images of the autoscaling run (with key point annotations: 20+ train the key point "
+                             "model); 0 skips the autoscaling run")
     parser.add_argument("--settle-s", type=float, default=240, help="how long to wait for idle nodes to go")
     parser.add_argument("--node-loss-repeats", type=int, default=3, help="0 skips the node-loss runs")
+    parser.add_argument("--start-window-kills", type=int, default=0,
+                        help="runs with the worker node killed while a trial starts on it (part 3)")
     args = parser.parse_args()
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
     with tempfile.TemporaryDirectory(prefix="twin-bench") as tmp:
-        result = {"load_before": load_before, "autoscaling": autoscaling_run(Path(tmp) / "auto", args.images, args.settle_s)}
-        print(json.dumps({k: v for k, v in result["autoscaling"].items() if k != "timeline"}, indent=1), flush=True)
+        result = {"load_before": load_before}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))  # kept if the node-loss part fails
-        if args.plot:
-            plot(result["autoscaling"], args.plot)
+        if args.images:
+            result["autoscaling"] = autoscaling_run(Path(tmp) / "auto", args.images, args.settle_s)
+            print(json.dumps({k: v for k, v in result["autoscaling"].items() if k != "timeline"}, indent=1), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))  # kept if the node-loss part fails
+            if args.plot:
+                plot(result["autoscaling"], args.plot)
         if args.node_loss_repeats:
             result["node_loss"] = node_loss_runs(Path(tmp) / "loss", args.node_loss_repeats)
+            args.out.write_text(json.dumps(result, indent=1))
+        if args.start_window_kills:
+            result["start_window_kills"] = start_window_kills(Path(tmp) / "window", args.start_window_kills)
     with open("/proc/loadavg") as f:
         result["load_after"] = f.read().split()[:3]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result.get("node_loss", {}), indent=1))
+    print(json.dumps({k: result[k] for k in ("node_loss", "start_window_kills") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

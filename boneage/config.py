@@ -45,9 +45,9 @@ class PreprocessConfig:
     # Data from fusing the CPU stages into the (few) actors, and on CPU torch uses what tasks leave idle.
     cpus_per_task: float = 1.0
     cpus_per_actor: float = 0.5
-    # Each parquet write of a scored block (boneage score). Small, so that a write fits beside the busy
-    # stages at once: at Ray Data's default (1 CPU) a 2-CPU node queued every scored block until scoring
-    # was over (1,300 rows scored, none written), and a crash lost them all.
+    # Each parquet write of a scored (boneage score) or registered (preparation) block. Small, so that a
+    # write fits beside the busy stages at once: at Ray Data's default (1 CPU) a 2-CPU node queued every
+    # scored block until scoring was over (1,300 rows scored, none written), and a crash lost them all.
     cpus_per_write: float = 0.1
 
 

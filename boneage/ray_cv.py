@@ -181,6 +181,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=cvc.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=[ray_env.ReleaseOrphanedPlacementGroups()],
         ),
     )
     result = trainer.fit()

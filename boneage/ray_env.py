@@ -8,6 +8,7 @@ import os
 
 import ray
 import torch
+from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
 
 from boneage.config import RayConfig
 from boneage.progress import interactive
@@ -75,6 +76,51 @@ def actor_device(use_gpu: bool, what: str) -> torch.device:
         print(f"[{what}] Ray assigned GPU {ray.get_gpu_ids()} but torch sees no CUDA device: running on the CPU",
               flush=True)
     return torch.device("cpu")
+
+
+class ReleaseOrphanedPlacementGroups(ControllerCallback, WorkerGroupCallback):
+    """Stands in for placement group cleanup that Ray Train V2 (ray 2.60, pinned) skips. When a worker's
+    node dies after its worker group counts as started but before the train function runs on it
+    (Train's own start-up callbacks, the launch), Train's start-up cleanup skips the group and the
+    controller never held it to shut down: its placement group outlives the run (one created by an
+    actor lives as long as the job), GCS reschedules it onto another node, and there it holds the CPU
+    or GPU that Tune's retry of the trial waits for, forever. One worker group runs at a time, so before
+    a group starts and when the controller ends, every placement group this controller created is over:
+    remove any that is still there. Ray's RunConfig takes internal callbacks for such workarounds."""
+
+    def before_worker_group_start(self, worker_group_context) -> None:
+        self._release()
+
+    async def before_controller_shutdown(self) -> None:
+        self._release()  # after the controller shut its worker group down (or failed to)
+
+    def before_controller_abort(self) -> None:
+        self._release()
+
+    @staticmethod
+    def _release() -> None:
+        log = logging.getLogger("boneage")
+        try:
+            for group in placement_groups_created_by(ray.get_runtime_context().get_actor_id()):
+                ray.util.remove_placement_group(group)
+                log.warning("removed placement group %s: its worker group was never shut down", group.id.hex())
+        except Exception as err:  # noqa: BLE001 - best effort, as Train's own cleaner
+            log.warning("could not look for orphaned placement groups: %s", err)
+
+
+def placement_groups_created_by(actor_id: str) -> list:
+    """The placement groups that the actor `actor_id` (hex) created and that are not removed. GCS
+    records each group's creator; Ray's public table leaves that field out, so this reads GCS's own."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    groups = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        data = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if data.creator_actor_id.hex() == actor_id and data.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+            groups.append(PlacementGroup(ray.PlacementGroupID(data.placement_group_id)))
+    return groups
 
 
 def torch_config():

@@ -99,6 +99,7 @@ def fit(inputs: np.ndarray, targets: np.ndarray, config: Config, out_uri: str) -
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=2),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per checkpoint
+            callbacks=[ray_env.ReleaseOrphanedPlacementGroups()],
         ),
     )
     result = trainer.fit()

@@ -130,7 +130,8 @@ def run_prepare(manifest: pd.DataFrame, out_uri: str, config: Config, keypoint_m
     path, filesystem = storage.arrow_location(out_uri, config.data.storage_options)
     # Replace, never append (Ray Data's default): a rerun on the same output, after a run cut off
     # mid-preprocessing or after a finished one, must leave each input's row exactly once.
-    ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.OVERWRITE)
+    ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.OVERWRITE,
+                     ray_remote_args={"num_cpus": config.preprocess.cpus_per_write})  # see PreprocessConfig
     return read_registered(out_uri, config.data.storage_options, with_images=False)
 
 

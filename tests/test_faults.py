@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -117,6 +118,21 @@ def _checkpointed_epoch(output: Path, trial: str) -> int | None:
 
 def _part(output: Path, trial: str) -> Path:
     return output / "cv" / "parts" / f"{trial}.parquet"
+
+
+def kill_worker_node_mid_cv(cluster: LocalCluster, output: Path, lost: dict) -> None:
+    """Polled during a CV job: once both trials (one per node) are under way with a registered
+    checkpoint, whichever of them trains on the worker node has one to resume from; then SIGKILL every
+    process of that node, once. `lost` gets each trial's checkpointed epoch and the time of the kill."""
+    worker_node = cluster.nodes[1]
+    if lost:
+        return
+    on_node = [p for p in cluster.node_processes(worker_node.name) if p.title.startswith("ray::RayTrainWorker")]
+    under_way = {t: e for t in TRIALS if (e := _checkpointed_epoch(output, t)) is not None
+                 and e < EPOCHS - 2 and not _part(output, t).exists()}
+    if on_node and len(under_way) == len(TRIALS):
+        lost.update(under_way, at_s=time.time())
+        cluster.kill_node(worker_node.name)
 
 
 def test_killed_preprocessing_worker_loses_no_row(cluster, data, reference):
@@ -217,12 +233,6 @@ def test_rerun_after_killed_driver_skips_finished_trials(cluster, data, referenc
                                   pd.read_parquet(reference / "cv" / "oof.parquet"), check_exact=True)
 
 
-# Not in the default run (pyproject.toml): it passes, but sometimes deadlocks. Ray Train V2's controller
-# can fail with "actor unavailable" when the node under its worker dies (a ControllerError, not a worker
-# failure); the trial is then retried by Tune, but the lost worker group's placement group is never
-# removed: GCS reschedules it onto the head, whose one CPU the retried trial then waits for forever.
-# Run it with: python -m pytest -m node_loss tests/test_faults.py (docs/benchmarks.md, issue #14).
-@pytest.mark.node_loss
 def test_a_lost_worker_node_costs_time_not_results(cluster, data, reference):
     """Every process of the worker node (its raylet, object store, Train workers, whatever Ray put
     there) is SIGKILLed mid-CV, as when a spot node is taken away. The trial drivers stay on the head
@@ -233,23 +243,9 @@ def test_a_lost_worker_node_costs_time_not_results(cluster, data, reference):
     shutil.copytree(reference / "registered", out / "registered")
     config = data["folder"] / "drivers-on-head.yaml"
     config.write_text(CV_CONFIG + "  driver_resources: {CPU: 0, node_a: 0.001}\n")
-    worker_node = cluster.nodes[1]
     lost = {}
-
-    def kill_the_worker_node():
-        if lost:
-            return
-        # Both trials (one per node) under way with a registered checkpoint: whichever of them trains on
-        # the worker node then has a checkpoint to resume from.
-        on_node = [p.pid for p in cluster.node_processes(worker_node.name) if p.title.startswith("ray::RayTrainWorker")]
-        under_way = {t: e for t in TRIALS if (e := _checkpointed_epoch(out, t)) is not None
-                     and e < EPOCHS - 2 and not _part(out, t).exists()}
-        if on_node and len(under_way) == len(TRIALS):
-            lost.update(under_way)
-            cluster.kill_node(worker_node.name)
-
     command = entrypoint("-m", "boneage.cli", "cv", "--config", str(config), "--output", str(out))
-    logs = _ok(run_job(cluster, command, timeout_s=900, on_poll=kill_the_worker_node))
+    logs = _ok(run_job(cluster, command, timeout_s=900, on_poll=lambda: kill_worker_node_mid_cv(cluster, out, lost)))
     assert lost, "no trial was caught training on the worker node: the test killed nothing"
     from ray.util.state import list_nodes
 
