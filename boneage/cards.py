@@ -115,6 +115,11 @@ def _fmt(value: Any, spec: str, unit: str = "") -> str:
     return "—" if value is None or pd.isna(value) else f"{value:{spec}}{unit}"
 
 
+def _flag_set(row: Mapping[str, Any], name: str) -> bool:
+    """A boolean column of a scoring row that is set (True, or 1 after a round trip through a table)."""
+    return row.get(name) is True or row.get(name) == 1
+
+
 def _input_panel(fig: Figure, source: Mapping[str, Any]) -> None:
     """The input as the key point model saw it (the whole image, 16x reduced) with the three key points
     the registration used, from `source` (a registered-table row: keypoint_input, <point>_x/_y in image
@@ -173,9 +178,9 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
     ]
     if not accepted:
         lines += [(f"  {reason}", 9, "#c0392b") for reason in str(row.get("reject_reason")).split(";")]
-    if row.get("sex_mismatch") is True or row.get("sex_mismatch") == 1:
+    if _flag_set(row, "sex_mismatch"):
         lines.append((f"sex {row.get('sex')} given, but P(male) {row.get('p_male'):.2f}: check", 9, "#b26b00"))
-    flags = [name for name in ("registration_doubtful", "mask_doubtful") if row.get(name) is True or row.get(name) == 1]
+    flags = [name for name in ("registration_doubtful", "mask_doubtful") if _flag_set(row, name)]
     lines.append((f"QA: {', '.join(flags) if flags else 'no flags'}", 8, "dimgray"))
     lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
     if row.get("bundle_sha256"):
