@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from boneage.bundle import load_bundle
-from boneage.ingest import build_manifest
+from boneage.data.ingest import build_manifest
 
 
 def main(run: str) -> int:

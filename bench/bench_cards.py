@@ -32,7 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from boneage import cards, cv, prepare, ray_env, ray_prepare, run, score
+from boneage.clinical import cards
+from boneage.validation import cv
+from boneage.registration import prepare
+from boneage.distributed import ray_env, ray_prepare
+from boneage import run, score
 from boneage.bundle import load_bundle
 from boneage.config import RayConfig
 

@@ -20,7 +20,7 @@ lost worker node costs.
    "after_worker_group_start callbacks completed" and "Train function launched" (the group counts as
    started, the train function is not running yet: ~2.5 s). Ray Train 2.60 then leaves the group's
    placement group behind and, without
-   `boneage.ray_env.ReleaseOrphanedPlacementGroups`, the retried trial waits for it forever. Reports per
+   `boneage.distributed.ray_env.ReleaseOrphanedPlacementGroups`, the retried trial waits for it forever. Reports per
    run: the job's outcome, whether the controller met the dead node as "actor unavailable", the
    placement groups the workaround removed, and whether the out-of-fold table equals an uninterrupted run's.
 
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import test_faults as faults  # noqa: E402
-from boneage import synth  # noqa: E402
+from boneage.data import synth  # noqa: E402
 from ray_cluster import AutoscalingLocalCluster, LocalCluster, entrypoint, local_twin, run_job  # noqa: E402
 
 # ":event_summary:Adding 1 node(s) of type gpu_worker." / ":event_summary:Removing 2 nodes of type cpu_worker (idle)."

@@ -48,8 +48,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_gpu_train import timed_rate  # noqa: E402  (this folder: python bench/bench_gpu_rsna.py)
-from boneage import train  # noqa: E402
-from boneage.models import model_kind  # noqa: E402
+from boneage.model import train  # noqa: E402
+from boneage.model.networks import model_kind  # noqa: E402
 
 TEST_FOLD = -1  # the locked test split's rows in the pack
 META = b"boneage_gpu_pack"
@@ -59,7 +59,7 @@ META = b"boneage_gpu_pack"
 
 
 def pack(run: Path, out: Path, quality: int) -> None:
-    from boneage import prepare
+    from boneage.registration import prepare
 
     folds = pd.read_parquet(run / "cv" / "folds.parquet")[["id", "male", "boneage", "fold"]]
     test = pd.read_csv(run / "test" / "split.csv", dtype={"id": str})[["id", "male", "boneage"]].assign(fold=TEST_FOLD)

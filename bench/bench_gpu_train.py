@@ -33,9 +33,9 @@ try:
 except ImportError:
     sys.exit("bench_gpu_train: needs torch (pip install torch)")
 try:
-    from boneage.augment import Augment, ZoneSampler, keypoint_sampler
-    from boneage.frame import FRAME_H, FRAME_W
-    from boneage.models import KeypointNet, model_kind
+    from boneage.model.augment import Augment, ZoneSampler, keypoint_sampler
+    from boneage.registration.frame import FRAME_H, FRAME_W
+    from boneage.model.networks import KeypointNet, model_kind
 except ImportError as e:  # boneage/{frame,models,augment}.py import torch and nothing else
     sys.exit(f"bench_gpu_train: cannot import boneage from {Path(__file__).resolve().parents[1]}: {e}")
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from boneage import keypoints_geometric, preprocess, register
+from boneage.registration import keypoints_geometric, preprocess, register
 from boneage.errors import ItemError
 
 DATA = "/work/shared/data/rsna-dev"

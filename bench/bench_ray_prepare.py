@@ -4,7 +4,7 @@ and the peak memory of a worker process, on the same images in one run.
     .venv/bin/python bench/bench_ray_prepare.py --images ../shared/data/rsna-dev/images --n 200 --cpus 1 2
 
 For each CPU count: a fresh local Ray with that many CPUs, the registration stage of the pipeline
-(boneage.ray_prepare, geometric key points) over the first N images, timed from the first task to the
+(boneage.distributed.ray_prepare, geometric key points) over the first N images, timed from the first task to the
 last row (Ray start-up excluded); workers report their peak RSS. Prints images/s and the speed-up.
 """
 
@@ -17,9 +17,9 @@ import time
 import pandas as pd
 import ray
 
-from boneage import ray_prepare
+from boneage.distributed import ray_prepare
 from boneage.config import load_config
-from boneage.ingest import build_manifest
+from boneage.data.ingest import build_manifest
 
 
 def _with_peak_rss(batch: pd.DataFrame) -> pd.DataFrame:

@@ -4,7 +4,7 @@ images measured in the same run.
 
     python bench/bench_score.py ../shared/data/rsna-dev/images runs/rsna-dev-cv/bundle --n 64 --repeats 3
 
-Stages per image: read + decode (boneage.images), hand mask + contrast + geometric key points, key point
+Stages per image: read + decode (boneage.data.images), hand mask + contrast + geometric key points, key point
 model (batched), registration, zone crops + every fold model of the bundle + ensemble (batched).
 Then `boneage score` on Ray (local, all CPUs) over the same images, `--repeats` times. Prints JSON.
 """
@@ -22,8 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boneage import cv, prepare, ray_env, run, score, storage, train, weights
-from boneage.images import image_id, read_image
+from boneage.validation import cv
+from boneage.registration import prepare
+from boneage.distributed import ray_env
+from boneage import run, score
+from boneage.data import storage
+from boneage.model import train, weights
+from boneage.data.images import image_id, read_image
 from boneage.bundle import load_bundle
 from boneage.config import RayConfig
 

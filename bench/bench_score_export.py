@@ -6,11 +6,11 @@
 Writes a temporary export of `--n` files: nested patient/study folders whose file names collide
 (`IM0001` in every study), PNG 8-bit and 16-bit, JPEG, DICOM uncompressed, RLE, JPEG-LS and JPEG 2000,
 extension-less DICOM, and ~5% broken files (empty, truncated, text). The images are synthetic hand
-radiographs (boneage.synth) at 512x384. It then scores the export `--runs` times with a small untrained
+radiographs (boneage.data.synth) at 512x384. It then scores the export `--runs` times with a small untrained
 bundle (tests/tiny_bundle.py: two kinds, two folds, geometric key points: the model maths is not what is
 measured here), each run afresh into a new folder of parts, each run the real command (`python -m
 boneage.cli score`, its own local Ray) in a subprocess, and reports: rows against files, error rows by
-code, end-to-end images/s (median over runs), and in the same run the decode-only rate of boneage.images
+code, end-to-end images/s (median over runs), and in the same run the decode-only rate of boneage.data.images
 (one process) and of plain PIL on the PNGs, with the ratio; the driver's peak memory (its VmHWM) and the
 Ray workers' (every `ray::` process under the driver, sampled from /proc every 0.5 s).
 
@@ -44,9 +44,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from boneage import ray_score, synth  # noqa: E402
+from boneage.distributed import ray_score  # noqa: E402
+from boneage.data import synth
 from boneage.errors import error_code  # noqa: E402
-from boneage.images import list_images, read_image  # noqa: E402
+from boneage.data.images import list_images, read_image  # noqa: E402
 
 KINDS = ("png8", "png16", "jpeg", "dicom", "dicom_rle", "dicom_jpegls", "dicom_j2k", "dicom_noext")
 
@@ -392,7 +393,7 @@ def main() -> None:
                             if p.is_file() and str(p) not in listed)
         write_tiny_bundle(str(tmp / "bundle"))
         print(f"export of {len(files)} files written in {time.perf_counter() - started:.0f} s", flush=True)
-        # Decode only, one process: boneage.images on every file, plain PIL on the PNGs.
+        # Decode only, one process: boneage.data.images on every file, plain PIL on the PNGs.
         started = time.perf_counter()
         for uri in files:
             try:

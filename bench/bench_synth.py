@@ -16,7 +16,7 @@ import statistics
 import tempfile
 import time
 
-from boneage import synth
+from boneage.data import synth
 
 
 def main() -> None:

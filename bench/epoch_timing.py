@@ -1,6 +1,6 @@
 """Single-thread per-epoch timing of one zone model's training on the embedded bank (bench only).
 
-For each (input_scale, width_mult, kind): the pooled bank is built once (as boneage.augment now does
+For each (input_scale, width_mult, kind): the pooled bank is built once (as boneage.model.augment now does
 per trial: its seconds are reported apart), then `--epochs` epochs of training steps (~72 images of one
 sex, batch 16, full batches only, as a CV trial's fit split) are timed; the per-epoch median is reported,
 plus predicting one scored fold (~36 images). Each is measured as wall seconds and as the process's CPU
@@ -35,9 +35,10 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    from boneage import augment, cv
-    from boneage.models import model_kind, to_scaled
-    from boneage.train import predict
+    from boneage.model import augment
+    from boneage.validation import cv
+    from boneage.model.networks import model_kind, to_scaled
+    from boneage.model.train import predict
 
     folds = pd.read_parquet(a.folds)
     test = set(pd.read_csv(a.split)["id"].astype(str))

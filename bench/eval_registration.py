@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
-from boneage import frame, keypoints_geometric, preprocess, register
+from boneage.registration import frame, keypoints_geometric, preprocess, register
 
 DATA = "/work/shared/data/rsna-dev"
 

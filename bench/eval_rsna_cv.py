@@ -26,12 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from boneage import cv, prepare, ray_env, run
-from boneage.images import read_image
+from boneage.validation import cv
+from boneage.registration import prepare
+from boneage.distributed import ray_env
+from boneage import run
+from boneage.data.images import read_image
 from boneage.config import load_config
 from boneage.errors import STATUS_OK
-from boneage.frame import STORE_H, STORE_W
-from boneage.ray_prepare import REGISTERED_SCHEMA, read_registered
+from boneage.registration.frame import STORE_H, STORE_W
+from boneage.distributed.ray_prepare import REGISTERED_SCHEMA, read_registered
 
 
 def letterbox(image: np.ndarray) -> np.ndarray:

@@ -14,8 +14,9 @@ import argparse
 
 import numpy as np
 
-from boneage import labels, register, storage
-from boneage.ray_prepare import read_registered
+from boneage.data import labels, storage
+from boneage.registration import register
+from boneage.distributed.ray_prepare import read_registered
 
 
 def main() -> None:

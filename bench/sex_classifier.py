@@ -1,7 +1,7 @@
 """The sex classifier on a finished run (rsna-dev): its out-of-fold ROC AUC and accuracy, and the bone age
 MAE on the run's locked test split with the predicted sex vs the true sex vs the mean of both sexes.
 
-1. Cross-validation, without Ray, as boneage.ray_cv's training loop does for a sex trial: for each fold
+1. Cross-validation, without Ray, as boneage.distributed.ray_cv's training loop does for a sex trial: for each fold
    of OUTPUT/cv/folds.parquet, the sex kind is trained on both sexes of the other folds (the epoch chosen
    on cv.inner_split's selection split, or the last of a fixed schedule, per the run's cv settings) and
    predicts P(male) of the scored fold once. The run's cv settings (OUTPUT/config.yaml) apply, with
@@ -32,11 +32,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from boneage import cv, metrics, score
+from boneage.validation import cv, metrics
+from boneage import score
 from boneage.bundle import load_bundle
 from boneage.config import load_config
-from boneage.models import model_kind
-from boneage.train import fit_sex_model, predict_p_male
+from boneage.model.networks import model_kind
+from boneage.model.train import fit_sex_model, predict_p_male
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from boneage import metrics, score
+from boneage.validation import metrics
+from boneage import score
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Tune the zone models' CV settings of the embedded default run (synthetic radiographs, CPU).
 
-Runs CV trials exactly as boneage.ray_cv's training loop does, without Ray: for one (kind, sex, fold),
+Runs CV trials exactly as boneage.distributed.ray_cv's training loop does, without Ray: for one (kind, sex, fold),
 read that sex's registered images, train on the other folds (with the epoch chosen on
 cv.inner_split's selection split, or on a fixed schedule when inner_val_fraction is 0), predict the
 scored fold once. The scored fold never chooses anything. Each trial runs on one torch thread, two
@@ -18,7 +18,7 @@ machine load.
 --trials: "subset" (A-reg, B-reg, B-cls, C-reg x F, M x fold 0: 8 trials), "subset2" (the same
 kinds on folds 0 and 1: 16 trials), "cls" (the three classification kinds x F, M x folds 0, 1: 12
 trials) or "full" (all 36). On "full" the table adds the per-sex median
-baseline and the honest LAD / NNLS ensembles (boneage.ensemble: per sex, weights fit on two folds'
+baseline and the honest LAD / NNLS ensembles (boneage.validation.ensemble: per sex, weights fit on two folds'
 out-of-fold predictions, scored on the third, rotated).
 """
 
@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# Settings: CVConfig overrides; "augment" (bench only) overrides boneage.augment.Augment's fields;
-# (Rounds 1-2 ran before boneage.augment pooled each bank once: every batch pooled its full images.)
-# Round 3 (after the pooling fix): every trial clears boneage.augment's pooled-bank cache first, so its
+# Settings: CVConfig overrides; "augment" (bench only) overrides boneage.model.augment.Augment's fields;
+# (Rounds 1-2 ran before boneage.model.augment pooled each bank once: every batch pooled its full images.)
+# Round 3 (after the pooling fix): every trial clears boneage.model.augment's pooled-bank cache first, so its
 # seconds include pooling its bank once, as a pipeline trial (which decodes its own bank) pays it.
 _R3 = {"input_scale": 0.125, "inner_val_fraction": 0.0}
 SETTINGS: dict[str, dict] = {
@@ -100,7 +100,7 @@ def parse_setting(text: str) -> tuple[str, dict]:
 
 
 def trial_list(which: str):
-    from boneage import cv
+    from boneage.validation import cv
 
     if which == "subset":
         return [cv.Trial(k, s, 0) for k in SUBSET_KINDS for s in ("F", "M")]
@@ -128,7 +128,7 @@ def _init(registered: str, folds_path: str, split_path: str, threads: int):
 def _sex_data(male: bool):
     """(rows, bank, ages, fold, decode seconds) of one sex: decoded once per worker; the decode time
     is added to every trial's seconds (the pipeline decodes per trial)."""
-    from boneage import cv
+    from boneage.validation import cv
 
     if male not in _CACHE:
         folds = pd.read_parquet(_CACHE["folds_path"])
@@ -142,11 +142,11 @@ def _sex_data(male: bool):
 
 
 def run_trial(job: tuple) -> dict:
-    from boneage import cv
-    from boneage.augment import Augment
+    from boneage.validation import cv
+    from boneage.model.augment import Augment
     from boneage.config import CVConfig
-    from boneage.models import model_kind
-    from boneage.train import fit_zone_model, predict
+    from boneage.model.networks import model_kind
+    from boneage.model.train import fit_zone_model, predict
 
     setting, overrides, trial_name, seed, watch = job
     trial = cv.parse_trial(trial_name)
@@ -155,7 +155,7 @@ def run_trial(job: tuple) -> dict:
     overrides.pop("pooled_cache", None)  # rounds 1-2's bench-only switch: boneage pools once now
     cvc = dataclasses.replace(CVConfig(), **overrides)
     rows, bank, ages, fold, decode_s = _sex_data(trial.male)
-    from boneage import augment as _augment
+    from boneage.model import augment as _augment
     _augment._POOLED.clear()  # each trial pools its own bank once, as in the pipeline
     t0 = time.perf_counter()
     cfg = cv.train_config(cvc, trial, seed)
@@ -202,8 +202,8 @@ def oof_frame(folds: pd.DataFrame, results: list[dict], kinds) -> pd.DataFrame:
 
 def gd_candidates(n: int = 12, seed: int = 0) -> list[dict]:
     """The Ray Tune ensemble's first (default) config plus n-1 draws from its search space, without Ray
-    (the same distributions as boneage.ray_ensemble.search_space)."""
-    from boneage.ray_ensemble import DEFAULT_CONFIG
+    (the same distributions as boneage.distributed.ray_ensemble.search_space)."""
+    from boneage.distributed.ray_ensemble import DEFAULT_CONFIG
 
     rng = np.random.default_rng(seed)
     out = [dict(DEFAULT_CONFIG)]
@@ -219,9 +219,9 @@ def gd_candidates(n: int = 12, seed: int = 0) -> list[dict]:
 def gd_ensembles(oof: pd.DataFrame, kinds, extra: dict, setting: str) -> dict:
     """The gradient fit the Tune ensemble ships: its default config cross-validated (ens_gd), and a
     12-config random search chosen per outer fold by inner CV (ens_gd_nested: what ray_ensemble's
-    nested cv_mae computes), both honest (boneage.ensemble.cross_validated / nested_cross_validated)."""
-    from boneage import ensemble
-    from boneage.ray_ensemble import gd_fit
+    nested cv_mae computes), both honest (boneage.validation.ensemble.cross_validated / nested_cross_validated)."""
+    from boneage.validation import ensemble
+    from boneage.distributed.ray_ensemble import gd_fit
 
     oof = oof.reset_index(drop=True)
     y = oof["boneage"].to_numpy(float)
@@ -239,7 +239,7 @@ def gd_ensembles(oof: pd.DataFrame, kinds, extra: dict, setting: str) -> dict:
 
 def summarise(folds, results: list[dict], settings: list[str], full: bool, ref: str = "default"
               ) -> tuple[pd.DataFrame, dict]:
-    from boneage import cv, ensemble
+    from boneage.validation import cv, ensemble
 
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("ids", "pred", "watch_mae")} for r in results])
     base = df[df.setting == ref].set_index("trial")["seconds"]

@@ -10,7 +10,7 @@
 The manifest is written last and lists every file with its size and SHA-256: a bundle without a
 manifest is incomplete (a run cut off while writing it), and one whose files do not match is damaged.
 Every file is checked against it before anything is loaded, the key point model included (the scoring
-actors check it again when they load it). Weights are safetensors (boneage.weights): loading a bundle
+actors check it again when they load it). Weights are safetensors (boneage.model.weights): loading a bundle
 never unpickles anything, so a bundle from elsewhere cannot run code. A bundle of another format
 version (1: pickled .pt weights), or cut with other zones than this code's, is refused.
 """
@@ -29,7 +29,9 @@ import fsspec
 import yaml
 
 import boneage
-from boneage import frame, storage, weights
+from boneage.registration import frame
+from boneage.data import storage
+from boneage.model import weights
 from boneage.errors import UserError
 
 BUNDLE_FORMAT = "boneage-bundle"

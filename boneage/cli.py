@@ -97,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from boneage import synth
+    from boneage.data import synth
 
     paths = synth.write_dataset(args.n, args.out, seed=args.seed, size=args.size, workers=args.workers,
                                 masks=args.masks)
@@ -107,7 +107,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from boneage import ray_env, run
+    from boneage.distributed import ray_env
+    from boneage import run
 
     config = config_from_args(args)
     run.check_config(config, need_labels=False)  # registering needs no labels
@@ -119,7 +120,8 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
-    from boneage import ray_env, run
+    from boneage.distributed import ray_env
+    from boneage import run
 
     config = config_from_args(args)
     run.check_config(config, need_data=False)
@@ -131,7 +133,8 @@ def _cv(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from boneage import bundle, ray_env, run
+    from boneage import bundle, run
+    from boneage.distributed import ray_env
     from boneage.config import RayConfig
 
     bundle.read_manifest(args.bundle, args.storage_options)  # a wrong --bundle fails before Ray starts

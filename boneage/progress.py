@@ -1,7 +1,7 @@
 """What a run prints: a header per stage and a progress bar per long stage, in our words.
 
 A bar on a terminal (tqdm); plain lines where there is none (`ray job logs`, CI, a file), so that a
-submitted job tells the same story. Ray's own INFO lines are off unless `--verbose` (boneage.ray_env).
+submitted job tells the same story. Ray's own INFO lines are off unless `--verbose` (boneage.distributed.ray_env).
 """
 
 from __future__ import annotations

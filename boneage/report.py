@@ -28,7 +28,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from boneage import ensemble, gate, metrics, prepare, storage
+from boneage.validation import ensemble, metrics
+from boneage.clinical import gate
+from boneage.registration import prepare
+from boneage.data import storage
 
 SEX_COLOURS = {"F": "#d6604d", "M": "#4393c3"}
 THUMB_WIDTH = 200  # px of a worst case's registered image in the report (the image is 800 wide)
@@ -187,7 +190,7 @@ def plot_gate_effect(sets: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarra
 
 def plot_mae_by_band(table: pd.DataFrame, names: Sequence[str]) -> bytes:
     """Grouped bars: MAE per age band (and overall) for the named rows of a mae_table."""
-    groups = ["all", *[label for label, _, _ in ensemble.AGE_BANDS]]
+    groups = ["all", *[label for label, _, _ in metrics.AGE_BANDS]]
     fig = Figure(figsize=(10, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     rows = table.set_index("model")
@@ -310,7 +313,7 @@ def _test_section(test: Mapping[str, Any] | None, png: str | None) -> str:
 
 
 def _mae_section(table: pd.DataFrame, png: str) -> str:
-    groups = ["all", "F", "M", *[label for label, _, _ in ensemble.AGE_BANDS]]
+    groups = ["all", "F", "M", *[label for label, _, _ in metrics.AGE_BANDS]]
     head = "".join(f"<th>{_e(g)}<br><span class='meta'>n={int(table[f'n_{g}'].max())}</span></th>" for g in groups)
     best = {g: table.loc[table["role"] != "baseline", f"mae_{g}"].min() for g in groups}
     body = []

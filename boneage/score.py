@@ -1,5 +1,5 @@
 """Scoring registered images with a bundle, without Ray: every fold model of every kind, the ensemble,
-and the table's columns. boneage.ray_score runs it over a folder on Ray Data.
+and the table's columns. boneage.distributed.ray_score runs it over a folder on Ray Data.
 
 For an image of known sex, each kind's prediction is the mean of that sex's k fold models, and the
 bone age is the bundle's ensemble of those means. Its uncertainty is the spread of the k fold-wise
@@ -22,9 +22,11 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from boneage import clinical, cv, ensemble, gate, metrics, train
+from boneage.clinical import columns, gate
+from boneage.validation import cv, ensemble, metrics
+from boneage.model import train
 from boneage.bundle import Bundle, BundleError
-from boneage.models import model_kind
+from boneage.model.networks import model_kind
 
 SEX_SOURCES = ("csv", "dicom", "predicted", "unknown")
 
@@ -35,15 +37,15 @@ OUTPUT_COLUMNS = (
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
     "format", "height", "width", "mirrored", "transform",
-    *clinical.COLUMNS,  # bone age SDS and the rejection gate (boneage.clinical)
+    *columns.COLUMNS,  # bone age SDS and the rejection gate (boneage.clinical.columns)
 )
-# Added by boneage.ray_score to every row: which bundle scored it, and when (a resumed output mixes
+# Added by boneage.distributed.ray_score to every row: which bundle scored it, and when (a resumed output mixes
 # runs); the table's parquet metadata holds the rest (PROVENANCE_KEY).
 PROVENANCE_COLUMNS = ("bundle_sha256", "scored_at")
 PROVENANCE_KEY = b"boneage"
 # Only with --keep-dicom-uids: identifiers, which link a row back to the patient's study.
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-CARD_COLUMNS = ("card", "card_error")  # only with --cards (boneage.cards)
+CARD_COLUMNS = ("card", "card_error")  # only with --cards (boneage.clinical.cards)
 
 _TYPES = {"sex_unknown": pa.bool_(), "sex_mismatch": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
           "accepted": pa.bool_(),
@@ -67,7 +69,7 @@ class BundleModels:
         self.device = torch.device(device)
         self.kinds = bundle.kinds
         self.record = ensemble_record(bundle)
-        self.gate = gate.calibration_of(bundle.training)  # the rejection gate's thresholds (boneage.gate)
+        self.gate = gate.calibration_of(bundle.training)  # the rejection gate's thresholds (boneage.clinical.gate)
         self.sex_kind = bundle.manifest.get("sex_kind")  # the sex classifier's kind; None: the bundle has none
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
         for (kind, sex), states in bundle.models.items():
@@ -236,7 +238,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     for column in ("registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
                    "format", "height", "width", "mirrored", "transform"):
         out[column] = rows[column] if column in rows else None
-    out = clinical.add_columns(out, models.kinds, models.gate)
+    out = columns.add_columns(out, models.kinds, models.gate)
     return out[list(OUTPUT_COLUMNS) + list(models.kinds)]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from boneage import synth
+from boneage.data import synth
 
 TILE = (300, 400)  # width, height of one thumbnail
 

@@ -62,7 +62,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory):
     """A few small synthetic radiographs with labels and key points, written once per session."""
-    from boneage import synth
+    from boneage.data import synth
 
     folder = tmp_path_factory.mktemp("synthetic")
     paths = synth.write_dataset(6, folder, seed=7, size=(512, 384), progress=False)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from boneage.augment import NO_AUGMENT, Augment, ZoneSampler, keypoint_sampler, points_to_output
-from boneage.frame import FRAME_H, FRAME_W
-from boneage.models import model_kind
+from boneage.model.augment import NO_AUGMENT, Augment, ZoneSampler, keypoint_sampler, points_to_output
+from boneage.registration.frame import FRAME_H, FRAME_W
+from boneage.model.networks import model_kind
 
 
 def bank_with_square(cx, cy, half, res=(1040, 800), n=1):
@@ -88,8 +88,8 @@ def test_pooling_once_per_bank_cuts_the_same_crops_as_pooling_every_batch():
 
     import torch.nn.functional as F
 
-    from boneage import augment
-    from boneage.models import model_kind
+    from boneage.model import augment
+    from boneage.model.networks import model_kind
 
     bank = torch.randint(0, 255, (12, 1, 1040, 800), dtype=torch.uint8)
     idx = torch.tensor([3, 1, 7, 11])

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boneage import synth
+from boneage.data import synth
 
 from ray_cluster import AutoscalingLocalCluster, _alive, entrypoint, local_twin, run_job
 

@@ -11,7 +11,8 @@ from io import BytesIO
 import pytest
 import torch
 
-from boneage import bundle, weights
+from boneage import bundle
+from boneage.model import weights
 from boneage.bundle import BundleError, load_bundle
 
 from tiny_bundle import FOLDS, KINDS, fold_state, write_tiny_bundle

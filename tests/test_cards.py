@@ -8,10 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from boneage import cards, frame, prepare, score, train
-from boneage.augment import ZoneSampler
+from boneage.clinical import cards
+from boneage.registration import frame, prepare
+from boneage import score
+from boneage.model import train
+from boneage.model.augment import ZoneSampler
 from boneage.bundle import load_bundle
-from boneage.models import model_kind
+from boneage.model.networks import model_kind
 
 from tiny_bundle import write_tiny_bundle
 

@@ -91,7 +91,8 @@ def test_local_paths_are_resolved_against_the_working_directory(tmp_path, monkey
 
 
 def test_the_locked_test_split_is_stratified_fixed_and_kept(tmp_path):
-    from boneage import run, synth
+    from boneage import run
+    from boneage.data import synth
     from boneage.config import load_config
 
     data = synth.write_dataset(60, tmp_path / "synthetic", seed=2, size=(128, 96), progress=False)
@@ -138,7 +139,7 @@ def test_bad_config_key_is_a_message(tmp_path, capsys):
 def test_more_folds_than_images_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
     """k larger than a sex's labelled images is the user's setting: exit status 2 and one line naming
     it, found from the registered table before Ray starts or anything is trained."""
-    from boneage import ray_env
+    from boneage.distributed import ray_env
 
     def no_ray(*args, **kwargs):  # whether or not this test session has a Ray up already
         raise AssertionError("boneage cv started Ray before checking its folds")

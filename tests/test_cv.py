@@ -1,4 +1,4 @@
-"""boneage.cv without Ray: folds, trials, the bank, the out-of-fold tables."""
+"""boneage.validation.cv without Ray: folds, trials, the bank, the out-of-fold tables."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from boneage import cv, prepare
+from boneage.validation import cv
+from boneage.registration import prepare
 from boneage.config import CVConfig, load_config
 from boneage.errors import UserError
-from boneage.frame import STORE_H, STORE_W
+from boneage.registration.frame import STORE_H, STORE_W
 
 
 def _table(n_f=53, n_m=61, seed=0) -> pd.DataFrame:

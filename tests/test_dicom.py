@@ -1,4 +1,4 @@
-"""boneage.dicom: every common transfer syntax decodes to the same image as the uncompressed file, and
+"""boneage.data.dicom: every common transfer syntax decodes to the same image as the uncompressed file, and
 a compression without an installed decoder is a `missing_codec` row that names the extra to install."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boneage import dicom, images
+from boneage.data import dicom, images
 
 from conftest import FIXTURES
 
@@ -92,7 +92,7 @@ def test_a_missing_decoder_is_missing_codec_naming_the_extra():
     script = ("from pydicom.pixels import get_decoder\nfrom pydicom.uid import JPEGLosslessSV1\n"
               "get_decoder(JPEGLosslessSV1).remove_plugin('pylibjpeg')\n"
               "from pathlib import Path\n"
-              "from boneage.errors import ItemError\nfrom boneage.images import decode_image\n"
+              "from boneage.errors import ItemError\nfrom boneage.data.images import decode_image\n"
               f"data = Path({str(DICOM_FIXTURES / 'jpeg_lossless_sv1.dcm')!r}).read_bytes()\n"
               "try:\n    decode_image(data, 'IM0001')\nexcept ItemError as e:\n    print(e)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

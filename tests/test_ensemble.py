@@ -1,4 +1,4 @@
-"""boneage.ensemble (the per-sex linear ensemble, no Ray) and boneage.ray_ensemble (its Tune fit)."""
+"""boneage.validation.ensemble (the per-sex linear ensemble, no Ray) and boneage.distributed.ray_ensemble (its Tune fit)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boneage import ensemble
+from boneage.validation import ensemble, metrics
 
 KINDS = ["A-reg", "A-cls", "B-reg", "B-cls"]
 
@@ -152,7 +152,7 @@ def test_mae_table_has_every_model_and_group_with_counts():
     _, lad = ensemble.fit_ensemble(oof, KINDS, "lad")
     table = ensemble.mae_table(oof, KINDS, {"lad": lad}).set_index("model")
     assert list(table.index) == [*KINDS, "lad", "per-sex median"]
-    bands = [label for label, _, _ in ensemble.AGE_BANDS]
+    bands = [label for label, _, _ in metrics.AGE_BANDS]
     assert sum(table.loc["lad", f"n_{b}"] for b in bands) == table.loc["lad", "n_all"] == len(oof)
     assert table.loc["lad", "n_F"] + table.loc["lad", "n_M"] == len(oof)
     assert table.loc["lad", "mae_all"] < table.loc["per-sex median", "mae_all"]
@@ -161,7 +161,7 @@ def test_mae_table_has_every_model_and_group_with_counts():
 
 
 def test_tune_fit_is_close_to_lad_with_non_negative_weights(ray_local, tmp_path):
-    from boneage import ray_ensemble
+    from boneage.distributed import ray_ensemble
 
     oof = synthetic_oof(n_per_sex=50, seed=11)
     lad, _ = ensemble.fit_ensemble(oof, KINDS, "lad")

@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from boneage import synth
-from boneage.ray_prepare import read_registered
+from boneage.data import synth
+from boneage.distributed.ray_prepare import read_registered
 
 from ray_cluster import LocalCluster, entrypoint, run_job
 

@@ -8,7 +8,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from boneage import clinical, gate, prepare, score
+from boneage.clinical import columns, gate
+from boneage.registration import prepare
+from boneage import score
 from boneage.bundle import load_bundle
 
 from tiny_bundle import KINDS, write_tiny_bundle
@@ -89,10 +91,10 @@ def test_scoring_rows_get_sds_and_gate(models, synthetic_small, tmp_path):
         models.gate = {}
     assert out.reject_reason.tolist() == ["outside_label_range", "outside_label_range",
                                           "registration_doubtful;outside_label_range"]
-    assert clinical.summary(out)["rejected_by_reason"] == {"outside_label_range": 3, "registration_doubtful": 1}
+    assert columns.summary(out)["rejected_by_reason"] == {"outside_label_range": 3, "registration_doubtful": 1}
     # The parquet names the scale.
     import pyarrow as pa
-    pq.write_table(clinical.with_metadata(pa.Table.from_pandas(out)), tmp_path / "t.parquet")
+    pq.write_table(columns.with_metadata(pa.Table.from_pandas(out)), tmp_path / "t.parquet")
     meta = pq.read_schema(tmp_path / "t.parquet").metadata
     assert b"Greulich-Pyle" in meta[b"boneage.sds"]
 

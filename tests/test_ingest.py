@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from boneage.errors import error_code
-from boneage.ingest import MANIFEST_COLUMNS, UID_COLUMNS, build_manifest
+from boneage.data.ingest import MANIFEST_COLUMNS, UID_COLUMNS, build_manifest
 
 from conftest import REAL_DIR
 from test_io import dicom_bytes, hand_like

@@ -1,5 +1,5 @@
-"""Reading inputs: boneage.images (listing, ids, decoding), boneage.dicom, boneage.labels (labels, key
-points) and boneage.storage (writing), locally and on S3 (moto server)."""
+"""Reading inputs: boneage.data.images (listing, ids, decoding), boneage.data.dicom, boneage.data.labels (labels, key
+points) and boneage.data.storage (writing), locally and on S3 (moto server)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from boneage import images, labels, storage
+from boneage.data import images, labels, storage
 from boneage.errors import ItemError
-from boneage.frame import KEYPOINT_NAMES
+from boneage.registration.frame import KEYPOINT_NAMES
 
 REAL_DIR = Path(__file__).parent / "fixtures" / "real"  # see README.md there
 

@@ -1,9 +1,9 @@
-"""boneage.metrics: the accuracy figures the report, training.json and the bundle carry."""
+"""boneage.validation.metrics: the accuracy figures the report, training.json and the bundle carry."""
 
 import numpy as np
 import pytest
 
-from boneage import metrics
+from boneage.validation import metrics
 
 
 def test_accuracy_by_hand():
@@ -46,7 +46,7 @@ def test_accuracy_report_groups_by_sex_and_age_band():
 
 
 def test_roc_auc_and_sex_accuracy_by_hand():
-    from boneage.metrics import roc_auc, sex_accuracy, sex_report
+    from boneage.validation.metrics import roc_auc, sex_accuracy, sex_report
 
     # positives 0.35, 0.8 against negatives 0.1, 0.4: 3 of the 4 pairs ordered right
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75

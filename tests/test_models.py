@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from boneage.frame import ZONES
-from boneage.models import (
+from boneage.registration.frame import ZONES
+from boneage.model.networks import (
     MODEL_KINDS, N_CLASSES, SEX_KINDS, KeypointNet, ZoneNet, build_from_spec, model_kind, to_months, to_scaled,
 )
 

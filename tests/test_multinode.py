@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import s3fs
 
-from boneage import storage, synth
+from boneage.data import storage, synth
 
 from ray_cluster import LocalCluster, entrypoint, run_job
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 from scipy import ndimage as ndi
 
-from boneage import keypoints_geometric, preprocess, register
+from boneage.registration import keypoints_geometric, preprocess, register
 from boneage.errors import ItemError
 from tests.conftest import REAL_DIR
 
@@ -194,7 +194,7 @@ def test_real_radiograph_invariants(row):
 
 
 def test_on_synthetic_radiographs_if_available():
-    synth = pytest.importorskip("boneage.synth")
+    synth = pytest.importorskip("boneage.data.synth")
     ok = 0
     for seed in range(6):
         case = synth.render_case(seed, size=(512, 380))

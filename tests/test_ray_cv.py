@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from boneage import cv, run, synth
+from boneage.validation import cv
+from boneage import run
+from boneage.data import synth
 from boneage.config import load_config
-from boneage.train import model_from_state
+from boneage.model.train import model_from_state
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +143,7 @@ def test_the_scored_folds_labels_choose_nothing(registered_30, tmp_path):
 def test_an_error_every_trial_would_meet_stops_the_cv_with_one_message(registered_30, tmp_path):
     import shutil
 
-    from boneage.ray_cv import CVFailed
+    from boneage.distributed.ray_cv import CVFailed
 
     output = str(tmp_path / "run")
     shutil.copytree(f"{registered_30}/registered", f"{output}/registered")
@@ -156,7 +158,7 @@ def test_an_error_every_trial_would_meet_stops_the_cv_with_one_message(registere
 
 
 def test_train_device_is_the_cpu_where_torch_has_no_cuda(ray_local):
-    from boneage import ray_env
+    from boneage.distributed import ray_env
 
     @ray_local.remote(num_cpus=0)
     def device_in_a_worker():
@@ -173,7 +175,7 @@ def test_a_worker_group_that_did_not_shut_down_leaves_no_placement_group(ray_loc
 
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from boneage import ray_env
+    from boneage.distributed import ray_env
 
     @ray_local.remote(num_cpus=0)
     class Controller:  # in Train, the controller actor creates its worker groups' placement groups

@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from boneage import prepare, run, storage, synth, weights
+from boneage.registration import prepare
+from boneage import run
+from boneage.data import storage, synth
+from boneage.model import weights
 from boneage.config import load_config
-from boneage.ingest import build_manifest
+from boneage.data.ingest import build_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +45,7 @@ def test_train_then_register_with_the_model(tmp_path, ray_local, synthetic_30, l
     checkpoints = list((tmp_path / "run" / "train" / "keypoints").glob("checkpoint_*"))
     assert bool(checkpoints) == (local_train is False)
 
-    from boneage.ray_prepare import run_prepare
+    from boneage.distributed.ray_prepare import run_prepare
 
     table = run_prepare(manifest, str(tmp_path / "run" / "registered"), config, model_uri)
     assert len(table) == 30 and (table.status == "ok").all()
@@ -63,7 +66,7 @@ def test_training_set_uses_annotations_and_confident_pseudo_labels():
         {"id": "d", "status": "error", "width": None, "height": None, "keypoint_input": None, "keypoint_confidence": None,
          **{c: None for c in prepare.KEYPOINT_COLUMNS}},
     ])
-    from boneage.ray_keypoints import training_set
+    from boneage.distributed.ray_keypoints import training_set
 
     annotation = np.array([[50.0, 20.0], [50.0, 150.0], [90.0, 100.0]])
     inputs, targets, is_annotation = training_set(analysed, {"a": annotation}, min_confidence=0.8)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import s3fs
 
-from boneage import frame, prepare, run, storage
+from boneage.registration import frame, prepare
+from boneage import run
+from boneage.data import storage
 from boneage.config import load_config
 from boneage.errors import error_code
-from boneage.ray_prepare import read_registered
+from boneage.distributed.ray_prepare import read_registered
 
 from conftest import REAL_DIR
 

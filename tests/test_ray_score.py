@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from boneage import cli, score, storage
+from boneage import cli, score
+from boneage.data import storage
 from boneage.errors import error_code
 
 from conftest import REAL_DIR
@@ -96,7 +97,7 @@ def test_pacs_export_resumes_and_carries_provenance(tmp_path, ray_local, capsys)
     import hashlib
     import json
 
-    from boneage.ray_score import read_provenance
+    from boneage.distributed.ray_score import read_provenance
 
     export = tmp_path / "export"
     pixels = np.asarray(Image.open(REAL_DIR / "1675.png").convert("L"), np.uint16) * 16
@@ -215,8 +216,8 @@ def test_resume_into_s3_scores_only_the_files_without_a_row(tmp_path, ray_local,
     once, and every part carries the provenance of the run that wrote it."""
     import json
 
-    from boneage import storage
-    from boneage.ray_score import read_output, read_provenance
+    from boneage.data import storage
+    from boneage.distributed.ray_score import read_output, read_provenance
 
     options = s3_server["storage_options"]
     base = f"s3://{s3_server['bucket']}/score-resume"

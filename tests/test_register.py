@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from boneage import frame, register
+from boneage.registration import frame, register
 from boneage.errors import ItemError
 
 TIP, CAP = np.array(frame.FINGER_TIP_TARGET), np.array(frame.CAPITATE_TARGET)

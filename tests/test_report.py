@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from boneage import ensemble, gate, prepare, report
-from boneage.frame import STORE_H, STORE_W
+from boneage.validation import ensemble
+from boneage.clinical import gate
+from boneage.registration import prepare
+from boneage import report
+from boneage.registration.frame import STORE_H, STORE_W
 
 from test_ensemble import synthetic_oof
 

@@ -8,10 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from boneage import clinical, ensemble, prepare, score, train
-from boneage.labels import read_subjects
+from boneage.clinical import columns
+from boneage.validation import ensemble
+from boneage.registration import prepare
+from boneage import score
+from boneage.model import train
+from boneage.data.labels import read_subjects
 from boneage.bundle import load_bundle
-from boneage.models import model_kind
+from boneage.model.networks import model_kind
 
 from tiny_bundle import KINDS, WEIGHTS, write_tiny_bundle
 
@@ -147,8 +151,8 @@ def test_unknown_sex_is_scored_by_the_predicted_sex(models_with_sex, registered)
     assert not out.reject_reason[2:4].fillna("").str.contains("sex_unknown").any()
     # Row 1 is a girl by the CSV, the classifier is sure of a boy: flagged, not rejected, not re-sexed.
     assert out.sex_mismatch.tolist() == [False, True, False, False, False] and out.sex_mismatch.dtype == bool
-    assert "sex" not in str(out.reject_reason[1]) and clinical.summary(out)["sex_mismatch"] == 1
-    assert "1 images whose given sex the sex classifier contradicts" in clinical.describe(out, {})
+    assert "sex" not in str(out.reject_reason[1]) and columns.summary(out)["sex_mismatch"] == 1
+    assert "1 images whose given sex the sex classifier contradicts" in columns.describe(out, {})
 
     _set_p_male(models_with_sex, [0.1, 0.2])  # 0.15: female
     out = score.score_rows(rows, models_with_sex)

@@ -1,12 +1,12 @@
 """Bone age SDS on the Greulich-Pyle scale: expected values worked out by hand from the Brush
-Foundation rows in boneage/data/greulich_pyle_brush_sd.csv."""
+Foundation rows in boneage/clinical/reference/greulich_pyle_brush_sd.csv."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from boneage import sds
+from boneage.clinical import sds
 
 
 def test_reference_sd_interpolates_between_rows_and_stops_at_the_ends():

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from boneage import synth
-from boneage.frame import KEYPOINT_NAMES
+from boneage.data import synth
+from boneage.registration.frame import KEYPOINT_NAMES
 
 SMALL = (512, 380)
 

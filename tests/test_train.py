@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from boneage import train
-from boneage.augment import Augment
-from boneage.frame import FRAME_H, FRAME_W, ZONES
-from boneage.models import model_kind, to_months, to_scaled
-from boneage.train import (
+from boneage.model import train
+from boneage.model.augment import Augment
+from boneage.registration.frame import FRAME_H, FRAME_W, ZONES
+from boneage.model.networks import model_kind, to_months, to_scaled
+from boneage.model.train import (
     TrainConfig, fit_keypoint_model, fit_zone_model, model_from_state, predict, predict_keypoints,
 )
 

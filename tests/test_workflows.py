@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from boneage.bundle import load_bundle
-from boneage.metrics import roc_auc
-from boneage.ray_prepare import read_registered
+from boneage.validation.metrics import roc_auc
+from boneage.distributed.ray_prepare import read_registered
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

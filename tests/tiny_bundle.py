@@ -10,9 +10,11 @@ import zlib
 import torch
 import yaml
 
-from boneage import bundle, ensemble, weights
+from boneage import bundle
+from boneage.validation import ensemble
+from boneage.model import weights
 from boneage.config import Config
-from boneage.models import model_kind
+from boneage.model.networks import model_kind
 
 KINDS = ("A-reg", "B-cls")
 FOLDS = 2

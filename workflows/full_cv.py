@@ -20,7 +20,8 @@ not trained again. Every local path is taken relative to the directory you run t
 import argparse
 import sys
 
-from boneage import ray_env, run
+from boneage.distributed import ray_env
+from boneage import run
 from boneage.cli import add_cv_args, add_run_args, add_test_args, config_from_args, user_errors
 
 

@@ -1,0 +1,249 @@
+"""Batch scoring on Ray Data: a folder (or list, or s3:// prefix) of radiographs in, parquet out, written
+as it goes.
+
+    manifest ─► decode, mask, key points (CPU tasks) ─► key point model (actor pool) ─► register (CPU tasks)
+             ─► BundleScorer (actor pool, GPU when asked): every fold model, the ensemble
+             ─► write_parquet: one part per block, as blocks finish
+
+The preparation stages are boneage.distributed.ray_prepare's, with the bundle's key point model; the scoring is
+boneage.score. Every input file gives exactly one row: a file that cannot be read or registered keeps
+its status and error, and the run goes on.
+
+Output (see docs/scoring.md): parts under `parts_uri(out)` (the output folder itself when `out` does
+not end in .parquet), each written by Ray Data as soon as its block is scored, so the driver never
+holds the table and a crash keeps every finished part. A rerun on the same output scores only the files
+that have no row in a part yet. With `out` ending in .parquet the parts are then copied, one at a time,
+into that single file.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+import uuid
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy
+
+import boneage
+from boneage.clinical import cards, columns
+from boneage.distributed import ray_env
+from boneage import score
+from boneage.data import storage
+from boneage.bundle import keypoint_model_sha256, keypoint_model_uri, load_bundle, read_manifest
+from boneage.config import Config
+from boneage.errors import UserError
+from boneage.distributed.ray_prepare import prepare_dataset
+
+PARTS_SUFFIX = ".parts"
+
+
+class BundleScorer:
+    """Ray Data actor: loads the bundle's fold models once, scores registered batches into the output
+    schema with the run's provenance columns."""
+
+    def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, use_gpu: bool,
+                 ages: Mapping[str, float], provenance: Mapping[str, Any], uid_columns: tuple[str, ...] = (),
+                 cards_dir: str | None = None):
+        device = ray_env.actor_device(use_gpu, "score")
+        self.models = score.BundleModels(load_bundle(bundle_uri, storage_options), device)
+        self.ages = dict(ages)
+        self.uid_columns = tuple(uid_columns)
+        self.schema = score.output_schema(self.models.kinds, self.uid_columns, cards=bool(cards_dir))
+        self.cards_dir, self.storage_options = cards_dir, storage_options
+        self.bundle_sha256 = provenance["bundle"]["sha256"]
+        self.scored_at = pd.Timestamp(provenance["scored_at"])
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        batch["age_months"] = batch["id"].map(self.ages)
+        out = score.score_rows(batch, self.models)
+        out["bundle_sha256"] = self.bundle_sha256  # before the cards: they name the bundle
+        if self.cards_dir:  # --cards: a PNG per image (boneage.clinical.cards)
+            out["card"], out["card_error"] = cards.write_cards(batch, out, self.models, self.cards_dir,
+                                                               self.storage_options)
+        out["scored_at"] = self.scored_at
+        for column in self.uid_columns:
+            out[column] = batch[column].to_numpy() if column in batch else None
+        out = out.astype(object).where(out.notna(), None)  # NaN -> null, so that bool/int columns convert
+        return pa.Table.from_pandas(out[self.schema.names], schema=self.schema, preserve_index=False)
+
+
+def parts_uri(out_uri: str) -> str:
+    """Where the parts of `out_uri` go: OUT.parts/ beside a .parquet file, else the folder OUT itself."""
+    return out_uri.rstrip("/") + PARTS_SUFFIX if out_uri.lower().endswith(".parquet") else out_uri.rstrip("/")
+
+
+def _part_files(folder: str, storage_options) -> list[str]:
+    fs, path = storage.filesystem(folder, storage_options)
+    fs.invalidate_cache(path)
+    if not fs.isdir(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+
+
+def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """The URIs that already have a row in the parts of `out_uri`. A part that cannot be read (cut off
+    by a crash while it was written) is removed: its files have no row and are scored again. Rows of
+    another bundle are a UserError: one output, one bundle."""
+    fs, _ = storage.filesystem(out_uri, storage_options)
+    done: set[str] = set()
+    for part in _part_files(parts_uri(out_uri), storage_options):
+        try:
+            with fs.open(part, "rb") as f:
+                table = pq.read_table(f, columns=["uri", "bundle_sha256"])
+        except Exception as err:
+            print(f"[score] removing a part that cannot be read (a run cut off while writing it?): {part}: {err}")
+            fs.rm(part)
+            continue
+        other = set(table.column("bundle_sha256").to_pylist()) - {bundle_sha256}
+        if other:
+            raise UserError(f"{out_uri} already holds rows scored with another bundle (manifest sha256 "
+                            f"{sorted(other)[0][:12]}...): score into another --out, or delete {parts_uri(out_uri)}")
+        done.update(u for u in table.column("uri").to_pylist() if u)
+    return done
+
+
+def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: str, provenance: Mapping[str, Any],
+              actors: int = 1, gpus_per_actor: float = 0.0, ages: Mapping[str, float] | None = None,
+              uid_columns: tuple[str, ...] = (), cards: str | None = None) -> dict[str, Any]:
+    """Score the manifest rows (id, uri, path, status, error, male) that have no row in `out_uri` yet and
+    write them as parquet parts as they finish; then, for an `out_uri` ending in .parquet, gather all
+    parts into that file. `config`: the bundle's preprocessing and key point settings with this run's
+    storage options. `provenance` goes into every part's and the file's parquet metadata. Returns
+    {"skipped": rows already there, "scored": rows written now}."""
+    options = config.data.storage_options
+    done = scored_uris(out_uri, provenance["bundle"]["sha256"], options)
+    todo = manifest[~manifest["uri"].isin(done)] if done else manifest
+    if done:
+        print(f"[score] {len(manifest) - len(todo)} files already have a row in {parts_uri(out_uri)}; "
+              f"scoring the other {len(todo)}")
+    if len(todo):
+        manifest_record = read_manifest(bundle_uri, options)
+        schema = score.output_schema(list(manifest_record["kinds"]), uid_columns, cards=bool(cards))
+        ds = prepare_dataset(todo, config, keypoint_model_uri(bundle_uri, manifest_record),
+                             keypoint_model_sha256(manifest_record), extra_columns=uid_columns)
+        ds = ds.map_batches(
+            BundleScorer,
+            fn_constructor_args=(bundle_uri, options, gpus_per_actor > 0, dict(ages or {}), dict(provenance),
+                                 tuple(uid_columns), cards),
+            compute=ActorPoolStrategy(size=actors),
+            batch_size=config.preprocess.batch_size * 4,
+            batch_format="pandas",
+            num_gpus=gpus_per_actor,
+            num_cpus=config.preprocess.cpus_per_actor,  # see PreprocessConfig
+        )
+        path, filesystem = storage.arrow_location(parts_uri(out_uri), options)
+        # APPEND (Ray Data's default) with this run's own file prefix: the parts of earlier runs stay.
+        ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.APPEND,
+                         filename_provider=_RunFiles(provenance["run_id"]),
+                         arrow_parquet_args_fn=lambda: {"schema": _with_metadata(schema, provenance)},
+                         ray_remote_args={"num_cpus": config.preprocess.cpus_per_write})  # see PreprocessConfig
+    if out_uri.lower().endswith(".parquet"):
+        gather(out_uri, provenance, options)
+    return {"skipped": int(len(manifest) - len(todo)), "scored": int(len(todo))}
+
+
+class _RunFiles(ray.data.datasource.FilenameProvider):
+    """part-<run id>-<block>.parquet: a rerun never overwrites an earlier run's parts."""
+
+    def __init__(self, run_id: str):
+        super().__init__(file_format="parquet")
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{self.run_id}-{write_uuid}-{task_index:06d}.parquet"
+
+
+def _with_metadata(schema: pa.Schema, provenance: Mapping[str, Any]) -> pa.Schema:
+    # and the scale the SDS columns are on (boneage.clinical.columns)
+    return schema.with_metadata({score.PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode(),
+                                 **columns.parquet_metadata()})
+
+
+def gather(out_uri: str, provenance: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> None:
+    """Copy every part of `out_uri` into the single parquet file `out_uri`, one part in memory at a time,
+    with `provenance` (this run's) in its metadata; a file listed twice keeps its newest row."""
+    fs, _ = storage.filesystem(out_uri, storage_options)
+    parts = _part_files(parts_uri(out_uri), storage_options)
+    tables = []
+    for part in parts:
+        with fs.open(part, "rb") as f:
+            tables.append((part, pq.read_schema(f)))
+    if not tables:
+        return
+    # Parts of older runs may lack a column a newer run has (e.g. the UID columns): the union schema.
+    schema = pa.unify_schemas([s.remove_metadata() for _, s in tables])
+    seen: set[str] = set()
+    tmp = out_uri + f".tmp-{uuid.uuid4().hex[:8]}"
+    with storage.open_output(tmp, "wb", storage_options) as out:
+        with pq.ParquetWriter(out, _with_metadata(schema, provenance)) as writer:
+            for part, _ in sorted(tables, key=lambda t: t[0], reverse=True):  # newest run first
+                with fs.open(part, "rb") as f:
+                    table = pq.read_table(f)
+                keep = [u not in seen for u in table.column("uri").to_pylist()]
+                seen.update(table.column("uri").to_pylist())
+                table = table.filter(pa.array(keep))
+                for name in schema.names:
+                    if name not in table.column_names:
+                        table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+                writer.write_table(table.select(schema.names).cast(schema))
+    _, tmp_path = storage.filesystem(tmp, storage_options)
+    _, out_path = storage.filesystem(out_uri, storage_options)
+    fs.mv(tmp_path, out_path)  # replace only once complete: a cut-off gather leaves the old file
+
+
+def read_output(out_uri: str, columns: tuple[str, ...], storage_options: Mapping[str, Any] | None = None
+                ) -> pd.DataFrame:
+    """`columns` of a scoring output (the .parquet file, or the folder of parts), sorted by id."""
+    uri = out_uri if out_uri.lower().endswith(".parquet") else parts_uri(out_uri)
+    # s3fs caches folder listings per process: one made before Ray's workers wrote this run's parts
+    # would make their files "not found".
+    fs, fs_path = storage.filesystem(uri, storage_options)
+    fs.invalidate_cache(fs_path)
+    path, filesystem = storage.arrow_location(uri, storage_options)
+    table = pq.read_table(path, filesystem=filesystem, columns=list(columns)).to_pandas()
+    return table.sort_values(["id", "uri"], kind="stable").reset_index(drop=True)
+
+
+def remove_output(out_uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Delete a scoring output and its parts (a scoring afresh)."""
+    for uri in {out_uri, parts_uri(out_uri)}:
+        fs, path = storage.filesystem(uri, storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def read_provenance(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance a scoring table (or part) carries in its parquet metadata."""
+    fs, path = storage.filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        metadata = pq.read_schema(f).metadata or {}
+    return json.loads(metadata[score.PROVENANCE_KEY])
+
+
+def new_provenance(bundle_uri: str, manifest_bytes: bytes, bundle_manifest: Mapping[str, Any], id_from: str,
+                   keep_uids: bool) -> dict[str, Any]:
+    """What every output of this run records about how it was made."""
+    import hashlib
+
+    now = time.time()
+    return {
+        "run_id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6],
+        "scored_at": pd.Timestamp(now, unit="s", tz="UTC").isoformat(),
+        "boneage_version": boneage.__version__,
+        "bundle": {"uri": bundle_uri, "sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                   "format": bundle_manifest.get("format"), "version": bundle_manifest.get("version"),
+                   "created": bundle_manifest.get("created"),
+                   "boneage_version": (bundle_manifest.get("packages") or {}).get("boneage")},
+        "ids": id_from, "dicom_uids": bool(keep_uids),
+        # The QA inputs every row carries: which registration the bone age rests on.
+        "qa_columns": ["registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
+                       "mirrored", "transform"],
+        "transform": "2x3 affine (row-major) from image pixels to the full-resolution 2080x1600 frame: a "
+                     "similarity, with a mirror for a right hand (mirrored)",
+    }

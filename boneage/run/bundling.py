@@ -1,0 +1,88 @@
+"""The bundle stage of a run: every fold model, the key point model, the ensemble weights, the
+configuration and what the models were trained on, written as one hashed bundle (boneage.bundle)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from boneage.config import Config
+from boneage.data import storage
+from boneage.errors import RunError
+from boneage.model import weights
+
+
+KEYPOINT_MODEL = "keypoints/keypoint_model.safetensors"  # in the bundle
+
+
+def write_bundle(config: Config) -> str:
+    """OUTPUT/bundle (boneage.bundle): every fold model, the key point model, the ensemble weights, the
+    configuration and a summary of the training data and CV metrics. Refuses a CV with unfinished
+    trials: a bundle missing fold models would score differently from what its metrics say."""
+    from boneage import bundle
+    from boneage.validation import cv, metrics
+    from boneage.clinical import gate
+
+    options = config.data.storage_options
+    cv_uri = storage.join_uri(config.output, "cv")
+    folds = pd.read_parquet(storage.join_uri(cv_uri, "folds.parquet"), storage_options=options or None)
+    trials = cv.cv_trials(config.cv.kinds, cv.sexes_present(folds, config.cv.sexes), config.cv.k)
+    files: dict[str, bytes] = {}
+    models = []
+    records = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
+    oof_mae = dict(zip(records["trial"], records["oof_mae"])) if len(records) else {}
+    # With the sex classifier's fold models (scoring predicts P(male) for images of unknown sex).
+    shipped = trials + cv.sex_trials(config.cv.sex_kind, config.cv.k)
+    missing = [t.name for t in shipped if t.name not in oof_mae]
+    if missing:
+        raise RunError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
+    for t in shipped:
+        # The CV's models are tensors-only .pt files; the bundle, which travels, holds safetensors.
+        path = f"models/{t.name}.safetensors"
+        state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
+        files[path] = weights.to_bytes(state)
+        record = {"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold}
+        if not t.is_sex_classifier:  # a sex classifier has no bone age error
+            record["oof_mae"] = float(oof_mae[t.name])
+        models.append(record)
+    preprocess_summary = storage.read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options)
+    keypoint_model = preprocess_summary.get("keypoint_model") or config.keypoints.model
+    if config.keypoints.source == "model" and not keypoint_model:
+        print("[bundle] warning: no key point model found (no qa/preprocess_summary.json and no "
+              "keypoints.model): scoring will register with geometric key points only")
+    if keypoint_model:
+        files[KEYPOINT_MODEL] = weights.to_bytes(weights.load_state(storage.read_bytes(keypoint_model, options)))
+    files["ensemble.json"] = storage.read_bytes(storage.join_uri(cv_uri, "ensemble.json"), options)
+    files["config.yaml"] = config.to_yaml().encode()
+    cv_summary = storage.read_json(storage.join_uri(cv_uri, "summary.json"), options)
+    ensembles = json.loads(files["ensemble.json"])
+    oof = pd.read_parquet(storage.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
+    oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
+                    [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", f"ensemble_{ensembles['use']}")]}
+    training = {
+        "images": int(len(folds)), "female": int((~folds["male"]).sum()), "male": int(folds["male"].sum()),
+        "boneage_months": {q: float(folds["boneage"].quantile(v)) for q, v in
+                           (("min", 0), ("p05", .05), ("median", .5), ("p95", .95), ("max", 1))},
+        "source": {"images": config.data.images, "labels": config.data.labels},
+        "preprocess": {k: preprocess_summary.get(k) for k in ("items", "ok", "errors", "errors_by_code",
+                                                              "registration_doubtful", "keypoint_model")},
+        "cv": cv_summary,
+        # Out of fold: every prediction from a model (and ensemble weights) that never saw the image's
+        # label; the epoch was chosen on each trial's selection split. The test split's: evaluate_test.
+        "oof_accuracy": oof_accuracy,
+        "gate": gate.calibrate(oof, config.cv.kinds),  # the rejection gate's thresholds (boneage.clinical.gate)
+    }
+    files["training.json"] = json.dumps(training, indent=2).encode()
+    out = storage.join_uri(config.output, "bundle")
+    bundle.write_bundle(out, files, models, {
+        "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
+        "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
+        "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
+        "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
+        "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
+                                     **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},
+    }, options)
+    size = sum(len(v) for v in files.values()) / 1e6
+    print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB → {out}")
+    return out

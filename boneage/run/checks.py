@@ -1,0 +1,121 @@
+"""Checks that run before any work: settings and input paths, the embedded data set, and what a stage
+needs from an earlier one (the registered table, enough images for k folds). Each failure is a
+UserError: one line, exit status 2, before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+
+from boneage.config import Config
+from boneage.data import storage, synth
+from boneage.data.images import list_images
+from boneage.errors import MissingInput, UserError
+from boneage.run.holdout import read_test_ids
+
+
+def check_config(config: Config, need_data: bool = True, need_labels: bool = True) -> None:
+    """Settings and input paths that would fail every trial or image, checked before any work starts:
+    ValueError or FileNotFoundError naming the setting and what it may be. need_data: check the
+    input paths; need_labels: given images need labels (to train)."""
+    from boneage.model.networks import MODEL_KINDS, SEX_KINDS
+    from boneage.model.train import CLS_LOSSES, SCHEDULES
+
+    cvc = config.cv
+    problems = []
+    unknown = [k for k in cvc.kinds if k not in MODEL_KINDS]
+    if unknown or not cvc.kinds:
+        problems.append(f"cv.kinds {list(cvc.kinds)}: known kinds are {', '.join(MODEL_KINDS)}")
+    if cvc.sex_kind is not None and cvc.sex_kind not in SEX_KINDS:
+        problems.append(f"cv.sex_kind {cvc.sex_kind!r}: one of {', '.join(SEX_KINDS)}, or null for none")
+    if [s for s in cvc.sexes if s not in ("F", "M")] or not cvc.sexes:
+        problems.append(f"cv.sexes {list(cvc.sexes)}: each must be F or M")
+    if cvc.k < 2:
+        problems.append(f"cv.k={cvc.k}: k-fold CV needs at least 2 folds")
+    if cvc.epochs < 1 or cvc.batch_size < 1:
+        problems.append(f"cv.epochs={cvc.epochs}, cv.batch_size={cvc.batch_size}: both must be at least 1")
+    if cvc.cpus_per_trial <= 0 or cvc.gpus_per_trial < 0:
+        problems.append(f"cv.cpus_per_trial={cvc.cpus_per_trial} must be > 0 and cv.gpus_per_trial="
+                        f"{cvc.gpus_per_trial} >= 0")
+    if cvc.schedule not in SCHEDULES:
+        problems.append(f"cv.schedule={cvc.schedule!r}: one of {', '.join(SCHEDULES)}")
+    if not (cvc.inner_val_fraction == 0 or 0 < cvc.inner_val_fraction < 0.5):
+        problems.append(f"cv.inner_val_fraction={cvc.inner_val_fraction}: 0 (fixed schedule) or in (0, 0.5)")
+    if cvc.driver_resources is not None and (not isinstance(cvc.driver_resources, dict) or any(
+            not isinstance(v, (int, float)) or v < 0 for v in cvc.driver_resources.values())):
+        problems.append(f"cv.driver_resources={cvc.driver_resources!r}: a mapping of resource names to amounts >= 0")
+    if cvc.cls_loss not in CLS_LOSSES:
+        problems.append(f"cv.cls_loss={cvc.cls_loss!r}: one of {', '.join(CLS_LOSSES)}")
+    if cvc.cls_sigma <= 0 or cvc.cls_ce_weight < 0:
+        problems.append(f"cv.cls_sigma={cvc.cls_sigma} must be > 0 and cv.cls_ce_weight={cvc.cls_ce_weight} >= 0")
+    if cvc.schedule == "plateau" and cvc.inner_val_fraction == 0:
+        problems.append("cv.schedule=plateau steps on the selection split: set cv.inner_val_fraction > 0")
+    if cvc.ensemble not in ("tune", "lad", "nnls"):
+        problems.append(f"cv.ensemble={cvc.ensemble!r}: one of tune, lad, nnls")
+    if not 0 <= config.data.test_fraction < 0.5:
+        problems.append(f"data.test_fraction={config.data.test_fraction}: in [0, 0.5)")
+    if config.keypoints.source not in ("model", "geometric"):
+        problems.append(f"keypoints.source={config.keypoints.source!r}: 'model' or 'geometric'")
+    if problems:
+        raise UserError("bad configuration:\n  " + "\n  ".join(problems))
+    if not need_data:
+        return
+    d = config.data
+    for flag, uri in (("--images", d.images), ("--labels", d.labels), ("--keypoints", d.keypoints),
+                      ("--keypoint-model", config.keypoints.model), ("--test-images", d.test_images),
+                      ("--test-labels", d.test_labels)):
+        if uri:
+            fs, path = fsspec.core.url_to_fs(uri, **d.storage_options)
+            if not fs.exists(path):
+                raise MissingInput(f"{flag} {uri} does not exist")
+    if need_labels and d.images and not d.labels:
+        raise UserError("--images needs --labels (bone age and sex of each image) to train")
+
+
+def save_config(config: Config) -> None:
+    storage.write_bytes(storage.join_uri(config.output, "config.yaml"), config.to_yaml().encode(), config.data.storage_options)
+
+
+def resolve_data(config: Config) -> Config:
+    """With no images given, write the embedded synthetic data set (once) and point the config at it.
+    Given images are listed once here, so that a wrong folder fails before Ray starts."""
+    if config.data.images:
+        if not list_images(config.data.images, storage_options=config.data.storage_options):
+            raise UserError(f"no images (.png, .jpg, .jpeg, .dcm, .dicom) found in {config.data.images}")
+        return config
+    if "://" in config.output:
+        raise UserError("the embedded synthetic data set is written locally: give --images, or a local --output")
+    folder = Path(config.output) / "synthetic"
+    if not (folder / "labels.csv").exists():  # a rerun reuses it: it is deterministic by seed anyway
+        print(f"[data] writing {config.data.synthetic_n} synthetic radiographs to {folder}")
+        synth.write_dataset(config.data.synthetic_n, folder, seed=config.data.seed,
+                            size=tuple(config.data.synthetic_size), workers=1)
+    config.data.images = str(folder / "images")
+    config.data.labels = str(folder / "labels.csv")
+    config.data.keypoints = str(folder / "keypoints.csv")
+    return config
+
+
+def check_registered(config: Config) -> str:
+    """The registered table's URI; FileNotFoundError (before Ray starts) when there is none."""
+    uri = storage.join_uri(config.output, "registered")
+    fs, path = fsspec.core.url_to_fs(uri, **config.data.storage_options)
+    if not fs.exists(path) or not fs.glob(path.rstrip("/") + "/*.parquet"):
+        raise MissingInput(f"no registered table in {uri}: run `boneage preprocess` (or "
+                                "workflows/full_cv.py without --skip-preprocess) on this --output first")
+    return uri
+
+
+def check_folds(config: Config) -> None:
+    """A UserError, before Ray starts, when the registered table cannot be dealt into cv.k folds (too few
+    labelled images of a sex); an output that already has its folds keeps them (cv.ray_cv checks k)."""
+    from boneage.validation import cv
+    from boneage.distributed import ray_prepare
+
+    fs, path = fsspec.core.url_to_fs(storage.join_uri(config.output, "cv", "folds.parquet"),
+                                     **config.data.storage_options)
+    if fs.exists(path):
+        return
+    table = ray_prepare.read_registered(check_registered(config), config.data.storage_options, with_images=False)
+    cv.assign_folds(table[~table["id"].isin(read_test_ids(config))], config.cv.k, config.data.seed)

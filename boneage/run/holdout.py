@@ -1,0 +1,109 @@
+"""The locked test split: set aside before anything is fit (OUTPUT/test/split.csv), never seen by any
+stage, and scored once at the end by the finished bundle through `boneage score`'s code path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from boneage.config import Config
+from boneage.data import ingest, storage
+from boneage.errors import STATUS_OK, UserError
+from boneage.run.scoring import score
+
+
+def test_split_uri(config: Config) -> str:
+    return storage.join_uri(config.output, "test", "split.csv")
+
+
+def split_test(config: Config) -> pd.DataFrame:
+    """The locked test split, set aside before anything is fit: OUTPUT/test/split.csv (id, uri, male,
+    boneage, source). config.data.test_images + test_labels: that test set; else test_fraction of the
+    labelled images, stratified by sex and age and fixed by seed (none when 0). A rerun keeps the split
+    it finds, so that no image ever moves between test and training."""
+    from boneage.validation import cv
+
+    options, uri = config.data.storage_options, test_split_uri(config)
+    split = read_test_split(config)
+    if split is not None:
+        print(f"[test] keeping the locked test split of {len(split)} images in {uri}")
+        return split
+    if config.data.test_images:
+        if not config.data.test_labels:
+            raise UserError("--test-images needs --test-labels (the test set's bone ages and sexes)")
+        manifest = ingest.build_manifest(config.data.test_images, config.data.test_labels, options)
+        split = manifest[manifest.status == STATUS_OK].assign(source="test_images")
+        if len(manifest) > len(split):
+            print(f"[test] {len(manifest) - len(split)} test items unusable, e.g. "
+                  f"{manifest[manifest.status != STATUS_OK].error.iloc[0]}")
+    else:
+        manifest = ingest.build_manifest(config.data.images, config.data.labels, options)
+        manifest = manifest[cv.labelled(manifest)].reset_index(drop=True)
+        picks = []
+        for male in (False, True):
+            rows = np.flatnonzero(manifest["male"].to_numpy(bool) == male)
+            picks.append(cv.inner_split(manifest["boneage"].to_numpy(float), rows, config.data.test_fraction,
+                                        config.data.seed + 1)[1])
+        split = manifest.iloc[np.sort(np.concatenate(picks))].assign(source="test_fraction")
+    split = split[["id", "uri", "male", "boneage", "source"]].reset_index(drop=True)
+    with storage.open_output(uri, "wb", options) as f:
+        split.to_csv(f, index=False)
+    print(f"[test] {len(split)} images locked away as the test split ({int((~split.male.astype(bool)).sum())} F, "
+          f"{int(split.male.astype(bool).sum())} M; {split.source.iloc[0] if len(split) else 'none'}) → {uri}")
+    return split
+
+
+def read_test_split(config: Config) -> pd.DataFrame | None:
+    """OUTPUT/test/split.csv, or None when the run has none."""
+    fs, path = fsspec.core.url_to_fs(test_split_uri(config), **config.data.storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return pd.read_csv(f, dtype={"id": str})
+
+
+def read_test_ids(config: Config) -> set[str]:
+    """The ids of the locked test split (empty when the run has none)."""
+    split = read_test_split(config)
+    return set() if split is None else set(split["id"])
+
+
+def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[str, Any] | None:
+    """Score the locked test split with the finished bundle through `boneage score`'s code path
+    (fold-averaged models, ensemble, QA); OUTPUT/test/predictions.parquet and metrics.json; the
+    accuracy also goes into the bundle (training.json and manifest). None without a test split."""
+    from boneage import bundle
+    from boneage.clinical import gate
+    from boneage.validation import metrics
+
+    options = config.data.storage_options
+    split = read_test_split(config)
+    if split is None:
+        return None
+    if not len(split):
+        print("[test] no test split (test_fraction 0 and no --test-images): no locked-test accuracy")
+        return None
+    subjects = storage.join_uri(config.output, "test", "subjects.csv")
+    with storage.open_output(subjects, "wb", options) as f:
+        split[["id", "male"]].to_csv(f, index=False)
+    table = score(split["uri"].tolist(), bundle_uri, storage.join_uri(config.output, "test", "predictions.parquet"),
+                  subjects=subjects, storage_options=options, resume=False)  # the bundle may be new: afresh
+    scored = split.merge(table[["id", "status", "error", "boneage_months"]], on="id", how="left")
+    ok = scored["status"] == STATUS_OK
+    acc = metrics.accuracy_report(scored.loc[ok, "boneage_months"], scored.loc[ok, "boneage"],
+                                  scored.loc[ok, "male"].astype(bool), n_boot=n_boot, seed=config.data.seed)
+    result = {"images": int(len(split)), "scored": int(ok.sum()), "source": str(split["source"].iloc[0]),
+              "bootstrap_resamples": n_boot, "failed": [{"id": r.id, "error": r.error} for r in scored[~ok].itertuples()],
+              "accuracy": acc,
+              # Label-free: the spread of images no fold model saw sets the gate's fold spread threshold.
+              "gate_fold_spread": gate.calibrate_fold_spread(
+                  table.loc[table.status == STATUS_OK, "boneage_sd_months"])}
+    storage.write_bytes(storage.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
+    bundle.add_test_accuracy(bundle_uri, result, options)
+    print(f"[test] the shipped bundle on the locked test split ({result['scored']}/{result['images']} scored): "
+          f"{metrics.describe(acc['all'])}")
+    return result

@@ -1,0 +1,111 @@
+"""Scoring radiographs with a bundle (`boneage score`, and the locked test split's evaluation): the
+scorer's resources, the subjects' sex and age, the Ray Data run, and its printed summary."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from boneage.config import Config, absolute
+from boneage.data import ingest, storage
+from boneage.data.labels import read_subjects
+from boneage.errors import STATUS_OK
+
+
+SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months",
+                   "boneage_sd_months")
+
+
+# what the gate's and the SDS's counts are read from (boneage.clinical.columns.describe)
+CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note", "sex_mismatch")
+
+
+def scoring_resources(actors: int | None, gpus_per_actor: float | None, cluster_gpus: float) -> tuple[int, float]:
+    """(actors, GPUs per actor) of a scoring run: what the user gave, else from the cluster: one actor
+    per GPU where there are GPUs, one CPU actor where there are none."""
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if cluster_gpus >= 1 else 0.0
+    if actors is None:
+        actors = max(1, int(cluster_gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
+    return int(actors), float(gpus_per_actor)
+
+
+def scoring_config(config: Config, actors: int, gpus_per_actor: float) -> Config:
+    """The bundle's preprocessing and key point settings with the scorer's resources: the key point
+    model's actors take what the scoring actors take. A bundle trained with GPU actors (configs/rsna.yaml)
+    would otherwise ask a CPU-only machine for GPUs that are not there, and wait forever."""
+    config.keypoints.actors, config.keypoints.gpus_per_actor = actors, gpus_per_actor
+    config.keypoints.use_gpu = gpus_per_actor > 0
+    return config
+
+
+def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
+          storage_options: dict | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
+          batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
+          resume: bool = True, cards: str | None = None) -> pd.DataFrame:
+    """Score radiographs with a bundle (boneage.distributed.ray_score): one row per input file in `out_uri` (a
+    .parquet file, or a folder of parts), with sex and chronological age from `subjects` (CSV) or the
+    DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
+    `out_uri` scores only the files without a row (`resume=False`: all of them, afresh). Returns the
+    table's SUMMARY_COLUMNS (the driver never holds the whole table). With `cards` (a folder), a PNG
+    per image (boneage.clinical.cards). `actors` / `gpus_per_actor`: the scoring actors' (and the key point
+    model's), never the bundle's training run's; None: from the cluster (scoring_resources). Ray is
+    started by the caller."""
+    from boneage import bundle as bundle_mod, score as score_mod
+    from boneage.clinical import columns, gate
+    from boneage.validation import metrics
+    from boneage.distributed import ray_env, ray_score
+    from boneage.config import load_config
+
+    started = time.time()
+    # Local paths against the caller's working directory: Ray's workers run elsewhere.
+    images = [absolute(i) for i in images] if isinstance(images, (list, tuple)) else absolute(images)
+    bundle_uri, out_uri, subjects = absolute(bundle_uri), absolute(out_uri), absolute(subjects)
+    options = dict(storage_options or {})
+    loaded = bundle_mod.load_bundle(bundle_uri, options)  # a bad bundle fails here, before any work
+    provenance = ray_score.new_provenance(
+        bundle_uri, storage.read_bytes(storage.join_uri(bundle_uri, bundle_mod.MANIFEST), options), loaded.manifest,
+        id_from, keep_dicom_uids)
+    if not resume:
+        ray_score.remove_output(out_uri, options)
+    trained = loaded.config or {}
+    config = load_config(None, {"preprocess": trained.get("preprocess", {}), "keypoints": trained.get("keypoints", {}),
+                                "data": {"storage_options": options}})
+    gpus = ray_env.cluster_gpus()
+    actors, gpus_per_actor = scoring_resources(actors, gpus_per_actor, gpus)
+    config = scoring_config(config, actors, gpus_per_actor)
+    print(f"[score] {actors} scoring actor(s), {gpus_per_actor:g} GPU each (the cluster has {gpus:g} GPUs)")
+    if batch_size:
+        config.preprocess.batch_size = batch_size
+    manifest = ingest.build_manifest(images, None, options, id_from=id_from, keep_uids=keep_dicom_uids)
+    ages: dict[str, float] = {}
+    if subjects:
+        table, errors = read_subjects(subjects, options)
+        manifest = score_mod.with_subjects(manifest, table, errors)
+        ages = {r.id: r.age_months for r in table.itertuples() if np.isfinite(r.age_months)}
+        unmatched = sorted(set(table.id) - set(manifest.id))
+        if unmatched:
+            print(f"[score] {len(unmatched)} ids in {subjects} have no image, e.g. {unmatched[:3]}")
+    print(f"[score] {len(manifest)} files; bundle {bundle_uri}: {len(loaded.kinds)} kinds x "
+          f"{len(loaded.sexes)} sexes x {loaded.manifest['folds']} folds")
+    measured = loaded.manifest.get("accuracy", {})
+    if "test_split" in measured:
+        print(f"[score] the bundle's measured accuracy on its locked test split: {metrics.describe(measured['test_split'])}")
+    elif "out_of_fold" in measured:
+        print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
+    manifest = manifest.drop(columns=["age_months"], errors="ignore")
+    ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
+                        gpus_per_actor=gpus_per_actor, ages=ages,
+                        uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else (), cards=absolute(cards))
+    table = ray_score.read_output(out_uri, SUMMARY_COLUMNS + (*CLINICAL_SUMMARY_COLUMNS, *(("card", "card_error") if cards else ())),
+                                  options)
+    result = score_mod.summary(table)
+    print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
+          f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
+          f"{result['registration_doubtful']} registrations doubtful; {time.time() - started:.0f} s → {out_uri}")
+    print(columns.describe(table, gate.calibration_of(loaded.training)))
+    for row in table[table.status != STATUS_OK].head(10).itertuples():
+        print(f"  {row.id}: {row.error}")
+    return table
