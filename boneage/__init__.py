@@ -7,7 +7,7 @@ The packages follow the pipeline, in the order data flows:
   validation/    k-fold CV and out-of-fold tables, ensembles, accuracy metrics
   clinical/      bone age SDS, the rejection gate, clinical columns, per-image cards
   distributed/   the Ray adapters (Data, Train, Tune): the only package that imports ray
-Above them: score (a bundle scoring registered images), bundle, report, run (the workflow, stage by
+Above them: score (a bundle scoring registered images), bundle, report/, run (the workflow, stage by
 stage), config (every setting), cli (the `boneage` command); errors and progress are shared by all.
 """
 

@@ -1,0 +1,377 @@
+"""The report's sections, each a function from results to an HTML fragment; a section whose input is
+missing says so instead of failing."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from boneage.clinical import gate
+from boneage.report import figures
+from boneage.validation import metrics
+
+
+def escape(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def number(value: Any, digits: int = 1) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return escape(value)
+    return "–" if not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def missing(text: str) -> str:
+    return f'<p class="missing">{escape(text)}</p>'
+
+
+def worst_cases(oof: pd.DataFrame, pred: np.ndarray, n: int = 12) -> pd.DataFrame:
+    """The n rows with the largest |pred - boneage| (id, male, boneage, pred, error), worst first:
+    the ids whose registered images the report shows (read just those: see the module docstring)."""
+    out = oof[["id", "male", "boneage"]].reset_index(drop=True).copy()
+    out["pred"] = np.asarray(pred, float)
+    out["error"] = out["pred"] - out["boneage"]
+    out = out[np.isfinite(out["error"])]
+    order = np.argsort(-np.abs(out["error"].to_numpy()), kind="stable")[:n]
+    return out.iloc[order].reset_index(drop=True)
+
+
+def headline(oof: pd.DataFrame, table: pd.DataFrame, primary: str | None, names: Sequence[str],
+              ensembles: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = table.set_index("model")
+    kind_rows = rows[rows["role"] == "kind"]
+    best_kind = kind_rows["mae_all"].idxmin() if kind_rows["mae_all"].notna().any() else None
+    cards = []
+    if primary is not None:
+        record = ensembles.get(primary, {})
+        note = "nested CV" if record.get("nested") else "CV over folds"
+        cards.append(("primary", f"{number(rows.loc[primary, 'mae_all'], 2)}",
+                      f"ensemble <b>{escape(primary)}</b>, months MAE ({note})"))
+    for name in [n for n in names if n != primary]:
+        cards.append(("", number(rows.loc[name, "mae_all"], 2), f"ensemble <b>{escape(name)}</b>, months MAE"))
+    if best_kind is not None:
+        cards.append(("", number(rows.loc[best_kind, "mae_all"], 2), f"lowest single kind <b>{escape(best_kind)}</b> (picked on these labels: optimistic)"))
+    cards.append(("", number(rows.loc["per-sex median", "mae_all"], 2), "per-sex median (learns nothing but sex)"))
+    male = oof["male"].to_numpy(bool)
+    cards.append(("", f"{len(oof)}", f"images ({int((~male).sum())} F, {int(male.sum())} M), "
+                                     f"{oof['fold'].nunique()} folds"))
+    body = "".join(f'<div class="card {c}"><div class="value">{v}</div><div class="label">{label}</div></div>'
+                   for c, v, label in cards)
+    return f'<div class="headline">{body}</div>'
+
+
+def accuracy_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per group ({group: metrics.accuracy}), a column per metric, with intervals if any."""
+    head = "".join(f"<th>{escape(metrics.METRIC_NAMES[m])}</th>" for m in metrics.METRICS)
+    body = []
+    for group, acc in rows.items():
+        cells = []
+        for m in metrics.METRICS:
+            pct = m == "within_12"
+            fmt = (lambda v: f"{100 * v:.0f} %") if pct else (lambda v: number(v, 2))
+            text = fmt(acc[m]) if m in acc else "–"
+            if m in acc.get("ci", {}):
+                lo, hi = acc["ci"][m]
+                text += f"<br><span class='meta'>{fmt(lo)} … {fmt(hi)}</span>"
+            cells.append(f"<td>{text}</td>")
+        body.append(f"<tr><td class='text'>{escape(group)}</td><td>{acc.get('n', 0)}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th class='text'>group</th><th>n</th>{head}</tr>{''.join(body)}</table>"
+
+
+def test_section(test: Mapping[str, Any] | None, png: str | None) -> str:
+    """The locked test split, scored by the shipped bundle: the report's headline."""
+    out = ["<h2>Locked test split: the shipped bundle</h2>"]
+    if not test or not test.get("accuracy", {}).get("all", {}).get("n"):
+        return "".join(out) + missing("No locked test split was scored (test_fraction 0 and no --test-images).")
+    acc = test["accuracy"]
+    a = acc["all"]
+    ci = a.get("ci", {})
+    cards = [("primary", number(a["mae"], 2), f"months MAE, 95 % interval {number(ci.get('mae', [np.nan])[0], 2)} … "
+                                           f"{number(ci.get('mae', [np.nan, np.nan])[1], 2)}"),
+             ("", number(a["rmse"], 2), "months RMSE"),
+             ("", f"{100 * a['within_12']:.0f} %", "within ±12 months"),
+             ("", f"{a['bias']:+.2f}", "months bias (predicted − true)"),
+             ("", f"{test['scored']}/{test['images']}", "test images scored")]
+    out.append('<div class="headline">' + "".join(
+        f'<div class="card {c}"><div class="value">{v}</div><div class="label">{label}</div></div>'
+        for c, v, label in cards) + "</div>")
+    out.append(f"<p class='note'>Images set aside before anything was fit ({escape(test.get('source', ''))}): no stage "
+               "saw their labels. The finished bundle scored them through <code>boneage score</code> (fold-averaged "
+               f"models, ensemble, QA). Intervals: 95 % bootstrap over images ({test.get('bootstrap_resamples')} "
+               "resamples).</p>")
+    out.append(accuracy_table({"all": a, **acc.get("by_sex", {}), **acc.get("by_age_band", {})}))
+    if test.get("failed"):
+        out.append("<p class='note'>Not scored: " + ", ".join(f"{escape(f['id'])} ({escape(f['error'])})"
+                                                            for f in test["failed"]) + "</p>")
+    if png:
+        out.append(f'<img class="plot" src="{escape(png)}" alt="test split: predicted vs true">')
+    return "".join(out)
+
+
+def mae_section(table: pd.DataFrame, png: str) -> str:
+    groups = ["all", "F", "M", *[label for label, _, _ in metrics.AGE_BANDS]]
+    head = "".join(f"<th>{escape(g)}<br><span class='meta'>n={int(table[f'n_{g}'].max())}</span></th>" for g in groups)
+    best = {g: table.loc[table["role"] != "baseline", f"mae_{g}"].min() for g in groups}
+    body = []
+    for _, row in table.iterrows():
+        cells = []
+        for g in groups:
+            mae, n, full = row[f"mae_{g}"], int(row[f"n_{g}"]), int(table[f"n_{g}"].max())
+            extra = f" <span class='meta'>(n={n})</span>" if n != full else ""
+            cls = ' class="best"' if np.isfinite(mae) and mae == best[g] and row["role"] != "baseline" else ""
+            cells.append(f"<td{cls}>{number(mae)}{extra}</td>")
+        body.append(f'<tr class="{escape(row["role"])}"><td class="text">{escape(row["model"])}</td>'
+                    f'<td class="text">{escape(row["role"])}</td>{"".join(cells)}</tr>')
+    return (f"<h2>Out-of-fold MAE (months)</h2>"
+            f"<p class='note'>Each kind: its sex's model of that kind, scored on the fold it did not train on. "
+            f"Ensembles: weights refit without the scored fold (cross-validated over the OOF table). "
+            f"Bold: lowest in the column. Age bands by true bone age.</p>"
+            f'<table><tr><th class="text">model</th><th class="text">role</th>{head}</tr>{"".join(body)}</table>'
+            f'<img class="plot" src="{escape(png)}" alt="MAE by age band">')
+
+
+def weights_section(ensembles: Mapping[str, Mapping[str, Any]], png: str | None) -> str:
+    if not ensembles:
+        return "<h2>Ensemble weights</h2>" + missing("No ensemble was given.")
+    kinds = list(dict.fromkeys(k for r in ensembles.values() for k in r["kinds"]))
+    head = "".join(f"<th>{escape(k)}</th>" for k in kinds)
+    rows = []
+    for name, record in ensembles.items():
+        for sex, fit in record["by_sex"].items():
+            cv_mae = record.get("cv_mae", {}).get(sex)
+            excluded = record.get("excluded", {}).get(sex) or []
+            cells = "".join(f"<td>{number(fit['weights'].get(k, 0.0), 3)}</td>" for k in kinds)
+            rows.append(f'<tr><td class="text">{escape(name)}</td><td class="text">{escape(sex)}</td>'
+                        f"<td>{number(fit['intercept'], 2)}</td>{cells}<td>{number(cv_mae, 2)}</td>"
+                        f'<td class="text">{escape(", ".join(excluded)) or "–"}</td></tr>')
+    notes = []
+    for name, record in ensembles.items():
+        if record.get("method") == "tune":
+            sel = record.get("selection_cv_mae", {}).get("all")
+            honest = "nested CV (setting chosen without the scored fold)" if record.get("nested") else \
+                "the chosen setting's own CV MAE: optimistic by the selection (fewer than 3 folds, no nested CV)"
+            notes.append(f"<b>{escape(name)}</b>: Ray Tune over {len(record.get('trials', []))} settings of a gradient "
+                         f"fit; chosen setting {escape(config_text(record.get('config', {})))}; its CV MAE "
+                         f"{number(sel, 2)} months picked it (optimistic), the CV MAE in the table is {honest}.")
+        else:
+            notes.append(f"<b>{escape(name)}</b>: direct solver ({escape(record.get('method'))}), weights refit per fold.")
+    image = f'<img class="plot" src="{escape(png)}" alt="ensemble weights">' if png else ""
+    return ("<h2>Ensemble weights</h2><p class='note'>age = intercept + Σ weight × kind's prediction, per sex, "
+            "weights ≥ 0; fit on all out-of-fold rows (what scores new images). CV MAE: months, cross-validated. "
+            "Excluded: kinds with a missing OOF prediction for that sex.</p>"
+            f'<table><tr><th class="text">ensemble</th><th class="text">sex</th><th>intercept</th>{head}'
+            f'<th>CV MAE</th><th class="text">excluded</th></tr>{"".join(rows)}</table>'
+            + "".join(f"<p class='note'>{n}</p>" for n in notes) + image)
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={number(v, 4) if isinstance(v, float) else v}" for k, v in config.items())
+
+
+def tune_trials(ensembles: Mapping[str, Mapping[str, Any]]) -> str:
+    out = []
+    for name, record in ensembles.items():
+        trials = record.get("trials")
+        if not trials:
+            continue
+        frame = pd.DataFrame(trials).sort_values("cv_mae", kind="stable")
+        out.append(f"<h3>Ray Tune settings of ensemble {escape(name)} ({len(frame)} trials, best first)</h3>"
+                   + frame_table(frame, digits=2, general=("lr", "huber_delta", "shrink", "seconds")))
+    return "".join(out)
+
+
+def frame_table(frame: pd.DataFrame, digits: int = 1, general: Sequence[str] = ()) -> str:
+    """A plain HTML table of a small frame: numbers right-aligned to `digits` decimals (the columns
+    in `general` to 3 significant digits), text left-aligned and escaped."""
+    def numeric(column: str) -> bool:
+        return pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column])
+
+    head = "".join(f"<th>{escape(c)}</th>" if numeric(c) else f'<th class="text">{escape(c)}</th>' for c in frame.columns)
+    rows = []
+    for _, row in frame.iterrows():
+        cells = []
+        for column, value in row.items():
+            if not numeric(column) or value is None:
+                cells.append(f'<td class="text">{escape(value)}</td>')
+            elif pd.api.types.is_integer_dtype(frame[column]):
+                cells.append(f"<td>{int(value)}</td>")
+            elif column in general:
+                cells.append(f"<td>{float(value):.3g}</td>" if np.isfinite(value) else "<td>–</td>")
+            else:
+                cells.append(f"<td>{number(value, digits)}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def sex_section(sex: Mapping[str, Any] | None) -> str:
+    """The sex classifier's out-of-fold ROC AUC and accuracy, overall and by age band ('' without one)."""
+    if not sex:
+        return ""
+    low, high = sex.get("unsure_between", (0.2, 0.8))
+    rows = "".join(
+        f'<tr><td class="text">{escape(group)}</td><td>{a.get("n", 0)}</td><td>{number(a.get("auc"), 3)}</td>'
+        f'<td>{number(100 * a.get("accuracy", float("nan")), 1)}</td><td>{number(100 * a.get("unsure", float("nan")), 1)}</td>'
+        f'<td>{number(100 * a.get("accuracy_sure", float("nan")), 1)}</td></tr>'
+        for group, a in {"all": sex.get("all", {}), **sex.get("by_age_band", {})}.items())
+    return (f"<h2>Sex classifier {escape(sex.get('kind', ''))} (out of fold)</h2><p class='note'>P(male) of every "
+            "image from the fold model that never saw it (trained on both sexes pooled, in the same folds; not part "
+            f"of the ensemble). Scoring uses the predicted sex of an image of unknown sex when P(male) ≤ {low} or ≥ "
+            f"{high}; in between it is unsure and the image gets the mean of both sexes' readings. Accuracy at 0.5; "
+            "unsure: share of images in between; sure: accuracy of the others. Age bands by true bone age.</p>"
+            '<table><tr><th class="text">group</th><th>n</th><th>ROC AUC</th><th>accuracy %</th><th>unsure %</th>'
+            f"<th>accuracy of the sure %</th></tr>{rows}</table>")
+
+
+def gate_section(effects: Mapping[str, Mapping[str, Any]], notes: Sequence[str], png: str | None) -> str:
+    """The rejection gate's effect on labelled images: {set name: gate.effect(...)}."""
+    out = ["<h2>Rejection gate: its effect</h2><p class='note'>What <code>boneage score</code>'s gate "
+           "(<code>accepted</code>, <code>reject_reason</code>; docs/scoring.md) does to the error on images "
+           "with labels. Out of fold: the ensemble's cross-validated prediction, gated with thresholds "
+           "calibrated on the other folds only (each fold in turn), so no row sets the threshold it is judged by; "
+           "the fold spread check cannot run there (each row was predicted by one fold model). A row rejected "
+           "for several reasons counts under each.</p>"]
+    out += [f"<p class='note'>{escape(n)}</p>" for n in notes]
+    if not effects:
+        return "".join(out)
+    head = "".join(f"<th>{escape(name)}</th>" for name in effects)
+
+    def row(label: str, cell, key: str) -> str:
+        return (f'<tr data-row="{escape(key)}"><td class="text">{label}</td>'
+                + "".join(f"<td>{cell(e)}</td>" for e in effects.values()) + "</tr>")
+
+    rows = [row("images", lambda e: e["images"], "images"),
+            row("rejected", lambda e: f"{e['rejected']} ({number(100 * e['rejected_fraction'], 1)} %)", "rejected"),
+            row("MAE of the accepted (n)", lambda e: f"{number(e['mae_accepted'], 2)} ({e['n_accepted_scored']})",
+                "mae_accepted"),
+            row("MAE of the rejected (n)", lambda e: f"{number(e['mae_rejected'], 2)} ({e['n_rejected_scored']})",
+                "mae_rejected")]
+    for reason in gate.REASONS:
+        if any(reason in e["by_reason"] for e in effects.values()):
+            rows.append(row(f"&nbsp;&nbsp;{escape(reason)}: n, MAE", lambda e, r=reason: (
+                f"{e['by_reason'][r]['n']}, {number(e['by_reason'][r]['mae'], 1)}" if r in e["by_reason"] else "0"),
+                reason))
+    out.append(f'<table class="gate"><tr><th class="text">months</th>{head}</tr>{"".join(rows)}</table>')
+    if png:
+        out.append(f'<img class="plot" src="{escape(png)}" alt="error of accepted and rejected images">')
+    return "".join(out)
+
+
+def trials_section(trials: pd.DataFrame | None, ensembles) -> str:
+    out = ["<h2>Trials</h2>"]
+    if trials is None or len(trials) == 0:
+        out.append(missing("No CV trials table was given (cv/trials.parquet)."))
+    else:
+        summary = trials.groupby(["kind", "sex"], sort=True).agg(
+            trials=("trial", "size") if "trial" in trials else ("fold", "size"),
+            select_mae=("select_mae", "mean"), oof_mae=("oof_mae", "mean"), best_epoch=("best_epoch", "mean"),
+            epochs_run=("epochs_run", "mean"), seconds=("seconds", "sum")).reset_index()
+        total = float(trials["seconds"].sum()) if "seconds" in trials else float("nan")
+        out.append(f"<p class='note'>{len(trials)} CV trials, {number(total / 60, 1)} trial-minutes in all. "
+                   "select_mae: MAE on the trial's selection split (carved from its training folds; it chose "
+                   "the epoch; – for a fixed schedule); oof_mae: the chosen model's MAE on the scored fold, "
+                   "which chose nothing (months, means over folds); best_epoch, epochs_run: means over folds; "
+                   "seconds: sum.</p>")
+        out.append(frame_table(summary))
+    out.append(tune_trials(ensembles))
+    return "".join(out)
+
+
+def qa_value(value: Any) -> str:
+    if isinstance(value, Mapping):
+        if not value:
+            return "–"
+        return ("<table>" + "".join(f'<tr><td class="text">{escape(k)}</td><td>{qa_value(v)}</td></tr>'
+                                    for k, v in value.items()) + "</table>")
+    if isinstance(value, float):
+        return number(value, 2)
+    if value is None:
+        return "–"
+    return escape(value)
+
+
+def qa_section(summary: Mapping[str, Any] | None) -> str:
+    out = ["<h2>Registration QA</h2>"]
+    if not summary:
+        out.append(missing("No preprocessing summary was given (qa/preprocess_summary.json)."))
+        return "".join(out)
+    order = ["items", "ok", "errors", "errors_by_code", "registration_doubtful", "mask_doubtful",
+             "keypoint_model", "keypoint_error_on_held_out_annotations", "seconds"]
+    keys = [k for k in order if k in summary] + [k for k in summary if k not in order and k != "failed_items"]
+    rows = "".join(f'<tr><td class="text">{escape(k)}</td><td class="text">{qa_value(summary[k])}</td></tr>'
+                   for k in keys)
+    out.append(f"<table>{rows}</table>")
+    failed = summary.get("failed_items") or []
+    if failed:
+        shown = pd.DataFrame(list(failed)[:20])
+        out.append(f"<h3>Failed items ({len(failed)}{', first 20' if len(failed) > 20 else ''})</h3>"
+                   + frame_table(shown))
+    return "".join(out)
+
+
+def cases_section(cases: pd.DataFrame, name: str, images: pd.DataFrame | None,
+                   thumbs: Mapping[str, str]) -> str:
+    out = [f"<h2>Worst cases of ensemble {escape(name)}</h2><p class='note'>The {len(cases)} images with the largest "
+           "|predicted − true| (cross-validated prediction), with their registered images.</p>"]
+    if images is None:
+        out.append(missing("No registered images were given: the cases are listed without them."))
+    extra = images.set_index("id") if images is not None and len(images) else None
+    cards = []
+    for _, case in cases.iterrows():
+        cid = str(case["id"])
+        image = (f'<img src="{escape(thumbs[cid])}" alt="registered image {escape(cid)}">' if cid in thumbs
+                 else '<div class="noimg">no image</div>')
+        flags = []
+        if extra is not None and cid in extra.index:
+            row = extra.loc[cid]
+            if bool(row.get("registration_doubtful", False)):
+                flags.append("registration doubtful")
+            if "keypoint_source" in row and isinstance(row["keypoint_source"], str):
+                flags.append(f"key points: {row['keypoint_source']}")
+        cards.append(f'<div class="case">{image}<b>{escape(cid)}</b> ({"M" if case["male"] else "F"})<br>'
+                     f"true {number(case['boneage'])}, predicted {number(case['pred'])}<br>"
+                     f"error {float(case['error']):+.1f} months"
+                     + (f"<br><span class='meta'>{escape('; '.join(flags))}</span>" if flags else "") + "</div>")
+    out.append(f'<div class="cases">{"".join(cards)}</div>')
+    return "".join(out)
+
+
+def gate_effect(oof: pd.DataFrame, kinds: Sequence[str], pred: np.ndarray | None, flags: pd.DataFrame | None,
+                 test_gate: pd.DataFrame | None, quantile: float, files: dict[str, bytes]) -> str:
+    """The gate's section: cross-fitted on the OOF table, and the test split as scored; adds its PNG."""
+    effects, sets, notes = {}, [], []
+    if pred is None or oof["fold"].nunique() < 2:
+        notes.append("The out-of-fold gate needs an ensemble prediction and at least two folds: not measured.")
+    else:
+        table = oof.drop(columns=["registration_doubtful", "mask_doubtful"], errors="ignore")
+        if flags is None:
+            notes.append("No QA flags were given: out of fold, only the threshold checks were applied.")
+        else:
+            table = table.merge(flags.drop_duplicates("id")[["id", "registration_doubtful", "mask_doubtful"]],
+                                on="id", how="left")
+        accepted, reasons = gate.cross_fitted(table, kinds, pred, quantile)
+        name = f"out of fold, cross-fitted (q={quantile:g})"
+        effects[name] = gate.effect(accepted, reasons, pred, table["boneage"])
+        sets.append((name, accepted, reasons, np.abs(np.asarray(pred, float) - table["boneage"].to_numpy(float))))
+    if test_gate is not None and len(test_gate):
+        pred_t, truth = test_gate["boneage_months"].to_numpy(float), test_gate["boneage"].to_numpy(float)
+        accepted = test_gate["accepted"].fillna(False).astype(bool).to_numpy()
+        reasons = test_gate["reject_reason"].astype(object).where(test_gate["reject_reason"].notna(), None).to_numpy()
+        name = "locked test split, shipped thresholds"
+        effects[name] = gate.effect(accepted, reasons, pred_t, truth)
+        sets.append((name, accepted, reasons, np.abs(pred_t - truth)))
+        notes.append("Test split: the shipped bundle's thresholds; its fold spread threshold is the 99th "
+                     "percentile of these same images' spreads (no labels), so about 1 in 100 is rejected for it "
+                     "by construction.")
+    else:
+        notes.append("No locked test split was scored: its part is left out.")
+    png = None
+    if sets:
+        files["gate_effect.png"] = figures.plot_gate_effect(sets)
+        png = "gate_effect.png"
+    return gate_section(effects, notes, png)
