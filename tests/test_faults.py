@@ -113,7 +113,9 @@ def _checkpointed_epoch(output: Path, trial: str) -> int | None:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
     except (OSError, ValueError):  # not there yet, or being rewritten
         return None
-    return None if not latest else int(latest["metrics"]["epoch"])
+    if not latest:
+        return None
+    return EPOCHS if latest["metrics"].get("final") else int(latest["metrics"]["epoch"])
 
 
 def _part(output: Path, trial: str) -> Path:
