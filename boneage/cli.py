@@ -163,10 +163,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # a bad setting is said at once, before the heavy imports
     from boneage.distributed import ray_env
     from boneage import run
 
-    config = config_from_args(args)
     run.check_config(config, need_labels=False)  # registering needs no labels
     config = run.resolve_data(config)
     run.save_config(config)
@@ -176,10 +176,10 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # a bad setting is said at once, before the heavy imports
     from boneage.distributed import ray_env
     from boneage import run
 
-    config = config_from_args(args)
     run.check_config(config, need_data=False)
     run.check_registered(config)
     run.check_folds(config)  # too few images for k folds: said before Ray starts
