@@ -25,7 +25,6 @@ out-of-fold predictions, scored on the third, rotated).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -153,7 +152,7 @@ def run_trial(job: tuple) -> dict:
     overrides = dict(overrides)
     augment = overrides.pop("augment", None)
     overrides.pop("pooled_cache", None)  # rounds 1-2's bench-only switch: boneage pools once now
-    cvc = dataclasses.replace(CVConfig(), **overrides)
+    cvc = CVConfig(**{**CVConfig().model_dump(), **overrides})
     rows, bank, ages, fold, decode_s = _sex_data(trial.male)
     from boneage.model import augment as _augment
     _augment._POOLED.clear()  # each trial pools its own bank once, as in the pipeline

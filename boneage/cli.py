@@ -7,93 +7,149 @@ import argparse
 import functools
 import json
 import sys
+import typing
+from pathlib import Path
 from typing import Any
 
-from boneage.config import Config, load_config
+from boneage import config as config_module
+from boneage.config import Config, _plain, load_config
 from boneage import progress
 from boneage.errors import UserError
 
 
+# Each flag of the run commands and the setting it sets. Its type, choices and help text (with the
+# default) come from the setting in boneage.config, so that a flag never says another default than the
+# run uses; flags default to None, so that an unset flag keeps the YAML preset's value.
+RUN_FLAGS = {
+    "data": {"--images": "data.images", "--labels": "data.labels", "--keypoints": "data.keypoints",
+             "--storage-options": "data.storage_options", "--synthetic-n": "data.synthetic_n",
+             "--seed": "data.seed"},
+    "key points": {"--keypoint-source": "keypoints.source", "--keypoint-model": "keypoints.model"},
+    "run": {"--output": "output", "--address": "ray.address", "--num-cpus": "ray.num_cpus",
+            "--verbose": "ray.verbose"},
+}
+CV_FLAGS = {
+    "cross-validation": {"--folds": "cv.k", "--kinds": "cv.kinds", "--cv-epochs": "cv.epochs",
+                         "--cpus-per-trial": "cv.cpus_per_trial", "--gpus-per-trial": "cv.gpus_per_trial",
+                         "--max-concurrent-trials": "cv.max_concurrent_trials",
+                         "--inner-val-fraction": "cv.inner_val_fraction"},
+}
+TEST_FLAGS = {
+    "locked test split (scored once, at the end, by the shipped bundle)": {
+        "--test-fraction": "data.test_fraction", "--test-images": "data.test_images",
+        "--test-labels": "data.test_labels"},
+}
+FLAGS = {flag: setting for table in (RUN_FLAGS, CV_FLAGS, TEST_FLAGS) for group in table.values()
+         for flag, setting in group.items()}  # flag -> setting, e.g. "--folds" -> "cv.k"
+SETTING_FLAGS = {setting: flag for flag, setting in FLAGS.items()}  # "cv.k" -> "--folds"
+PRESETS = Path(__file__).resolve().parents[1] / "configs"  # configs/*.yaml in a checkout
+
+
+@functools.cache
+def preset_values() -> dict[str, list[tuple[str, Any]]]:
+    """Setting -> [(preset file, its value)] for the presets in configs/ that change a default
+    (embedded.yaml writes the defaults out); empty where the package runs without its checkout."""
+    found: dict[str, list[tuple[str, Any]]] = {}
+    known = config_module.settings()
+    for path in sorted(PRESETS.glob("*.yaml")) if PRESETS.is_dir() else []:
+        for name, value in _flatten(config_module.read_yaml(path)).items():
+            if name in known and _plain(value) != _plain(config_module.default_of(known[name])):
+                found.setdefault(name, []).append((path.name, value))
+    return found
+
+
+def _flatten(tree: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}" if isinstance(values, dict) and section in config_module.SECTIONS else section: value
+            for section, values in tree.items()
+            for key, value in (values.items() if isinstance(values, dict) and section in config_module.SECTIONS
+                               else [(None, values)])}
+
+
+def flag_help(setting: str) -> str:
+    """A flag's help: the setting's description, its default and the presets' values, from boneage.config."""
+    info = config_module.settings()[setting]
+    presets = "".join(f"; {name}: {config_module.show_value(value)}" for name, value in preset_values().get(setting, []))
+    text = f"{info.description} (default: {config_module.show_value(config_module.default_of(info))}{presets})"
+    return text.replace("%", "%%")
+
+
+def _add_flags(parser: argparse.ArgumentParser, table: dict[str, dict[str, str]],
+               before: dict[str, Any] | None = None) -> None:
+    for title, flags in table.items():
+        group = parser.add_argument_group(title)
+        for flag, setting in flags.items():
+            if before and title in before:
+                before.pop(title)(group)
+            info = config_module.settings()[setting]
+            kind = config_module.type_name(info.annotation)
+            kwargs: dict[str, Any] = {"default": None, "help": flag_help(setting)}
+            inner = typing.get_args(info.annotation)
+            if kind.startswith("bool"):
+                kwargs["action"] = "store_true"
+            elif kind.startswith("list of"):
+                kwargs["metavar"] = "A,B,..."
+            elif kind.startswith("mapping"):
+                kwargs["metavar"] = "JSON"
+            elif inner and all(isinstance(a, str) for a in inner):  # a Literal: its choices, checked by the model
+                kwargs["metavar"] = "{" + ",".join(inner) + "}"
+            group.add_argument(flag, **kwargs)
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every workflow that reads data and writes a run folder."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--images", help="folder, s3:// prefix or .txt list of radiographs (PNG, JPEG, DICOM); "
-                                       "default: make synthetic radiographs")
-    data.add_argument("--labels", help="label CSV: id,boneage,male (or the RSNA validation/test variants)")
-    data.add_argument("--keypoints", help="key point annotations (VIA CSV/JSON or id,finger_tip_x,...)")
-    data.add_argument("--storage-options", type=json.loads, metavar="JSON",
-                      help='fsspec options for s3://, e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'')
-    data.add_argument("--synthetic-n", type=int, help="how many synthetic radiographs when no --images (default 240)")
-    data.add_argument("--seed", type=int, help="seed for synthetic data, folds and training (default 0)")
-    kp = parser.add_argument_group("key points")
-    kp.add_argument("--keypoint-source", choices=["model", "geometric"],
-                    help="'model': the key point CNN (trained on --keypoints annotations and confident "
-                         "geometric pseudo-labels unless --keypoint-model is given), falling back to the "
-                         "geometric estimate where its registration fails QA; 'geometric': from the hand "
-                         "mask only (default: model)")
-    kp.add_argument("--keypoint-model", help="a trained key point model (.pt, local or s3://)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--config", help="YAML preset (configs/embedded.yaml, configs/rsna.yaml); flags override it")
-    run.add_argument("--output", help="run folder, local or s3:// (default runs/embedded)")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    run.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
-    run.add_argument("--verbose", action="store_true", default=None,
-                     help="also show Ray's INFO lines, the workers' output and per-operator progress bars "
-                          "(Ray's log files under /tmp/ray/session_latest/logs keep them either way)")
+    config_flag = {"run": lambda group: group.add_argument(
+        "--config", help="YAML preset (configs/embedded.yaml, configs/rsna.yaml); flags override it")}
+    _add_flags(parser, RUN_FLAGS, before=config_flag)
 
 
 def add_cv_args(parser: argparse.ArgumentParser) -> None:
-    """Options of the k-fold CV stage (the rest: YAML, e.g. configs/rsna.yaml)."""
-    cv = parser.add_argument_group("cross-validation")
-    cv.add_argument("--folds", type=int, help="k of k-fold CV (default 3; rsna.yaml: 5)")
-    cv.add_argument("--kinds", type=lambda s: tuple(s.split(",")),
-                    help="comma-separated model kinds, e.g. A-reg,B-cls (default: all six)")
-    cv.add_argument("--cv-epochs", type=int, help="epochs per CV trial (default 15; rsna.yaml: 50)")
-    cv.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
-    cv.add_argument("--gpus-per-trial", type=float,
-                    help="GPUs per trial; a fraction packs trials on a GPU (default 0: CPU)")
-    cv.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster holds")
-    cv.add_argument("--inner-val-fraction", type=float,
-                    help="share of each trial's training folds held out to choose its epoch (default 0.15); "
-                         "0: a fixed schedule, the last epoch. The scored fold never chooses anything")
+    """Options of the k-fold CV stage (the rest: YAML, e.g. configs/rsna.yaml; docs/settings.md)."""
+    _add_flags(parser, CV_FLAGS)
 
 
 def add_test_args(parser: argparse.ArgumentParser) -> None:
     """The locked test split of a full run."""
-    test = parser.add_argument_group("locked test split (scored once, at the end, by the shipped bundle)")
-    test.add_argument("--test-fraction", type=float,
-                      help="share of the labelled images set aside before anything is fit, stratified by sex "
-                           "and age, fixed by --seed (default 0.1; 0: none)")
-    test.add_argument("--test-images", help="an official test set instead (folder, s3:// prefix or .txt list)")
-    test.add_argument("--test-labels", help="the test set's labels (with --test-images)")
+    _add_flags(parser, TEST_FLAGS)
+
+
+def _from_flag(flag: str, setting: str, value: Any) -> Any:
+    """A flag's text as the setting's YAML value would be: lists split at commas, mappings as JSON;
+    the rest goes to the model as text, which checks and converts it (one line per bad value)."""
+    kind = config_module.type_name(config_module.settings()[setting].annotation)
+    if isinstance(value, str) and kind.startswith("list of"):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, str) and kind.startswith("mapping"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{setting}={value} ({flag}): must be JSON ({err.msg})") from None
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides: dict[str, Any] = {
-        "data": {k: v for k, v in {
-            "images": args.images, "labels": args.labels, "keypoints": args.keypoints,
-            "storage_options": args.storage_options, "synthetic_n": args.synthetic_n, "seed": args.seed,
-            "test_fraction": getattr(args, "test_fraction", None), "test_images": getattr(args, "test_images", None),
-            "test_labels": getattr(args, "test_labels", None),
-        }.items() if v is not None},
-        "keypoints": {k: v for k, v in {"source": args.keypoint_source, "model": args.keypoint_model}.items()
-                      if v is not None},
-        "ray": {k: v for k, v in {"address": args.address, "num_cpus": args.num_cpus,
-                                  "verbose": args.verbose}.items() if v is not None},
-        "cv": {k: v for k, v in {
-            "k": getattr(args, "folds", None), "kinds": getattr(args, "kinds", None),
-            "epochs": getattr(args, "cv_epochs", None), "cpus_per_trial": getattr(args, "cpus_per_trial", None),
-            "gpus_per_trial": getattr(args, "gpus_per_trial", None),
-            "max_concurrent_trials": getattr(args, "max_concurrent_trials", None),
-            "inner_val_fraction": getattr(args, "inner_val_fraction", None),
-        }.items() if v is not None},
-    }
-    if args.output is not None:
-        overrides["output"] = args.output
+    """Defaults, then --config, then every flag given (FLAGS), validated together (boneage.config)."""
+    overrides: dict[str, Any] = {}
+    for flag, setting in FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        *sections, key = setting.split(".")
+        target = overrides
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = _from_flag(flag, setting, value)
     try:
-        return load_config(args.config, overrides)
+        return load_config(getattr(args, "config", None), overrides, labels=SETTING_FLAGS)
     except (ValueError, FileNotFoundError) as err:  # all of it is the user's configuration
         raise UserError(str(err)) from err
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(config_module.settings_markdown(SETTING_FLAGS), end="")
+    else:
+        print(config_from_args(args).to_yaml(), end="")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -107,10 +163,10 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # a bad setting is said at once, before the heavy imports
     from boneage.distributed import ray_env
     from boneage import run
 
-    config = config_from_args(args)
     run.check_config(config, need_labels=False)  # registering needs no labels
     config = run.resolve_data(config)
     run.save_config(config)
@@ -120,10 +176,10 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _cv(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # a bad setting is said at once, before the heavy imports
     from boneage.distributed import ray_env
     from boneage import run
 
-    config = config_from_args(args)
     run.check_config(config, need_data=False)
     run.check_registered(config)
     run.check_folds(config)  # too few images for k folds: said before Ray starts
@@ -154,6 +210,16 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' where X says something: not for None, an off switch, or a help text that
+    already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="boneage",
@@ -164,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("synth", formatter_class=DefaultsHelp,
                        help="write synthetic hand radiographs with ground truth",
                        description="Write N synthetic left-hand radiographs (PNG) whose anatomy follows bone "
                                    "age and sex, with labels.csv (RSNA format), keypoints.csv, truth.csv "
@@ -194,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cv_args(p)
     p.set_defaults(func=_cv)
 
-    p = sub.add_parser("score", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("score", formatter_class=DefaultsHelp,
                        help="bone age of every radiograph in a folder, with a bundle, to parquet (Ray Data)",
                        description="Decode, preprocess, find key points, register and score every radiograph "
                                    "with every fold model of a bundle and its ensemble. One row per input file, "
@@ -227,6 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--verbose", action="store_true", help="also show Ray's INFO lines and the workers' output")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("config", help="the configuration a run would use, as YAML; or every setting (--markdown)",
+                       description="Print the configuration that a run with these flags would use: the defaults, "
+                                   "then --config, then the flags, checked, as YAML (credentials redacted). "
+                                   "--markdown: the table of every setting with its type, default, allowed "
+                                   "values and flag (docs/settings.md).")
+    add_run_args(p)
+    add_cv_args(p)
+    add_test_args(p)
+    p.add_argument("--markdown", action="store_true",
+                   help="print the settings table instead (boneage config --markdown > docs/settings.md)")
+    p.set_defaults(func=_config)
     return parser
 
 

@@ -133,7 +133,9 @@ def test_bad_config_key_is_a_message(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("cv:\n  foldz: 3\n")
     assert main(["cv", "--config", str(config), "--output", str(tmp_path / "run")]) == 2
-    assert "unknown config key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"boneage cv: error: cv.foldz=3 ({config}): unknown setting; known: k, kinds, ")
+    assert len(err.splitlines()) == 1
 
 
 def test_more_folds_than_images_is_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):

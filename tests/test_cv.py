@@ -247,7 +247,6 @@ def test_cv_config_from_yaml(tmp_path):
 
 def test_embedded_yaml_writes_out_the_defaults():
     """configs/embedded.yaml says it is the embedded default written out: it must not drift."""
-    import dataclasses
     from pathlib import Path
 
     import yaml
@@ -259,7 +258,7 @@ def test_embedded_yaml_writes_out_the_defaults():
     for section, values in text.items():
         if not isinstance(values, dict):
             continue
-        fields = dataclasses.asdict(getattr(defaults, section))
+        fields = getattr(defaults, section).model_dump()
         for key, value in values.items():
             expected = fields[key]
             assert (list(expected) if isinstance(expected, tuple) else expected) == value, (section, key)

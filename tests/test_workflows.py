@@ -148,7 +148,7 @@ def test_full_cv_reports_a_bad_config_key(tmp_path, capsys):
     preset = tmp_path / "bad.yaml"
     preset.write_text("keypoints:\n  epoch: 2\n")
     assert _load_workflow("full_cv").main(["--config", str(preset), "--output", str(tmp_path / "run")]) == 2
-    assert "unknown config key keypoints.'epoch'" in capsys.readouterr().err
+    assert f"keypoints.epoch=2 ({preset}): unknown setting; did you mean epochs?" in capsys.readouterr().err
 
 
 def test_full_cv_checks_its_settings_before_any_work(tmp_path, capsys):

@@ -22,7 +22,6 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -429,4 +428,4 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
 
 
 def cv_asdict(cvc: CVConfig) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cvc).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cvc.model_dump().items()}

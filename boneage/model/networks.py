@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from boneage.model.choices import HEADS
 from boneage.registration.frame import FRAME_H, FRAME_W, ZONES, Zone
 
 MAX_MONTHS = 240.0
 N_CLASSES = 240  # one class per month, ages 0..239
-HEADS = ("reg", "cls")  # the bone age heads; "sex" (one logit of P(male)) is the sex classifier's
 
 
 def to_scaled(months: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from boneage.model.choices import CLS_LOSSES, SCHEDULES
 from boneage.model.augment import Augment, ZoneSampler, keypoint_sampler, points_to_output
 from boneage.registration.frame import FRAME_H, FRAME_W
 from boneage.model.networks import KeypointNet, ModelKind, build_from_spec, to_months, to_scaled
-
-SCHEDULES = ("onecycle", "cosine", "plateau", "constant")
-CLS_LOSSES = ("mae", "mae+ce", "ce")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import fsspec
 
+from boneage import config as config_module
 from boneage.config import Config
 from boneage.data import storage, synth
 from boneage.data.images import list_images
@@ -16,49 +17,11 @@ from boneage.run.holdout import read_test_ids
 
 
 def check_config(config: Config, need_data: bool = True, need_labels: bool = True) -> None:
-    """Settings and input paths that would fail every trial or image, checked before any work starts:
-    ValueError or FileNotFoundError naming the setting and what it may be. need_data: check the
-    input paths; need_labels: given images need labels (to train)."""
-    from boneage.model.networks import MODEL_KINDS, SEX_KINDS
-    from boneage.model.train import CLS_LOSSES, SCHEDULES
-
-    cvc = config.cv
-    problems = []
-    unknown = [k for k in cvc.kinds if k not in MODEL_KINDS]
-    if unknown or not cvc.kinds:
-        problems.append(f"cv.kinds {list(cvc.kinds)}: known kinds are {', '.join(MODEL_KINDS)}")
-    if cvc.sex_kind is not None and cvc.sex_kind not in SEX_KINDS:
-        problems.append(f"cv.sex_kind {cvc.sex_kind!r}: one of {', '.join(SEX_KINDS)}, or null for none")
-    if [s for s in cvc.sexes if s not in ("F", "M")] or not cvc.sexes:
-        problems.append(f"cv.sexes {list(cvc.sexes)}: each must be F or M")
-    if cvc.k < 2:
-        problems.append(f"cv.k={cvc.k}: k-fold CV needs at least 2 folds")
-    if cvc.epochs < 1 or cvc.batch_size < 1:
-        problems.append(f"cv.epochs={cvc.epochs}, cv.batch_size={cvc.batch_size}: both must be at least 1")
-    if cvc.cpus_per_trial <= 0 or cvc.gpus_per_trial < 0:
-        problems.append(f"cv.cpus_per_trial={cvc.cpus_per_trial} must be > 0 and cv.gpus_per_trial="
-                        f"{cvc.gpus_per_trial} >= 0")
-    if cvc.schedule not in SCHEDULES:
-        problems.append(f"cv.schedule={cvc.schedule!r}: one of {', '.join(SCHEDULES)}")
-    if not (cvc.inner_val_fraction == 0 or 0 < cvc.inner_val_fraction < 0.5):
-        problems.append(f"cv.inner_val_fraction={cvc.inner_val_fraction}: 0 (fixed schedule) or in (0, 0.5)")
-    if cvc.driver_resources is not None and (not isinstance(cvc.driver_resources, dict) or any(
-            not isinstance(v, (int, float)) or v < 0 for v in cvc.driver_resources.values())):
-        problems.append(f"cv.driver_resources={cvc.driver_resources!r}: a mapping of resource names to amounts >= 0")
-    if cvc.cls_loss not in CLS_LOSSES:
-        problems.append(f"cv.cls_loss={cvc.cls_loss!r}: one of {', '.join(CLS_LOSSES)}")
-    if cvc.cls_sigma <= 0 or cvc.cls_ce_weight < 0:
-        problems.append(f"cv.cls_sigma={cvc.cls_sigma} must be > 0 and cv.cls_ce_weight={cvc.cls_ce_weight} >= 0")
-    if cvc.schedule == "plateau" and cvc.inner_val_fraction == 0:
-        problems.append("cv.schedule=plateau steps on the selection split: set cv.inner_val_fraction > 0")
-    if cvc.ensemble not in ("tune", "lad", "nnls"):
-        problems.append(f"cv.ensemble={cvc.ensemble!r}: one of tune, lad, nnls")
-    if not 0 <= config.data.test_fraction < 0.5:
-        problems.append(f"data.test_fraction={config.data.test_fraction}: in [0, 0.5)")
-    if config.keypoints.source not in ("model", "geometric"):
-        problems.append(f"keypoints.source={config.keypoints.source!r}: 'model' or 'geometric'")
-    if problems:
-        raise UserError("bad configuration:\n  " + "\n  ".join(problems))
+    """Settings and input paths that would fail every trial or image, checked before any work starts.
+    The settings' types, ranges and choices are boneage.config's models, validated again here (a stage
+    may have assigned one); then, with need_data, the input paths must exist; need_labels: given
+    images need labels (to train). A UserError, one line a problem."""
+    config_module.check(config)
     if not need_data:
         return
     d = config.data

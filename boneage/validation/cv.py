@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -363,5 +363,5 @@ def record_from_state(state: Mapping[str, Any], n_train: int, n_select: int, n_v
 def compact_model(state: Mapping[str, Any], trial: Trial, config: CVConfig) -> dict:
     """What the bundle needs of a trial: spec, best weights, metrics, the CV settings."""
     return {"spec": state["spec"], "best": {"model": state["best"]["model"]}, "metrics": state["best"]["metrics"],
-            "trial": trial.name, "sex": trial.sex, "fold": trial.fold, "cv": asdict(config),
+            "trial": trial.name, "sex": trial.sex, "fold": trial.fold, "cv": config.model_dump(),
             "train": state["config"]}
