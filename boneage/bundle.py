@@ -31,7 +31,6 @@ import yaml
 import boneage
 from boneage.registration import frame
 from boneage.data import storage
-from boneage.model import weights
 from boneage.errors import UserError
 
 BUNDLE_FORMAT = "boneage-bundle"
@@ -174,6 +173,8 @@ def _read(uri: str, path: str, manifest: Mapping[str, Any], storage_options) -> 
 
 def load_weights(uri: str, path: str, data: bytes) -> dict[str, Any]:
     """A model's state from verified bundle bytes: safetensors only, never a pickle."""
+    from boneage.model import weights  # torch: imported when a model is loaded, not by `boneage --version`
+
     try:
         return weights.from_bytes(data)
     except weights.UnsafeWeights as err:
