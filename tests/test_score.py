@@ -218,7 +218,7 @@ def test_a_synthetic_bundle_on_real_radiographs_warns_loudly(synthetic_small):
     manifest = _synthetic_bundle_manifest()
     banner = scoring.synthetic_warning(manifest, real)
     assert banner.startswith("WARNING") and len(banner.splitlines()) >= 4
-    assert "216 SYNTHETIC hand radiographs" in banner and "4 of the 4 input files" in banner
+    assert "216 SYNTHETIC hand radiographs" in banner and "4 of the 4 input images checked are not synthetic" in banner
     assert "mean nothing for real hands" in banner
     assert scoring.synthetic_warning(manifest, synthetic[:1] + real[:1]) is not None  # one real image is enough
     # not for the synthetic images it was made for (the embedded run's own test split), nor for a

@@ -426,7 +426,8 @@ def count_synthetic(uris: Iterable[str], storage_options: Mapping[str, Any] | No
                     limit: int | None = None) -> dict[str, int]:
     """How many of `uris` (at most `limit`, evenly spread over them) were written by `boneage synth`:
     {"checked": files whose head could be read, "synthetic": those marked}; one small read per file,
-    LISTING_THREADS at a time. A file that cannot be read is not counted (decoding reports it)."""
+    LISTING_THREADS at a time. A file that cannot be read, or whose head is no image's (not PNG with
+    its header, JPEG or DICOM), is not counted: it is no real radiograph either (decoding reports it)."""
     uris = list(uris)
     if limit is not None and len(uris) > limit:
         uris = [uris[int(i)] for i in np.linspace(0, len(uris) - 1, limit)]
@@ -435,9 +436,13 @@ def count_synthetic(uris: Iterable[str], storage_options: Mapping[str, Any] | No
         try:
             fs, path = filesystem(uri, storage_options)
             with fs.open(path, "rb") as f:
-                return is_synthetic(f.read(HEAD_BYTES))
+                head = f.read(HEAD_BYTES)
         except Exception:  # missing, a folder, unreadable: its own error row says why
             return None
+        kind = sniff_format(head)
+        if kind is None or (kind == "png" and head[12:16] != b"IHDR"):
+            return None
+        return is_synthetic(head)
 
     with ThreadPoolExecutor(max(1, min(LISTING_THREADS, len(uris)))) as pool:
         marks = [m for m in pool.map(one, uris) if m is not None]

@@ -87,8 +87,8 @@ def synthetic_warning(manifest: dict, uris: list[str], storage_options: dict | N
     return "\n".join([
         rule,
         f"WARNING: this bundle was trained on {data['images']} SYNTHETIC hand radiographs (made by `boneage synth`:",
-        f"WARNING: the embedded default data), and {real} of the {counts['checked']} input files checked are not "
-        "synthetic.",
+        f"WARNING: the embedded default data), and it is scoring real ones: {real} of the {counts['checked']} input "
+        "images checked are not synthetic.",
         "WARNING: Its bone ages, and the accuracy it measured on synthetic hands, mean nothing for real hands.",
         "WARNING: To score real radiographs, train a bundle on real ones (README, 'Using it': the RSNA data).",
         rule,
