@@ -236,6 +236,6 @@ def test_the_measured_accuracy_line_says_what_it_was_measured_on():
         "[score] the bundle's measured accuracy on its locked test split of 24 synthetic radiographs: MAE 8.30")
     manifest["accuracy"].pop("test_split")
     assert scoring.measured_accuracy_line(manifest).startswith(
-        "[score] the bundle's measured accuracy, out of fold on its 216 training synthetic radiographs: MAE")
+        "[score] the bundle's measured accuracy, out of fold on the 216 synthetic radiographs it was trained on: MAE")
     assert "locked test split of 24 radiographs:" in scoring.measured_accuracy_line(
         {"accuracy": _synthetic_bundle_manifest()["accuracy"]})  # an older bundle: no kind to name

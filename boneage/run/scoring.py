@@ -60,7 +60,7 @@ def measured_accuracy_line(manifest: dict) -> str | None:
         return (f"[score] the bundle's measured accuracy on its locked test split of {test.get('images')} "
                 f"{data_noun(data)}: {metrics.describe(test)}")
     if "out_of_fold" in measured:
-        on = f"its {data['images']} training {data_noun(data)}" if data["images"] else "its training images"
+        on = f"the {data['images']} {data_noun(data)} it was trained on" if data["images"] else "its training images"
         return f"[score] the bundle's measured accuracy, out of fold on {on}: {metrics.describe(measured['out_of_fold'])}"
     return None
 
