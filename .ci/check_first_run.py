@@ -2,7 +2,8 @@
 
     .venv/bin/python .ci/check_first_run.py runs/embedded
 
-a bundle whose manifest verifies (every file's size and SHA-256), report/report.html with its
+a bundle whose manifest verifies (every file's size and SHA-256) and says it was trained on synthetic
+radiographs, report/report.html with its
 pictures, an out-of-fold table with one row per labelled image outside the locked test split and no
 null prediction, and the locked test split scored by the bundle. Exit status 1 with the reasons if not.
 """
@@ -24,6 +25,10 @@ def main(run: str) -> int:
     bundle = load_bundle(str(out / "bundle"))  # raises BundleError on a missing or changed file
     if not bundle.manifest.get("accuracy", {}).get("test_split", {}).get("n"):
         problems.append("the bundle's manifest carries no locked-test accuracy")
+    # what it was trained on: the embedded default's synthetic hands (boneage score warns on real ones)
+    data = bundle.manifest.get("data") or {}
+    if data.get("kind") != "synthetic" or (bundle.training.get("data") or {}).get("kind") != "synthetic":
+        problems.append(f"the bundle does not record that it was trained on synthetic radiographs: data {data}")
 
     html = (out / "report" / "report.html").read_text()
     pictures = re.findall(r'src="([^"]+\.png)"', html)
@@ -53,7 +58,8 @@ def main(run: str) -> int:
     for problem in problems:
         print(f"check_first_run: {problem}", file=sys.stderr)
     if not problems:
-        print(f"check_first_run: {out} ok: bundle verified ({len(bundle.manifest['files'])} files), "
+        print(f"check_first_run: {out} ok: bundle verified ({len(bundle.manifest['files'])} files, trained on "
+              f"{data['images']} synthetic radiographs), "
               f"{len(oof)} out-of-fold rows, {len(test)} test images scored, report with {len(pictures)} pictures; "
               f"test MAE {metrics['accuracy']['all']['mae']:.2f} months")
     return 1 if problems else 0

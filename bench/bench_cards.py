@@ -1,8 +1,8 @@
 """What `--cards` costs: the same images scored by `boneage score` with and without cards, interleaved,
 in one process and one local Ray, plus the card's own parts timed without Ray.
 
-    PYTHONPATH=. python bench/bench_cards.py --bundle /work/main/runs/rsna-dev-v2/bundle \
-        --split /work/main/runs/rsna-dev-v2/test/split.csv --n 4 --runs 3 --json bench/results/cards_rsna_dev.json
+    PYTHONPATH=. python bench/bench_cards.py --bundle runs/rsna-dev-v2/bundle \
+        --split runs/rsna-dev-v2/test/split.csv --n 4 --runs 3 --json bench/results/cards_rsna_dev.json
 
 1. `run.score` (what `boneage score` runs after starting Ray) on the N images, `--runs` times without and
    with `--cards`, alternating; medians. Card cost per image = (median with - median without) / N; the
@@ -104,9 +104,10 @@ def parts(registered: str, ids: list[str], sexes: dict[str, str], bundle: str, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", default="/work/main/runs/rsna-dev-v2/bundle")
-    parser.add_argument("--split", default="/work/main/runs/rsna-dev-v2/test/split.csv",
-                        help="the bundle's run's test/split.csv (id, uri, male): the images")
+    parser.add_argument("--bundle", required=True, help="a bundle, e.g. runs/rsna-dev-v2/bundle (docs/benchmarks.md)")
+    parser.add_argument("--split", required=True,
+                        help="the bundle's run's test/split.csv (id, uri, male): the images, e.g. "
+                             "runs/rsna-dev-v2/test/split.csv")
     parser.add_argument("--n", type=int, default=4, help="images per scoring run")
     parser.add_argument("--runs", type=int, default=3, help="runs of each variant")
     parser.add_argument("--parts-images", type=int, default=2, help="images for the timing without Ray (0: none)")

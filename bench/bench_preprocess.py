@@ -1,6 +1,6 @@
 """Speed of preprocess + key points + registration against plain PNG decode, at full RSNA size.
 
-    .venv/bin/python bench/bench_preprocess.py [--n 40] [--runs 3]
+    .venv/bin/python bench/bench_preprocess.py --data $RSNA_DEV [--n 40] [--runs 3]
 
 The rsna-dev images are 0.5x; they are upsampled 2x with PIL (bicubic) and written as PNG to a
 temporary folder to emulate the original ~2044x1514 files. One process, one thread of Python;
@@ -21,7 +21,8 @@ from PIL import Image
 from boneage.registration import keypoints_geometric, preprocess, register
 from boneage.errors import ItemError
 
-DATA = "/work/shared/data/rsna-dev"
+# An rsna-dev folder (docs/benchmarks.md: images/<id>.png, labels.csv, keypoints_hand21.csv), from $RSNA_DEV
+DATA = os.environ.get("RSNA_DEV")
 
 
 def decode(path: str) -> np.ndarray:
@@ -39,7 +40,9 @@ def process(image: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--data", default=DATA, required=DATA is None,
+                    help="an rsna-dev folder: images/<id>.png, labels.csv, keypoints_hand21.csv (docs/benchmarks.md); "
+                         "default: $RSNA_DEV")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()

@@ -1,7 +1,7 @@
 """Ray Data scaling of preparation (decode → mask → key points → registration → PNG) from 1 to N CPUs,
 and the peak memory of a worker process, on the same images in one run.
 
-    .venv/bin/python bench/bench_ray_prepare.py --images ../shared/data/rsna-dev/images --n 200 --cpus 1 2
+    .venv/bin/python bench/bench_ray_prepare.py --images $RSNA_DEV/images --n 200 --cpus 1 2
 
 For each CPU count: a fresh local Ray with that many CPUs, the registration stage of the pipeline
 (boneage.distributed.ray_prepare, geometric key points) over the first N images, timed from the first task to the

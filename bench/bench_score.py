@@ -2,7 +2,7 @@
 process), and the whole Ray Data pipeline's images/s, each against plain PNG decoding of the same
 images measured in the same run.
 
-    python bench/bench_score.py ../shared/data/rsna-dev/images runs/rsna-dev-cv/bundle --n 64 --repeats 3
+    python bench/bench_score.py $RSNA_DEV/images runs/rsna-dev-cv/bundle --n 64 --repeats 3
 
 Stages per image: read + decode (boneage.data.images), hand mask + contrast + geometric key points, key point
 model (batched), registration, zone crops + every fold model of the bundle + ensemble (batched).

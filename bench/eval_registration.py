@@ -22,7 +22,8 @@ from scipy import ndimage as ndi
 
 from boneage.registration import frame, keypoints_geometric, preprocess, register
 
-DATA = "/work/shared/data/rsna-dev"
+# An rsna-dev folder (docs/benchmarks.md: images/<id>.png, labels.csv, keypoints_hand21.csv), from $RSNA_DEV
+DATA = os.environ.get("RSNA_DEV")
 
 
 def load(path: str) -> np.ndarray:
@@ -173,7 +174,9 @@ def eval_all(data: str, sheets: str, limit: int | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--data", default=DATA, required=DATA is None,
+                    help="an rsna-dev folder: images/<id>.png, labels.csv, keypoints_hand21.csv (docs/benchmarks.md); "
+                         "default: $RSNA_DEV")
     ap.add_argument("--sheets", default="/tmp/boneage_registered_sheets")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--skip-all", action="store_true", help="skip the run over all images")

@@ -2,8 +2,8 @@
 plain whole-image CNN without registration, trained with the same budget (same net, head, folds,
 epochs, input size as zone A).
 
-    python workflows/preprocess.py --images ../shared/data/rsna-dev/images \
-        --labels ../shared/data/rsna-dev/labels.csv --output runs/rsna-dev
+    python workflows/preprocess.py --images $RSNA_DEV/images \
+        --labels $RSNA_DEV/labels.csv --output runs/rsna-dev
     python bench/eval_rsna_cv.py runs/rsna-dev runs/rsna-dev-cv --epochs 30
 
 It writes OUT/registered (links to RUN/registered) and CVs the configured kinds there, then writes

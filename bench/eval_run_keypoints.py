@@ -3,9 +3,9 @@ middle_finger4 = finger tip, thumb4 = thumb tip, wrist), as % of hand length (wr
 and the angle of the annotated middle finger axis (middle_finger1 → middle_finger4) from vertical after
 registration with the run's transform.
 
-    python workflows/preprocess.py --images ../shared/data/rsna-dev/images \
-        --labels ../shared/data/rsna-dev/labels.csv --output runs/rsna-dev
-    python bench/eval_run_keypoints.py runs/rsna-dev ../shared/data/rsna-dev/keypoints_hand21.csv
+    python workflows/preprocess.py --images $RSNA_DEV/images \
+        --labels $RSNA_DEV/labels.csv --output runs/rsna-dev
+    python bench/eval_run_keypoints.py runs/rsna-dev $RSNA_DEV/keypoints_hand21.csv
 """
 
 from __future__ import annotations

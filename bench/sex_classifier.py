@@ -14,7 +14,7 @@ MAE on the run's locked test split with the predicted sex vs the true sex vs the
      mean       - no sex and no classifier: both sexes' mean for every image (scoring before issue #15).
    The registered images are those of OUTPUT/registered (the same key point model the bundle ships).
 
-    PYTHONPATH=. /work/main/.venv/bin/python bench/sex_classifier.py --run /work/main/runs/rsna-dev-honest \
+    .venv/bin/python bench/sex_classifier.py --run runs/rsna-dev-honest \
         --input-scale 0.125 --json bench/results/sex_classifier_rsna_dev.json
 """
 

@@ -2,7 +2,7 @@
 sex (the labels), with scoring's thresholds. The P(male) comes from bench/sex_classifier.py's --cache
 (its step 1: the 713 CV images of runs/rsna-dev-honest, in the order of cv.read_trial_rows, by id).
 
-    PYTHONPATH=. python bench/sex_mismatch.py --run /work/main/runs/rsna-dev-honest \
+    PYTHONPATH=. python bench/sex_mismatch.py --run runs/rsna-dev-honest \
         --cache /tmp/sex_rsna_dev_cache.pt --json bench/results/sex_mismatch_rsna_dev.json
 """
 

@@ -7,6 +7,10 @@
     BUNDLE/config.yaml                the run's resolved configuration (preprocessing, key points, CV)
     BUNDLE/training.json              a summary of the training data and the CV metrics
 
+The manifest's and training.json's `data` say what the models were trained on: `kind` ("synthetic",
+from `boneage synth`; "real"; "mixed"; absent in older bundles: training_data() gives "unknown"), the
+number of training images and the label file's name.
+
 The manifest is written last and lists every file with its size and SHA-256: a bundle without a
 manifest is incomplete (a run cut off while writing it), and one whose files do not match is damaged.
 Every file is checked against it before anything is loaded, the key point model included (the scoring
@@ -31,7 +35,6 @@ import yaml
 import boneage
 from boneage.registration import frame
 from boneage.data import storage
-from boneage.model import weights
 from boneage.errors import UserError
 
 BUNDLE_FORMAT = "boneage-bundle"
@@ -42,6 +45,12 @@ PACKAGES = ("boneage", "torch", "ray", "numpy", "pillow", "pyarrow", "scikit-ima
 
 class BundleError(UserError):
     """The bundle cannot be used: missing, incomplete, damaged or from an incompatible version."""
+
+
+def training_data(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What the bundle was trained on (boneage.run.bundling.training_data): kind "synthetic", "real",
+    "mixed", or "unknown" for a bundle written before boneage recorded it; images; labels_from."""
+    return {"kind": "unknown", "images": None, "labels_from": None, **(manifest.get("data") or {})}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -174,6 +183,8 @@ def _read(uri: str, path: str, manifest: Mapping[str, Any], storage_options) -> 
 
 def load_weights(uri: str, path: str, data: bytes) -> dict[str, Any]:
     """A model's state from verified bundle bytes: safetensors only, never a pickle."""
+    from boneage.model import weights  # torch: imported when a model is loaded, not by `boneage --version`
+
     try:
         return weights.from_bytes(data)
     except weights.UnsafeWeights as err:

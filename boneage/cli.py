@@ -220,6 +220,36 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def version_text() -> str:
+    """`boneage --version`: this package's, Ray's, torch's and Python's versions and the bundle format
+    this code writes and reads. From the installed packages' metadata: neither Ray nor torch is imported."""
+    import platform
+    from importlib import metadata
+
+    import boneage
+    from boneage.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return "\n".join([f"boneage {boneage.__version__}", f"ray {installed('ray')}", f"torch {installed('torch')}",
+                      f"python {platform.python_version()}", f"bundle format {BUNDLE_VERSION} ({BUNDLE_FORMAT})"])
+
+
+class VersionAction(argparse.Action):
+    """argparse's 'version' action, with the text computed only when --version is given."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())  # on stdout, as argparse's own version action prints
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="boneage",
@@ -228,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "See README.md and docs/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the versions of boneage, Ray, torch and Python and the bundle format, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", formatter_class=DefaultsHelp,

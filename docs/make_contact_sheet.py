@@ -1,7 +1,7 @@
 """Make docs/img/synth_vs_real.png (synthetic radiographs beside real RSNA ones) and
 docs/img/synth_ages.png (one synthetic hand over ages, both sexes).
 
-    python docs/make_contact_sheet.py [--real /work/shared/data/rsna-dev/images]
+    python docs/make_contact_sheet.py --real $RSNA_DEV/images   # any folder of real RSNA radiographs
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _sheet(images: list[Image.Image], captions: list[str], cols: int) -> Image.I
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real", default="/work/shared/data/rsna-dev/images")
+    ap.add_argument("--real", required=True, help="a folder of real RSNA radiographs (PNG), e.g. $RSNA_DEV/images")
     ap.add_argument("--out", default=str(Path(__file__).parent / "img"))
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)

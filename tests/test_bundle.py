@@ -133,3 +133,26 @@ def test_weights_round_trip_and_a_file_not_in_the_manifest_is_refused(tiny):
     (tiny / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not in the manifest's file list"):
         load_bundle(str(tiny))
+
+
+def test_an_older_bundle_without_its_training_data_loads_as_unknown(tiny):
+    loaded = load_bundle(tiny)  # write_tiny_bundle writes no "data": as a bundle from before it existed
+    assert "data" not in loaded.manifest
+    assert bundle.training_data(loaded.manifest) == {"kind": "unknown", "images": None, "labels_from": None}
+
+
+def test_the_bundle_records_synthetic_or_real_the_image_count_and_the_label_files_name(synthetic_small):
+    from pathlib import Path
+
+    from boneage.config import Config
+    from boneage.run import bundling
+
+    config = Config()
+    config.data.images, config.data.labels = synthetic_small["images"], synthetic_small["labels"]
+    data = bundling.training_data(config, {"1", "2", "3", "4"})
+    assert data == {"kind": "synthetic", "images": 4, "checked": 4, "checked_synthetic": 4,
+                    "images_from": "images", "labels_from": "labels.csv"}  # names: no path of this machine
+    real = Path(__file__).parent / "fixtures" / "real"
+    config.data.images, config.data.labels = str(real), str(real / "labels.csv")
+    data = bundling.training_data(config, {"1402", "1563", "1675", "1684"})
+    assert (data["kind"], data["images"], data["checked"], data["labels_from"]) == ("real", 4, 4, "labels.csv")

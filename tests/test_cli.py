@@ -155,3 +155,25 @@ def test_more_folds_than_images_is_one_line_before_ray_starts(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err == "boneage cv: error: 3 labelled F images cannot fill 5 folds: need at least 5\n"
     assert not (tmp_path / "run" / "cv").exists()
+
+
+def test_version_names_boneage_ray_torch_python_and_the_bundle_format_without_starting_ray():
+    import platform
+    import tomllib
+
+    import boneage
+    from boneage.bundle import BUNDLE_VERSION
+
+    # The real command, as installed: fast, and Ray is neither started nor imported.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "boneage.cli", "--version"],
+                            capture_output=True, text=True, check=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert lines == [f"boneage {boneage.__version__}", "ray 2.60.0", f"torch {lines[2].split()[1]}",
+                     f"python {platform.python_version()}", f"bundle format {BUNDLE_VERSION} (boneage-bundle)"]
+    assert lines[2].startswith("torch 2.13.0"), lines
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "ray" not in imported and "torch" not in imported, "--version imports Ray or torch"
+    # One version: pyproject.toml reads it from boneage.__version__ (setuptools, statically)
+    pyproject = tomllib.loads(Path(__file__).resolve().parents[1].joinpath("pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "boneage.__version__"}

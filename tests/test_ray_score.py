@@ -3,6 +3,7 @@ of bad file gives one row per file and exit status 0; the table's schema is the 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -45,10 +46,13 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_mixed_folder_one_row_per_file(tmp_path, ray_local, synthetic_small):
+def test_mixed_folder_one_row_per_file(tmp_path, ray_local, synthetic_small, capsys):
     images = mixed_folder(tmp_path / "images", synthetic_small)
     bundle = tmp_path / "bundle"
-    write_tiny_bundle(str(bundle))
+    manifest = write_tiny_bundle(str(bundle))
+    # as the embedded run's bundle says it: trained on synthetic radiographs (the folder has real ones)
+    manifest["data"] = {"kind": "synthetic", "images": 216, "labels_from": "labels.csv"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     subjects = tmp_path / "subjects.csv"
     subjects.write_text("id,sex,age_months\n1402,F,30\n1,M,\n2,X,\n")
     out = tmp_path / "predictions.parquet"
@@ -56,6 +60,9 @@ def test_mixed_folder_one_row_per_file(tmp_path, ray_local, synthetic_small):
     assert cli.main(["score", str(images), "--bundle", str(bundle), "--out", str(out),
                      "--subjects", str(subjects), "--batch-size", "4"]) == 0
 
+    err = capsys.readouterr().err
+    assert err.count("this bundle was trained on 216 SYNTHETIC hand radiographs") == 1  # once, loudly
+    assert "WARNING: " in err and "mean nothing for real hands" in err
     table = pd.read_parquet(out)
     files = sorted(p.name for p in images.iterdir())
     assert sorted(Path(u).name for u in table.uri) == files  # exactly one row per input file

@@ -199,3 +199,43 @@ def test_scoring_resources_are_the_scorers_not_the_bundles():
     assert trained.keypoints.gpus_per_actor > 0 and trained.keypoints.use_gpu
     config = scoring_config(trained, *scoring_resources(None, None, cluster_gpus=0))
     assert (config.keypoints.actors, config.keypoints.gpus_per_actor, config.keypoints.use_gpu) == (1, 0.0, False)
+
+
+def _synthetic_bundle_manifest(images: int = 216, test_images: int = 24) -> dict:
+    accuracy = {"n": test_images, "mae": 8.3, "rmse": 10.1, "median_ae": 7.0, "within_12": 0.8, "bias": 0.5}
+    return {"data": {"kind": "synthetic", "images": images, "labels_from": "labels.csv"},
+            "accuracy": {"test_split": {"images": test_images, "scored": test_images, **accuracy},
+                         "out_of_fold": accuracy}}
+
+
+def test_a_synthetic_bundle_on_real_radiographs_warns_loudly(synthetic_small):
+    from pathlib import Path
+
+    from boneage.run import scoring
+
+    real = sorted(str(p) for p in (Path(__file__).parent / "fixtures" / "real").glob("*.png"))
+    synthetic = sorted(str(p) for p in Path(synthetic_small["images"]).glob("*.png"))
+    manifest = _synthetic_bundle_manifest()
+    banner = scoring.synthetic_warning(manifest, real)
+    assert banner.startswith("WARNING") and len(banner.splitlines()) >= 4
+    assert "216 SYNTHETIC hand radiographs" in banner and "4 of the 4 input images checked are not synthetic" in banner
+    assert "mean nothing for real hands" in banner
+    assert scoring.synthetic_warning(manifest, synthetic[:1] + real[:1]) is not None  # one real image is enough
+    # not for the synthetic images it was made for (the embedded run's own test split), nor for a
+    # bundle trained on real images, nor for an older bundle that does not say
+    assert scoring.synthetic_warning(manifest, synthetic) is None
+    assert scoring.synthetic_warning({**manifest, "data": {"kind": "real", "images": 700}}, real) is None
+    assert scoring.synthetic_warning({}, real) is None
+
+
+def test_the_measured_accuracy_line_says_what_it_was_measured_on():
+    from boneage.run import scoring
+
+    manifest = _synthetic_bundle_manifest()
+    assert scoring.measured_accuracy_line(manifest).startswith(
+        "[score] the bundle's measured accuracy on its locked test split of 24 synthetic radiographs: MAE 8.30")
+    manifest["accuracy"].pop("test_split")
+    assert scoring.measured_accuracy_line(manifest).startswith(
+        "[score] the bundle's measured accuracy, out of fold on the 216 synthetic radiographs it was trained on: MAE")
+    assert "locked test split of 24 radiographs:" in scoring.measured_accuracy_line(
+        {"accuracy": _synthetic_bundle_manifest()["accuracy"]})  # an older bundle: no kind to name

@@ -200,3 +200,28 @@ def test_write_dataset_files_and_workers(tmp_path):
     from PIL import Image
     img = np.asarray(Image.open(tmp_path / "a" / "images" / "2.png"))
     assert np.array_equal(img, synth.render_case(synth.case_seed(3, 2), size=(128, 96)).image)
+
+
+def test_written_radiographs_are_marked_synthetic_and_real_ones_are_not(synthetic_small, tmp_path):
+    """`boneage synth` marks each PNG (Software chunk); decoding reports it; the RSNA fixtures are real."""
+    from pathlib import Path
+
+    from boneage.data import images
+
+    written = sorted(Path(synthetic_small["images"]).glob("*.png"))
+    real = sorted((Path(__file__).parent / "fixtures" / "real").glob("*.png"))
+    head = written[0].read_bytes()[:images.HEAD_BYTES]
+    assert images.png_text(head)["Software"].startswith("boneage synth ")
+    assert images.read_image(str(written[0])).meta["synthetic"] is True
+    assert images.read_image(str(real[0])).meta["synthetic"] is False
+    assert images.count_synthetic(map(str, written)) == {"checked": len(written), "synthetic": len(written)}
+    assert images.count_synthetic(map(str, real)) == {"checked": 4, "synthetic": 0}
+    assert images.data_kind(images.count_synthetic(map(str, written))) == "synthetic"
+    assert images.data_kind(images.count_synthetic(map(str, real))) == "real"
+    assert images.data_kind(images.count_synthetic(map(str, written[:1] + real))) == "mixed"
+    assert images.data_kind(images.count_synthetic([str(written[0]) + ".missing"])) == "unknown"
+    # a file that is no image (PNG magic alone, text) is not a real radiograph either: not counted
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "notes.png").write_text("not an image\n")
+    assert images.count_synthetic([str(tmp_path / "broken.png"), str(tmp_path / "notes.png"), str(written[0])]) == {
+        "checked": 1, "synthetic": 1}

@@ -96,6 +96,10 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert bundle.manifest["sex_kind"] == "A-sex"
     assert all(len(states) == 2 for states in bundle.models.values())
     assert bundle.keypoint_model.endswith("keypoints/keypoint_model.safetensors") and bundle.training["images"] == 30 - n_test
+    # what it was trained on: synthetic hands, how many, from which label file (its name, not its path)
+    assert bundle.manifest["data"] == bundle.training["data"]
+    assert {k: bundle.manifest["data"][k] for k in ("kind", "images", "labels_from")} == {
+        "kind": "synthetic", "images": 30 - n_test, "labels_from": "labels.csv"}
     test = json.loads((out / "test" / "metrics.json").read_text())
     assert test["images"] == n_test and test["scored"] + len(test["failed"]) == n_test
     acc = test["accuracy"]["all"]
@@ -115,7 +119,7 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert "Sex classifier A-sex (out of fold)" in html
 
 
-def test_scoring_with_the_trained_bundle(embedded_run, tmp_path):
+def test_scoring_with_the_trained_bundle(embedded_run, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     for path in sorted((embedded_run / "synthetic" / "images").iterdir())[:5]:
@@ -130,6 +134,12 @@ def test_scoring_with_the_trained_bundle(embedded_run, tmp_path):
     with _working_directory(tmp_path):  # relative paths, from a directory that is not the repository
         assert _load_workflow("score").main(["images", "--bundle", bundle, "--out", "predictions.parquet",
                                              "--subjects", "subjects.csv"]) == 0
+    printed = capsys.readouterr()
+    # synthetic images scored by a bundle trained on synthetic images: no warning, and the accuracy it
+    # prints says what it was measured on
+    assert "WARNING" not in printed.err + printed.out
+    n_test = len(pd.read_csv(embedded_run / "test" / "split.csv"))
+    assert f"measured accuracy on its locked test split of {n_test} synthetic radiographs: MAE" in printed.out
     table = pd.read_parquet(tmp_path / "predictions.parquet")
     assert len(table) == 6 and table.set_index("id").loc["broken", "status"] == "error"
     ok = table[table.status == "ok"]

@@ -1,8 +1,8 @@
 """Preprocess and register radiographs on Ray Data.
 
     python workflows/preprocess.py                                   # synthetic default, local Ray
-    python workflows/preprocess.py --images ../shared/data/rsna-dev/images \
-        --labels ../shared/data/rsna-dev/labels.csv --output runs/rsna-dev
+    python workflows/preprocess.py --images $RSNA/boneage-training-dataset \
+        --labels $RSNA/boneage-training-dataset.csv --output runs/rsna   # the RSNA data: README
     python workflows/preprocess.py --images s3://bucket/train --labels s3://bucket/train.csv \
         --output s3://bucket/runs/rsna
 

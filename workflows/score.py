@@ -1,6 +1,6 @@
 """Batch-score radiographs with a model bundle: one parquet row per input file.
 
-    python workflows/score.py ../shared/data/rsna-dev/images --bundle runs/embedded/bundle --out predictions.parquet
+    python workflows/score.py scans/ --bundle runs/rsna/bundle --out predictions.parquet   # scans/: your radiographs
     python workflows/score.py s3://bucket/new-scans --bundle s3://bucket/runs/rsna/bundle \
         --out s3://bucket/predictions.parquet --subjects s3://bucket/subjects.csv --gpus-per-actor 0.5
 

@@ -228,6 +228,7 @@ META_KEYS = (
     "age_months",  # chronological age in months (float) from DICOM, or None
     "age_source",  # "dates" (StudyDate - PatientBirthDate) | "PatientAge" | None
     "pixel_spacing_mm",  # [row, col] mm per pixel from DICOM (Imager)PixelSpacing, or None
+    "synthetic",  # True for a PNG written by `boneage synth` (its Software text chunk), else False
 )
 
 
@@ -316,7 +317,7 @@ def decode_image(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     if kind is None:
         raise ItemError("not_an_image", f"{name}: {_describe_unknown(data)}")
     meta: dict[str, Any] = dict.fromkeys(META_KEYS)
-    meta.update(format=kind, window="none", inverted=False, n_frames=1)
+    meta.update(format=kind, window="none", inverted=False, n_frames=1, synthetic=is_synthetic(data))
     if kind == "dicom":
         from boneage.data import dicom  # imported here: only DICOM inputs pay for pydicom
 
@@ -388,3 +389,71 @@ def check_usable(image: np.ndarray, name: str) -> None:
         raise ItemError("bad_image", f"{name}: {w}x{h} px is smaller than {MIN_SIDE} px on a side")
     if int(image.max()) == int(image.min()):
         raise ItemError("bad_image", f"{name}: constant image (all pixels {int(image.min())})")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic or real
+# --------------------------------------------------------------------------------------------
+
+# `boneage synth` (boneage.data.synth) writes this, then its version, in every PNG's Software text chunk.
+SYNTH_SOFTWARE = "boneage synth"
+HEAD_BYTES = 4096  # the chunks before the pixel data: PIL writes text chunks right after the header
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The tEXt chunks (keyword: text, Latin-1) of PNG bytes before the first IDAT: `data` may be just
+    the file's head. Empty for anything that is not a PNG."""
+    if not data.startswith(_PNG_MAGIC):
+        return {}
+    found, pos = {}, len(_PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        if kind in (b"IDAT", b"IEND") or pos + 8 + length > len(data):
+            break
+        if kind == b"tEXt":
+            keyword, _, text = data[pos + 8:pos + 8 + length].partition(b"\0")
+            found[keyword.decode("latin-1")] = text.decode("latin-1")
+        pos += 12 + length  # length, type, data, CRC
+    return found
+
+
+def is_synthetic(data: bytes) -> bool:
+    """Whether image bytes (or a file's first HEAD_BYTES) are a radiograph written by `boneage synth`."""
+    return png_text(data).get("Software", "").startswith(SYNTH_SOFTWARE)
+
+
+def count_synthetic(uris: Iterable[str], storage_options: Mapping[str, Any] | None = None,
+                    limit: int | None = None) -> dict[str, int]:
+    """How many of `uris` (at most `limit`, evenly spread over them) were written by `boneage synth`:
+    {"checked": files whose head could be read, "synthetic": those marked}; one small read per file,
+    LISTING_THREADS at a time. A file that cannot be read, or whose head is no image's (not PNG with
+    its header, JPEG or DICOM), is not counted: it is no real radiograph either (decoding reports it)."""
+    uris = list(uris)
+    if limit is not None and len(uris) > limit:
+        uris = [uris[int(i)] for i in np.linspace(0, len(uris) - 1, limit)]
+
+    def one(uri: str) -> bool | None:
+        try:
+            fs, path = filesystem(uri, storage_options)
+            with fs.open(path, "rb") as f:
+                head = f.read(HEAD_BYTES)
+        except Exception:  # missing, a folder, unreadable: its own error row says why
+            return None
+        kind = sniff_format(head)
+        if kind is None or (kind == "png" and head[12:16] != b"IHDR"):
+            return None
+        return is_synthetic(head)
+
+    with ThreadPoolExecutor(max(1, min(LISTING_THREADS, len(uris)))) as pool:
+        marks = [m for m in pool.map(one, uris) if m is not None]
+    return {"checked": len(marks), "synthetic": int(sum(marks))}
+
+
+def data_kind(counts: Mapping[str, int]) -> str:
+    """'synthetic' (every checked file made by `boneage synth`), 'real' (none), 'mixed', or 'unknown'
+    (nothing checked), from count_synthetic's counts."""
+    if not counts.get("checked"):
+        return "unknown"
+    if counts["synthetic"] == counts["checked"]:
+        return "synthetic"
+    return "real" if counts["synthetic"] == 0 else "mixed"

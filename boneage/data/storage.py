@@ -88,6 +88,11 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
         f.write(data)
 
 
+def base_name(uri: str | None) -> str | None:
+    """The last part of a path or URI (a file's or folder's name), without where it is."""
+    return str(uri).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] if uri else None
+
+
 def strip_protocol(uri: str) -> str:
     """``s3://bucket/key`` → ``bucket/key`` (what pyarrow filesystems take); local paths unchanged."""
     return uri.split("://", 1)[1] if "://" in uri else uri

@@ -4,6 +4,7 @@ configuration and what the models were trained on, written as one hashed bundle 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pandas as pd
 
@@ -14,6 +15,25 @@ from boneage.model import weights
 
 
 KEYPOINT_MODEL = "keypoints/keypoint_model.safetensors"  # in the bundle
+# Training images whose PNG marks are read to tell synthetic from real data (evenly spread over them):
+# enough to see a real set, a few small reads even on s3://.
+DATA_KIND_SAMPLE = 64
+
+
+def training_data(config: Config, ids: set[str]) -> dict[str, Any]:
+    """What the bundle was trained on, for training.json and the manifest: `kind` "synthetic" (written by
+    `boneage synth`: the embedded default, or `boneage synth` output given as --images), "real", "mixed"
+    (boneage.data.images.data_kind, from up to DATA_KIND_SAMPLE of the images), the number of training
+    images (outside the locked test split) and the names of the image folder and label file. Names,
+    not paths: a bundle travels, and /home/<someone>/... would tell where it was made."""
+    from boneage.data.images import count_synthetic, data_kind, list_inputs
+
+    options = config.data.storage_options
+    uris = [f.uri for f in list_inputs(config.data.images, storage_options=options) if f.id in ids]
+    counts = count_synthetic(uris, options, limit=DATA_KIND_SAMPLE)
+    return {"kind": data_kind(counts), "images": len(ids), "checked": counts["checked"],
+            "checked_synthetic": counts["synthetic"], "images_from": storage.base_name(config.data.images),
+            "labels_from": storage.base_name(config.data.labels)}
 
 
 def write_bundle(config: Config) -> str:
@@ -60,11 +80,12 @@ def write_bundle(config: Config) -> str:
     oof = pd.read_parquet(storage.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
     oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
                     [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", f"ensemble_{ensembles['use']}")]}
+    data = training_data(config, set(folds["id"]))
     training = {
+        "data": data,  # synthetic or real, how many, from which label file (names only)
         "images": int(len(folds)), "female": int((~folds["male"]).sum()), "male": int(folds["male"].sum()),
         "boneage_months": {q: float(folds["boneage"].quantile(v)) for q, v in
                            (("min", 0), ("p05", .05), ("median", .5), ("p95", .95), ("max", 1))},
-        "source": {"images": config.data.images, "labels": config.data.labels},
         "preprocess": {k: preprocess_summary.get(k) for k in ("items", "ok", "errors", "errors_by_code",
                                                               "registration_doubtful", "keypoint_model")},
         "cv": cv_summary,
@@ -79,10 +100,11 @@ def write_bundle(config: Config) -> str:
         "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
         "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
         "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
-        "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json",
+        "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json", "data": data,
         "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
                                      **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},
     }, options)
     size = sum(len(v) for v in files.values()) / 1e6
-    print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB → {out}")
+    print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB, trained on {data['images']} "
+          f"{data['kind']} radiographs ({data['labels_from']}) → {out}")
     return out

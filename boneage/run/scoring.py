@@ -3,6 +3,7 @@ scorer's resources, the subjects' sex and age, the Ray Data run, and its printed
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -41,6 +42,59 @@ def scoring_config(config: Config, actors: int, gpus_per_actor: float) -> Config
     return config
 
 
+def data_noun(data: dict) -> str:
+    """'synthetic radiographs', 'real radiographs'... for a bundle's training_data."""
+    return {"synthetic": "synthetic radiographs", "real": "real radiographs",
+            "mixed": "radiographs, synthetic and real,"}.get(data["kind"], "radiographs")
+
+
+def measured_accuracy_line(manifest: dict) -> str | None:
+    """The bundle's measured accuracy, saying on what: its locked test split of N synthetic (or real)
+    radiographs, else out of fold on its N training radiographs. None when it has neither."""
+    from boneage import bundle as bundle_mod
+    from boneage.validation import metrics
+
+    measured, data = manifest.get("accuracy", {}), bundle_mod.training_data(manifest)
+    if "test_split" in measured:
+        test = measured["test_split"]
+        return (f"[score] the bundle's measured accuracy on its locked test split of {test.get('images')} "
+                f"{data_noun(data)}: {metrics.describe(test)}")
+    if "out_of_fold" in measured:
+        on = f"the {data['images']} {data_noun(data)} it was trained on" if data["images"] else "its training images"
+        return f"[score] the bundle's measured accuracy, out of fold on {on}: {metrics.describe(measured['out_of_fold'])}"
+    return None
+
+
+# Input files whose PNG marks are read when a bundle trained on synthetic hands scores them.
+SYNTHETIC_CHECK_SAMPLE = 256
+
+
+def synthetic_warning(manifest: dict, uris: list[str], storage_options: dict | None = None) -> str | None:
+    """The banner `score` prints when a bundle trained on synthetic radiographs scores images that are
+    not synthetic (not written by `boneage synth`: boneage.data.images.is_synthetic; up to
+    SYNTHETIC_CHECK_SAMPLE of them are read); None otherwise, and for a bundle trained on real images."""
+    from boneage import bundle as bundle_mod
+    from boneage.data.images import count_synthetic
+
+    data = bundle_mod.training_data(manifest)
+    if data["kind"] != "synthetic":
+        return None
+    counts = count_synthetic(uris, storage_options, limit=SYNTHETIC_CHECK_SAMPLE)
+    real = counts["checked"] - counts["synthetic"]
+    if not real:
+        return None
+    rule = "WARNING " + "=" * 92
+    return "\n".join([
+        rule,
+        f"WARNING: this bundle was trained on {data['images']} SYNTHETIC hand radiographs (made by `boneage synth`:",
+        f"WARNING: the embedded default data), and it is scoring real ones: {real} of the {counts['checked']} input "
+        "images checked are not synthetic.",
+        "WARNING: Its bone ages, and the accuracy it measured on synthetic hands, mean nothing for real hands.",
+        "WARNING: To score real radiographs, train a bundle on real ones (README, 'Using it': the RSNA data).",
+        rule,
+    ])
+
+
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
           batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
@@ -55,7 +109,6 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     started by the caller."""
     from boneage import bundle as bundle_mod, score as score_mod
     from boneage.clinical import columns, gate
-    from boneage.validation import metrics
     from boneage.distributed import ray_env, ray_score
     from boneage.config import load_config
 
@@ -90,11 +143,12 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
             print(f"[score] {len(unmatched)} ids in {subjects} have no image, e.g. {unmatched[:3]}")
     print(f"[score] {len(manifest)} files; bundle {bundle_uri}: {len(loaded.kinds)} kinds x "
           f"{len(loaded.sexes)} sexes x {loaded.manifest['folds']} folds")
-    measured = loaded.manifest.get("accuracy", {})
-    if "test_split" in measured:
-        print(f"[score] the bundle's measured accuracy on its locked test split: {metrics.describe(measured['test_split'])}")
-    elif "out_of_fold" in measured:
-        print(f"[score] the bundle's measured accuracy, out of fold: {metrics.describe(measured['out_of_fold'])}")
+    accuracy = measured_accuracy_line(loaded.manifest)
+    if accuracy:
+        print(accuracy)
+    warning = synthetic_warning(loaded.manifest, manifest.loc[manifest.status == STATUS_OK, "uri"].tolist(), options)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
     ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
                         gpus_per_actor=gpus_per_actor, ages=ages,

@@ -84,8 +84,8 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
 
 def fit_ensembles(config: Config) -> dict[str, Any]:
     """The ensemble weights per sex over the CV's out-of-fold table, by Ray Tune and by the two direct
-    solvers (LAD, NNLS), each with its honest cross-validated MAE. Scoring uses the fit with the lowest
-    of those ("use"). Writes OUTPUT/cv/ensemble.json and OUTPUT/cv/ensemble_oof.parquet (the OOF table
+    solvers (LAD, NNLS), each with its honest cross-validated MAE. Scoring uses the fit fixed beforehand
+    by cv.ensemble ("use"), never the one whose MAE turns out lowest: the others are comparisons. Writes OUTPUT/cv/ensemble.json and OUTPUT/cv/ensemble_oof.parquet (the OOF table
     plus each fit's cross-validated prediction). Returns the ensemble.json content."""
     from boneage.validation import ensemble
     from boneage.distributed import ray_ensemble
