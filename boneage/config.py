@@ -60,8 +60,9 @@ class DataConfig(_Section):
     test_labels: str | None = Field(None, description="the official test set's labels (with test_images)")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec options for s3:// (endpoint, keys), e.g. {client_kwargs: {endpoint_url: "
-                    "http://...}}; credentials are redacted in every saved config")
+        description="fsspec options for s3:// (endpoint, keys): a mapping in YAML, JSON as a flag, e.g. "
+                    "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'; credentials are "
+                    "redacted in every saved config")
     # The embedded default: enough synthetic hands for every fold of both sexes to see all ages, at a
     # size a CPU registers in well under a second each.
     synthetic_n: int = Field(240, ge=1, description="how many synthetic radiographs when no images are given")
