@@ -125,3 +125,25 @@ def test_the_rule_refuses_a_narrow_method_that_undercovers():
     comparison["age_band"]["all"]["coverage"] = 0.85  # below 0.9 - 1.96 * sqrt(0.09 / 1000) = 0.881
     assert intervals.choose_method(comparison, 0.9)[0] == "global"
     assert intervals.coverage_tolerance(0.9, 1000) == pytest.approx(1.96 * math.sqrt(0.09 / 1000))
+
+
+def test_the_test_splits_coverage_goes_into_training_json_and_the_manifest(tmp_path):
+    from boneage import bundle
+    from boneage.run.holdout import interval_coverage
+
+    calibration = intervals.fit_interval(oof_table(n=300), 0.9, "global")
+    scored = pd.DataFrame({"boneage": [100.0, 50.0, 200.0], "male": [True, False, True],
+                           "boneage_lower_months": [90.0, 10.0, 150.0], "boneage_upper_months": [110.0, 30.0, 210.0]})
+    report = interval_coverage(scored, {"interval": calibration})
+    assert report["method"] == "global" and report["level"] == 0.9
+    assert report["all"] == {"n": 3, "coverage": pytest.approx(2 / 3), "mean_width": pytest.approx(100 / 3)}
+    assert report["by_sex"]["F"]["coverage"] == 0.0 and report["by_age_band"]["15-19 y"]["n"] == 1
+    assert "error" in interval_coverage(scored, {"images": 0})  # a bundle without a calibration
+    # bundle.add_test_accuracy carries it into training.json and the manifest's test-split summary.
+    uri = str(tmp_path / "bundle")
+    bundle.write_bundle(uri, {"training.json": b"{}"}, [], {"training": "training.json"})
+    manifest = bundle.add_test_accuracy(uri, {"images": 3, "scored": 3, "accuracy": {"all": {"mae": 1.0}},
+                                              "interval": report})
+    assert manifest["accuracy"]["test_split"]["interval"] == {"level": 0.9, "method": "global", **report["all"]}
+    with open(tmp_path / "bundle" / "training.json") as f:
+        assert json.load(f)["test"]["interval"]["all"]["n"] == 3
