@@ -102,6 +102,9 @@ def add_test_accuracy(uri: str, test: Mapping[str, Any], storage_options: Mappin
             entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest.setdefault("accuracy", {})["test_split"] = {"images": test["images"], "scored": test["scored"],
                                            "source": test.get("source"), **test["accuracy"]["all"]}
+    if (test.get("interval") or {}).get("all"):  # the bone age interval's coverage on the split
+        i = test["interval"]
+        manifest["accuracy"]["test_split"]["interval"] = {"level": i["level"], "method": i["method"], **i["all"]}
     storage.write_bytes(storage.join_uri(uri, MANIFEST), json.dumps(manifest, indent=2).encode(), storage_options)
     return manifest
 

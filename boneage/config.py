@@ -225,6 +225,11 @@ class CVConfig(_Section):
     # reports would be optimistic): "tune" (Ray Tune), "lad" or "nnls"; the others are comparisons.
     ensemble: Literal["tune", "lad", "nnls"] = Field(
         "tune", description="the ensemble fit that scores (the others are reported beside it)")
+    # The bone age's prediction interval (boneage.validation.intervals): conformal on the ensemble's
+    # out-of-fold residuals, its method chosen by cross-fitted coverage and width over the OOF folds.
+    interval_level: float = Field(
+        0.9, ge=0.5, le=0.99, description="level of the bone age's prediction interval (calibrated on out-of-fold "
+                                          "residuals)")
     # Ray Train's local mode (ScalingConfig(num_workers=0)): the training function runs inside the Tune
     # trial's own process, without Train's controller and worker actors, whose start-up was most of a
     # small CPU trial's time. None: local for CPU trials (gpus_per_trial == 0), a Train worker for GPU

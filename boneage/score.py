@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from boneage.clinical import columns, gate
-from boneage.validation import cv, ensemble, metrics
+from boneage.validation import cv, ensemble, intervals, metrics
 from boneage.model import train
 from boneage.bundle import Bundle, BundleError
 from boneage.model.networks import model_kind
@@ -33,7 +33,7 @@ SEX_SOURCES = ("csv", "dicom", "predicted", "unknown")
 # The output table, in order: see docs/scoring.md for each column's meaning.
 OUTPUT_COLUMNS = (
     "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown", "p_male", "sex_unsure", "sex_mismatch",
-    "boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
+    "boneage_months", "boneage_lower_months", "boneage_upper_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
     "format", "height", "width", "mirrored", "transform",
@@ -70,6 +70,8 @@ class BundleModels:
         self.kinds = bundle.kinds
         self.record = ensemble_record(bundle)
         self.gate = gate.calibration_of(bundle.training)  # the rejection gate's thresholds (boneage.clinical.gate)
+        # the bone age's prediction interval (boneage.validation.intervals); None: an older bundle, null bounds
+        self.interval = intervals.calibration_of(bundle.training)
         self.sex_kind = bundle.manifest.get("sex_kind")  # the sex classifier's kind; None: the bundle has none
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
         for (kind, sex), states in bundle.models.items():
@@ -113,6 +115,19 @@ class BundleModels:
 def spread(per_fold: np.ndarray) -> np.ndarray:
     """Standard deviation across fold-wise ensembles (NaN with a single fold)."""
     return per_fold.std(axis=1, ddof=1) if per_fold.shape[1] > 1 else np.full(len(per_fold), np.nan)
+
+
+def interval_bounds(out: pd.DataFrame, calibration: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) of the bone age's prediction interval for scored rows (boneage.validation.intervals;
+    NaN without a calibration). An image of unknown sex gets the union of its two sexes' intervals, each
+    around that sex's estimate: it covers the bone age whichever the sex is."""
+    lower, upper = intervals.apply_interval(out["boneage_months"], out["sex"], calibration)
+    unknown = out["sex"].isna().to_numpy() & out["boneage_if_female_months"].notna().to_numpy()
+    if calibration is not None and unknown.any():
+        f_lo, f_hi = intervals.apply_interval(out["boneage_if_female_months"].to_numpy(float)[unknown], "F", calibration)
+        m_lo, m_hi = intervals.apply_interval(out["boneage_if_male_months"].to_numpy(float)[unknown], "M", calibration)
+        lower[unknown], upper[unknown] = np.fmin(f_lo, m_lo), np.fmax(f_hi, m_hi)
+    return lower, upper
 
 
 def ensemble_record(bundle: Bundle) -> dict[str, Any]:
@@ -186,7 +201,8 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     ages, age_sources = resolve_age(rows)
     out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "path": rows.get("path"), "status": rows["status"], "error": rows["error"],
                         "sex": sexes, "sex_source": sex_sources, "sex_unknown": [s is None for s in sexes]})
-    for column in ("boneage_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months"):
+    for column in ("boneage_months", "boneage_lower_months", "boneage_upper_months", "boneage_sd_months",
+                   "boneage_if_female_months", "boneage_if_male_months"):
         out[column] = np.nan
     for kind in models.kinds:
         out[kind] = np.nan
@@ -232,6 +248,8 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
             out.loc[at[unknown], "boneage_months"] = out.loc[at[unknown], ["boneage_if_female_months",
                                                                            "boneage_if_male_months"]].mean(axis=1)
             out.loc[at[unknown], "boneage_sd_months"] = spread(pooled)
+        out.loc[at, "boneage_lower_months"], out.loc[at, "boneage_upper_months"] = interval_bounds(
+            out.loc[at], models.interval)
     out["chronological_age_months"] = ages
     out["age_source"] = age_sources
     out["boneage_minus_age_months"] = out["boneage_months"] - ages

@@ -137,3 +137,13 @@ def test_a_card_per_scored_row(models, tmp_path):
     finger_tip_red = (panel[..., 0] > 200) & (panel[..., 1] < 110) & (panel[..., 2] < 110)
     assert finger_tip_red.sum() >= 4
     assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["hand.png"]
+
+
+def test_the_card_shows_the_interval_never_the_spread_with_plus_minus():
+    row = {"boneage_months": 80.31, "boneage_lower_months": 70.12, "boneage_upper_months": 90.5,
+           "boneage_sd_months": 6.8, "interval_level": 0.9, "boneage_sds_lower": -2.5, "boneage_sds_upper": -0.4}
+    assert cards.bone_age_text(row) == "bone age 80.3 mo (90% interval 70.1-90.5)"
+    assert cards.sds_interval_text(row) == " (interval -2.50 to -0.40)"
+    old = {**row, "boneage_lower_months": None, "boneage_upper_months": np.nan, "interval_level": None}
+    assert cards.bone_age_text(old) == "bone age 80.3 mo (no interval: the bundle has no calibration)"
+    assert "±" not in cards.bone_age_text(row) + cards.bone_age_text(old)

@@ -141,3 +141,22 @@ def test_effect_counts_reasons_and_splits_the_error():
     assert e["by_reason"] == {"not_scored": {"n": 1, "mae": pytest.approx(np.nan, nan_ok=True)},
                               "mask_doubtful": {"n": 2, "mae": pytest.approx(30.0)},
                               "zone_models_disagree": {"n": 1, "mae": pytest.approx(40.0)}}
+
+
+def test_an_interval_that_straddles_minus_2_sd_is_uncertain():
+    # Boys at 72 months (SD 9.17): bone age 50 (SDS -2.4) with the interval 40-60 (SDS -3.5 to -1.3)
+    # straddles -2 SD -> uncertain; 40-52 (to -2.2) lies wholly below -> delayed; 70-80 within -> normal;
+    # no bounds (an older bundle) -> the point SDS decides, as before.
+    out = pd.DataFrame({"id": list("abcd"), "sex": ["M"] * 4, "sex_unknown": [False] * 4,
+                        "boneage_months": [50.0, 46.0, 75.0, 50.0], "boneage_lower_months": [40.0, 40.0, 70.0, np.nan],
+                        "boneage_upper_months": [60.0, 52.0, 80.0, np.nan], "boneage_sd_months": [1.0] * 4,
+                        "chronological_age_months": [72.0] * 4, "registration_doubtful": [False] * 4,
+                        "mask_doubtful": [False] * 4, "status": ["ok"] * 4})
+    out = columns.add_columns(out, [], {})
+    assert out.boneage_interpretation.tolist() == ["uncertain", "delayed", "normal", "delayed"]
+    assert out.boneage_sds_lower[0] == pytest.approx((40 - 72) / 9.17)
+    assert out.boneage_sds_upper[0] == pytest.approx((60 - 72) / 9.17)
+    assert np.isnan(out.boneage_sds_lower[3])
+    counts = columns.summary(out)["interpretation"]
+    assert counts == {"delayed": 2, "normal": 1, "advanced": 0, "uncertain": 1}
+    assert "1 uncertain" in columns.describe(out, {})

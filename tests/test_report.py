@@ -240,3 +240,23 @@ def test_report_renders_in_headless_chromium(inputs, tmp_path):
     # the age-band bars in the first screen.
     bars = (np.abs(rgb - np.array([31, 119, 180])).max(axis=2) < 12).sum()
     assert bars > 2000, bars
+
+
+def test_the_interval_section_states_level_method_coverage_and_width():
+    from boneage.report import sections
+    from boneage.validation import intervals
+
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0, 228, 600)
+    oof = pd.DataFrame({"boneage": y, "male": rng.random(600) < 0.5, "prediction": y + rng.normal(0, 8, 600),
+                        "fold": np.arange(600) % 3})
+    calibration = intervals.calibrate(oof, 0.9)
+    test = {"method": calibration["method"], **intervals.coverage_report(
+        [90.0, 10.0], [110.0, 30.0], [100.0, 50.0], [True, False], 0.9)}
+    html = sections.interval_section(calibration, test)
+    assert "90 % interval" in html and f"<b>{calibration['method']}</b>" in html
+    assert "<td class='text'>all</td><td>2</td><td>50.0 %</td><td>20.0</td>" in html  # the test split: 1 of 2
+    for method in intervals.METHODS:
+        assert f"<td class='text'>{method}</td><td>600</td>" in html  # every method compared, out of fold
+    assert "No prediction interval" in sections.interval_section({"error": "too few rows"}, None)
+    assert "not measured on a locked test split" in sections.interval_section(calibration, None)

@@ -239,3 +239,52 @@ def test_the_measured_accuracy_line_says_what_it_was_measured_on():
         "[score] the bundle's measured accuracy, out of fold on the 216 synthetic radiographs it was trained on: MAE")
     assert "locked test split of 24 radiographs:" in scoring.measured_accuracy_line(
         {"accuracy": _synthetic_bundle_manifest()["accuracy"]})  # an older bundle: no kind to name
+
+
+# A calibration as the bundle stores it (boneage.validation.intervals.fit_interval): per sex.
+INTERVAL = {"level": 0.9, "method": "sex", "rows": {"all": 200, "F": 100, "M": 100}, "left_out": 0,
+            "half_width": {"all": 12.0, "F": 10.0, "M": 15.0}}
+
+
+@pytest.fixture(scope="module")
+def models_with_interval(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle_interval")
+    write_tiny_bundle(str(path), training={"images": 0, "interval": INTERVAL})
+    return score.BundleModels(load_bundle(str(path)))
+
+
+def test_every_scored_row_gets_the_bundles_interval(models_with_interval, registered):
+    rows = registered.assign(male=[True, False, None, True, None], age_months=[100.0, 100.0, 100.0, np.nan, np.nan])
+    out = score.score_rows(rows, models_with_interval)
+    assert models_with_interval.interval["method"] == "sex"
+    assert list(out.columns) == list(score.OUTPUT_COLUMNS) + list(KINDS)
+    ok = out.boneage_months.notna()
+    assert ok.tolist() == [True, True, True, True, False]
+    assert (out.boneage_lower_months[ok] <= out.boneage_months[ok]).all()
+    assert (out.boneage_months[ok] <= out.boneage_upper_months[ok]).all()
+    # Known sex: the sex's half-width around the bone age (the lower bound is cut at 0 months).
+    for i, h in ((0, 15.0), (1, 10.0), (3, 15.0)):
+        assert out.boneage_upper_months[i] == pytest.approx(out.boneage_months[i] + h)
+        assert out.boneage_lower_months[i] == pytest.approx(max(out.boneage_months[i] - h, 0.0))
+    # Unknown sex: the union of the girl's interval around her estimate and the boy's around his.
+    female, male = out.boneage_if_female_months[2], out.boneage_if_male_months[2]
+    assert out.boneage_upper_months[2] == pytest.approx(max(female + 10, male + 15))
+    assert out.boneage_lower_months[2] == pytest.approx(max(min(female - 10, male - 15), 0.0))
+    assert np.isnan(out.boneage_lower_months[4]) and np.isnan(out.boneage_upper_months[4])  # the failed row
+    # The SDS's interval is the bone age interval's, on the same scale.
+    known = out.boneage_sds.notna()
+    assert known.any()
+    assert (out.boneage_sds_lower[known] <= out.boneage_sds[known]).all()
+    assert (out.boneage_sds[known] <= out.boneage_sds_upper[known]).all()
+
+
+def test_an_older_bundle_gives_null_bounds_and_says_so(models, registered):
+    from boneage.validation import intervals
+
+    out = score.score_rows(registered.assign(male=[True, False, None, True, None]), models)
+    assert models.interval is None
+    assert out.boneage_months[:4].notna().all()
+    assert out.boneage_lower_months.isna().all() and out.boneage_upper_months.isna().all()
+    assert "no prediction interval calibration (an older bundle)" in intervals.describe(None, {"images": 0})
+    assert "too few" in intervals.describe(None, {"interval": {"error": "too few rows"}})
+    assert "90% conformal (sex)" in intervals.describe(INTERVAL)

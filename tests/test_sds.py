@@ -38,3 +38,16 @@ def test_the_table_ships_inside_the_package():
     assert sorted(table) == ["F", "M"]
     assert (table["M"][0][0], table["M"][0][-1], table["F"][0][-1]) == (3, 204, 192)
     assert len(table["M"][0]) == 24 and len(table["F"][0]) == 23
+
+
+def test_the_verdict_reads_the_whole_interval():
+    # SDS intervals: wholly below -2, straddling -2, within, straddling +2, wholly above +2; then a
+    # point SDS without an interval (an older bundle: the point decides) and no SDS at all.
+    point = [-3.0, -2.5, 0.0, 2.5, 3.0, -2.5, np.nan]
+    lower = [-4.0, -3.0, -1.0, 1.5, 2.1, np.nan, np.nan]
+    upper = [-2.1, -1.5, 1.0, 3.0, 4.0, np.nan, np.nan]
+    assert sds.interval_verdict(point, lower, upper).tolist() == [
+        "delayed", "uncertain", "normal", "uncertain", "advanced", "delayed", None]
+    # The bounds' SDS: (bound - CA) / SD; M at 72 months has SD 9.17.
+    lo, hi = sds.sds_interval([50.0, np.nan], [70.0, np.nan], [72.0, 72.0], ["M", "M"])
+    assert lo[0] == pytest.approx(-22 / 9.17) and hi[0] == pytest.approx(-2 / 9.17) and np.isnan(lo[1])

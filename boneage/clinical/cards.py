@@ -117,6 +117,28 @@ def _fmt(value: Any, spec: str, unit: str = "") -> str:
     return "—" if value is None or pd.isna(value) else f"{value:{spec}}{unit}"
 
 
+def _bound(row: Mapping[str, Any], name: str) -> float | None:
+    value = row.get(name)
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def bone_age_text(row: Mapping[str, Any]) -> str:
+    """'bone age 80.3 mo (90% interval 70.1-90.5)': the prediction interval, never the fold spread; a
+    row without bounds (a bundle without an interval calibration) says so."""
+    text = f"bone age {_fmt(row.get('boneage_months'), '.1f', ' mo')}"
+    lower, upper = _bound(row, "boneage_lower_months"), _bound(row, "boneage_upper_months")
+    if lower is None or upper is None:
+        return text + " (no interval: the bundle has no calibration)"
+    level = row.get("interval_level")
+    level = f"{float(level):.0%} " if level is not None and not pd.isna(level) else ""
+    return text + f" ({level}interval {lower:.1f}-{upper:.1f})"
+
+
+def sds_interval_text(row: Mapping[str, Any]) -> str:
+    lower, upper = _bound(row, "boneage_sds_lower"), _bound(row, "boneage_sds_upper")
+    return "" if lower is None or upper is None else f" (interval {lower:+.2f} to {upper:+.2f})"
+
+
 def _flag_set(row: Mapping[str, Any], name: str) -> bool:
     """A boolean column of a scoring row that is set (True, or 1 after a round trip through a table)."""
     return row.get(name) is True or row.get(name) == 1
@@ -144,7 +166,8 @@ def _input_panel(fig: Figure, source: Mapping[str, Any]) -> None:
 
 def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch: int = PATCH,
              source: Mapping[str, Any] | None = None) -> bytes:
-    """The card as PNG bytes: `image` (stored registered image), `row` (a scoring table row), `heat`
+    """The card as PNG bytes: `image` (stored registered image), `row` (a scoring table row, with
+    "interval_level": the bundle's interval level), `heat`
     (occlusion_map's grid), `source` (its registered-table row: the input panel with the key points)."""
     fig = Figure(figsize=(10.4, 6.0), dpi=100)  # registered hand | text | the input with its key points
     FigureCanvasAgg(fig)
@@ -172,9 +195,9 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
         (f"{row.get('id')}", 13, "black"),
         (f"sex {row.get('sex') or 'unknown'} ({row.get('sex_source')}),  "
          f"age {_fmt(row.get('chronological_age_months'), '.0f', ' mo')}", 9, "black"),
-        (f"bone age {_fmt(row.get('boneage_months'), '.1f')} ± {_fmt(sd, '.1f')} mo", 13, "black"),
-        (f"SDS {_fmt(row.get('boneage_sds'), '+.2f')}  ({sds.SCALE}; SD {_fmt(row.get('reference_sd_months'), '.2f')} mo)",
-         10, "black"),
+        (bone_age_text(row), 13, "black"),
+        (f"SDS {_fmt(row.get('boneage_sds'), '+.2f')}{sds_interval_text(row)}  "
+         f"({sds.SCALE}; SD {_fmt(row.get('reference_sd_months'), '.2f')} mo)", 10, "black"),
         (f"{row.get('boneage_interpretation') or 'no SDS: ' + str(row.get('sds_note'))}", 12, "black"),
         ("ACCEPTED" if accepted else "REJECTED", 14, "#1a7f37" if accepted else "#c0392b"),
     ]
@@ -184,6 +207,8 @@ def card_png(image: np.ndarray, row: Mapping[str, Any], heat: np.ndarray, patch:
         lines.append((f"sex {row.get('sex')} given, but P(male) {row.get('p_male'):.2f}: check", 9, "#b26b00"))
     flags = [name for name in ("registration_doubtful", "mask_doubtful") if _flag_set(row, name)]
     lines.append((f"QA: {', '.join(flags) if flags else 'no flags'}", 8, "dimgray"))
+    lines.append((f"fold spread {_fmt(sd, '.1f', ' mo')} (how much the fold models disagree; not the error)", 8,
+                  "dimgray"))
     lines.append((f"heatmap: largest change {np.abs(heat).max():.1f} mo ({patch}px patches)", 8, "dimgray"))
     if row.get("bundle_sha256"):
         lines.append((f"bundle {str(row['bundle_sha256'])[:12]}", 8, "dimgray"))
@@ -216,7 +241,9 @@ def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
     their scoring rows, in the same order. Returns (card URI or None, error or None) lists: a card that
     cannot be drawn is an error for its row, not for the run."""
     uris, errors = [], []
+    interval = getattr(models, "interval", None)  # the bundle's interval calibration: its level for the text
     for source, row in zip(rows.to_dict("records"), table.to_dict("records")):
+        row["interval_level"] = interval["level"] if interval else None
         png = source.get("registered_png")
         if pd.isna(row.get("boneage_months")) or png is None:
             uris.append(None)

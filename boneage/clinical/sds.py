@@ -4,6 +4,10 @@ chronological age, with the Brush Foundation SDs printed in the Greulich-Pyle at
 
     SDS = (BA - CA) / SD(CA, sex)     delayed: SDS < -2,  normal: |SDS| <= 2,  advanced: SDS > 2
 
+With the bone age's prediction interval [lower, upper] (boneage.validation.intervals) the SDS has one
+too, and the verdict reads it (interval_verdict): `delayed` / `advanced` only when the WHOLE interval
+lies beyond -2 / +2 SD, `normal` when it lies within, `uncertain` when it straddles -2 or +2 SD.
+
 SD(CA, sex) is linearly interpolated between the table's ages; outside a sex's age range (boys 3-204,
 girls 3-192 months) there is no SD and the SDS is null with the reason, never an extrapolation.
 The RSNA 2017 labels are Greulich-Pyle bone ages, so the models read bone age on this scale.
@@ -79,3 +83,27 @@ def bone_age_sds(boneage_months, age_months, sex) -> tuple[np.ndarray, np.ndarra
     note[~known_sex] = NOTE_NO_SEX
     note[~np.isfinite(ba)] = NOTE_NO_BONEAGE
     return sds, interpretation, sd, note
+
+
+def sds_interval(lower_months, upper_months, age_months, sex) -> tuple[np.ndarray, np.ndarray]:
+    """(SDS of the interval's lower bound, of its upper bound): NaN where either SDS is null."""
+    sd = reference_sd(age_months, sex)
+    ca = np.asarray(age_months, dtype=float).reshape(-1)
+    return ((np.asarray(lower_months, dtype=float).reshape(-1) - ca) / sd,
+            (np.asarray(upper_months, dtype=float).reshape(-1) - ca) / sd)
+
+
+def interval_verdict(sds, sds_lower, sds_upper) -> np.ndarray:
+    """The interpretation per image from the SDS interval: 'delayed' (upper < -2), 'advanced' (lower > 2),
+    'normal' (the interval within [-2, 2]), else 'uncertain' (it straddles -2 or +2). Where the interval
+    is unknown (a bundle without an interval calibration) the point SDS decides, as before; None where
+    the SDS is null."""
+    point = np.asarray(sds, dtype=float).reshape(-1)
+    lo, hi = (np.asarray(v, dtype=float).reshape(-1) for v in (sds_lower, sds_upper))
+    out = np.where(point < -LIMIT_SDS, "delayed", np.where(point > LIMIT_SDS, "advanced", "normal")).astype(object)
+    known = np.isfinite(lo) & np.isfinite(hi)
+    ranged = np.where(hi < -LIMIT_SDS, "delayed", np.where(lo > LIMIT_SDS, "advanced",
+                      np.where((lo >= -LIMIT_SDS) & (hi <= LIMIT_SDS), "normal", "uncertain")))
+    out[known] = ranged[known]
+    out[~np.isfinite(point)] = None
+    return out

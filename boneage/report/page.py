@@ -48,7 +48,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  test: Mapping[str, Any] | None = None, test_table: pd.DataFrame | None = None,
                  sex_classifier: Mapping[str, Any] | None = None,
                  gate_flags: pd.DataFrame | None = None, test_gate: pd.DataFrame | None = None,
-                 gate_quantile: float = gate.QUANTILE,
+                 gate_quantile: float = gate.QUANTILE, interval: Mapping[str, Any] | None = None,
                  title: str = "Bone age: accuracy report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
@@ -62,7 +62,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     mask_doubtful of the oof rows (the registered table's QA flags) for the rejection gate's effect,
     cross-fitted on the OOF table with `gate_quantile`; test_gate: the locked test split's rows (boneage,
     boneage_months, accepted, reject_reason), gated with the shipped thresholds. Anything else missing is
-    said in its section."""
+    said in its section. interval: the bundle's interval calibration (training.json "interval"), shown
+    with the test split's coverage (test["interval"])."""
     oof = oof.reset_index(drop=True)
     kinds = [k for k in kinds if k in oof.columns]
     ensemble_oof = {name: np.asarray(p, float) for name, p in ensemble_oof.items()}
@@ -92,6 +93,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     parts = [f"<h1>{sections.escape(title)}</h1><p class='meta'>written {sections.escape(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}; "
                 "months</p>",
                 sections.test_section(test, test_png),
+                sections.interval_section(interval, (test or {}).get("interval")),
                 "<h2>Cross-validation (out of fold)</h2><p class='note'>Every image predicted by models that "
                 "never saw its label; no trial chose anything on the fold it scores (its epoch came from a selection "
                 "split of its training folds, or a fixed schedule), and the ensemble's weights (and its Tune "

@@ -114,6 +114,44 @@ def test_section(test: Mapping[str, Any] | None, png: str | None) -> str:
     return "".join(out)
 
 
+def interval_section(interval: Mapping[str, Any] | None, test: Mapping[str, Any] | None) -> str:
+    """The bone age's prediction interval: its level and method (boneage.validation.intervals), its
+    coverage and mean width cross-fitted out of fold (every method compared) and on the locked test split
+    (overall, by sex and age band, with counts)."""
+    out = ["<h2>Bone age interval</h2>"]
+    if not interval or "half_width" not in interval:
+        why = (interval or {}).get("error", "the bundle has no interval calibration")
+        return "".join(out) + missing(f"No prediction interval: {why}.")
+    level = interval["level"]
+    out.append(f"<p class='note'>Every scored image gets a {100 * level:.0f} % interval (boneage_lower_months … "
+               f"boneage_upper_months), conformal on the ensemble's out-of-fold residuals; method "
+               f"<b>{escape(interval['method'])}</b>, chosen by a fixed rule: {escape(interval.get('why', ''))}. "
+               "Out of fold: each fold's interval fitted on the other folds. The fold spread is not the interval.</p>")
+
+    def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+        body = "".join(f"<tr><td class='text'>{escape(name)}</td><td>{cell.get('n', 0)}</td>"
+                       f"<td>{number(100 * cell['coverage'] if cell.get('coverage') is not None else None, 1)} %</td>"
+                       f"<td>{number(cell.get('mean_width'), 1)}</td></tr>" for name, cell in rows.items())
+        return ("<table><tr><th class='text'>group</th><th>n</th><th>coverage</th><th>mean width (months)</th></tr>"
+                f"{body}</table>")
+
+    def groups(report: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+        return {"all": report.get("all", {}), **report.get("by_sex", {}), **report.get("by_age_band", {})}
+
+    if test and test.get("all", {}).get("n"):
+        out.append(f"<p class='note'>Locked test split, shipped bundle ({100 * level:.0f} % nominal):</p>")
+        out.append(table(groups(test)))
+    else:
+        out.append(missing("The interval was not measured on a locked test split."))
+    out.append(f"<p class='note'>Out of fold, cross-fitted over the folds ({100 * level:.0f} % nominal), every method "
+               "compared:</p>")
+    out.append(table({m: c.get("all", {}) for m, c in interval.get("comparison", {}).items()}))
+    out.append(f"<p class='note'>Out of fold, the chosen method ({escape(interval['method'])}) by group (age bands "
+               "by true bone age):</p>")
+    out.append(table(groups(interval.get("cross_fitted", {}))))
+    return "".join(out)
+
+
 def mae_section(table: pd.DataFrame, png: str) -> str:
     groups = ["all", "F", "M", *[label for label, _, _ in metrics.AGE_BANDS]]
     head = "".join(f"<th>{escape(g)}<br><span class='meta'>n={int(table[f'n_{g}'].max())}</span></th>" for g in groups)

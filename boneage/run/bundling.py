@@ -81,6 +81,7 @@ def write_bundle(config: Config) -> str:
     oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
                     [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", f"ensemble_{ensembles['use']}")]}
     data = training_data(config, set(folds["id"]))
+    interval = interval_calibration(oof, f"ensemble_{ensembles['use']}", config.cv.interval_level)
     training = {
         "data": data,  # synthetic or real, how many, from which label file (names only)
         "images": int(len(folds)), "female": int((~folds["male"]).sum()), "male": int(folds["male"].sum()),
@@ -93,6 +94,8 @@ def write_bundle(config: Config) -> str:
         # label; the epoch was chosen on each trial's selection split. The test split's: evaluate_test.
         "oof_accuracy": oof_accuracy,
         "gate": gate.calibrate(oof, config.cv.kinds),  # the rejection gate's thresholds (boneage.clinical.gate)
+        # The bone age's prediction interval, fit on these OOF residuals (boneage.validation.intervals)
+        "interval": interval,
     }
     files["training.json"] = json.dumps(training, indent=2).encode()
     out = storage.join_uri(config.output, "bundle")
@@ -103,8 +106,37 @@ def write_bundle(config: Config) -> str:
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json", "data": data,
         "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
                                      **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},
+        "interval": interval_summary(interval),
     }, options)
     size = sum(len(v) for v in files.values()) / 1e6
     print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB, trained on {data['images']} "
           f"{data['kind']} radiographs ({data['labels_from']}) → {out}")
     return out
+
+
+def interval_calibration(oof: pd.DataFrame, prediction: str, level: float) -> dict[str, Any]:
+    """boneage.validation.intervals.calibrate on the ensemble's cross-validated OOF prediction, or
+    {"error": why} when it cannot be fitted (too few rows for the level): scoring then gives null bounds
+    and says why."""
+    from boneage.validation import intervals
+
+    try:
+        interval = intervals.calibrate(oof, level, prediction)
+    except ValueError as err:
+        print(f"[bundle] warning: no prediction interval: {err}")
+        return {"error": str(err), "level": level}
+    cross = interval["cross_fitted"]["all"]
+    print(f"[bundle] {level:.0%} bone age interval: {interval['method']} (half-width "
+          f"{interval['half_width']['all']:.1f} mo overall); cross-fitted out of fold it covered {cross['coverage']:.1%}"
+          f", mean width {cross['mean_width']:.1f} mo; compared: " + ", ".join(
+              f"{m} {c['all']['coverage']:.1%} / {c['all']['mean_width']:.1f} mo"
+              for m, c in interval["comparison"].items()))
+    return interval
+
+
+def interval_summary(interval: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's line about the interval: level, method, out-of-fold coverage and width."""
+    if "error" in interval:
+        return {"level": interval.get("level"), "error": interval["error"]}
+    return {"level": interval["level"], "method": interval["method"],
+            "out_of_fold": {k: interval["cross_fitted"]["all"][k] for k in ("n", "coverage", "mean_width")}}

@@ -92,7 +92,8 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
         split[["id", "male"]].to_csv(f, index=False)
     table = score(split["uri"].tolist(), bundle_uri, storage.join_uri(config.output, "test", "predictions.parquet"),
                   subjects=subjects, storage_options=options, resume=False)  # the bundle may be new: afresh
-    scored = split.merge(table[["id", "status", "error", "boneage_months"]], on="id", how="left")
+    scored = split.merge(table[["id", "status", "error", "boneage_months", "boneage_lower_months",
+                                "boneage_upper_months"]], on="id", how="left")
     ok = scored["status"] == STATUS_OK
     acc = metrics.accuracy_report(scored.loc[ok, "boneage_months"], scored.loc[ok, "boneage"],
                                   scored.loc[ok, "male"].astype(bool), n_boot=n_boot, seed=config.data.seed)
@@ -101,9 +102,29 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
               "accuracy": acc,
               # Label-free: the spread of images no fold model saw sets the gate's fold spread threshold.
               "gate_fold_spread": gate.calibrate_fold_spread(
-                  table.loc[table.status == STATUS_OK, "boneage_sd_months"])}
+                  table.loc[table.status == STATUS_OK, "boneage_sd_months"]),
+              "interval": interval_coverage(scored[ok], storage.read_json(storage.join_uri(
+                  bundle_uri, bundle.read_manifest(bundle_uri, options).get("training", "training.json")), options))}
     storage.write_bytes(storage.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
-    bundle.add_test_accuracy(bundle_uri, result, options)
+    bundle.add_test_accuracy(bundle_uri, result, options)  # the interval's coverage goes with it
     print(f"[test] the shipped bundle on the locked test split ({result['scored']}/{result['images']} scored): "
           f"{metrics.describe(acc['all'])}")
+    if result["interval"].get("all", {}).get("n"):
+        i = result["interval"]
+        print(f"[test] its {i['level']:.0%} bone age interval ({i['method']}) covered {i['all']['coverage']:.1%} of "
+              f"{i['all']['n']} images, mean width {i['all']['mean_width']:.1f} months")
     return result
+
+
+def interval_coverage(scored: pd.DataFrame, training: dict[str, Any]) -> dict[str, Any]:
+    """The bone age interval's coverage and mean width on the scored test rows (boneage, male,
+    boneage_lower/upper_months): overall, by sex and by age band, with counts; {"error"} when the bundle
+    has no interval calibration."""
+    from boneage.validation import intervals
+
+    calibration = intervals.calibration_of(training)
+    if calibration is None:
+        return {"error": ((training or {}).get("interval") or {}).get("error", "the bundle has no interval calibration")}
+    return {"method": calibration["method"], **intervals.coverage_report(
+        scored["boneage_lower_months"], scored["boneage_upper_months"], scored["boneage"],
+        scored["male"].astype(bool), calibration["level"])}

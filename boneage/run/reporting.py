@@ -59,6 +59,7 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
         test=test, test_table=test_table, gate_flags=flags[["id", "registration_doubtful", "mask_doubtful"]],
         test_gate=test_gate,
+        interval=storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options).get("interval"),
         sex_classifier=storage.read_json(storage.join_uri(cv_uri, "summary.json"), options).get("sex_classifier"))
     print(f"[report] {uri}")
     return uri

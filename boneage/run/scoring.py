@@ -16,7 +16,7 @@ from boneage.errors import STATUS_OK
 
 
 SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_doubtful", "boneage_months",
-                   "boneage_sd_months")
+                   "boneage_sd_months", "boneage_lower_months", "boneage_upper_months")
 
 
 # what the gate's and the SDS's counts are read from (boneage.clinical.columns.describe)
@@ -110,6 +110,7 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     from boneage import bundle as bundle_mod, score as score_mod
     from boneage.clinical import columns, gate
     from boneage.distributed import ray_env, ray_score
+    from boneage.validation import intervals
     from boneage.config import load_config
 
     started = time.time()
@@ -160,6 +161,7 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
           f"{result['failed_by_code'] or ''}; sex from {result['sex_source']}; "
           f"{result['registration_doubtful']} registrations doubtful; {time.time() - started:.0f} s → {out_uri}")
     print(columns.describe(table, gate.calibration_of(loaded.training)))
+    print(intervals.describe(intervals.calibration_of(loaded.training), loaded.training))  # once: a null-bound bundle too
     for row in table[table.status != STATUS_OK].head(10).itertuples():
         print(f"  {row.id}: {row.error}")
     return table
