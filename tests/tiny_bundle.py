@@ -29,8 +29,10 @@ def fold_state(kind: str, sex: str, fold: int) -> dict:
             "sex": sex, "fold": fold}
 
 
-def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: str | None = None) -> dict:
-    """sex_kind (e.g. "A-sex"): also a sex classifier's fold models."""
+def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: str | None = None,
+                      sex_prediction: dict | None = None) -> dict:
+    """sex_kind (e.g. "A-sex"): also a sex classifier's fold models; sex_prediction: training.json's record
+    of when a predicted sex may be used (boneage.validation.sex_calls; None: an older bundle without it)."""
     files, models = {}, []
     for fold in range(FOLDS) if sex_kind else ():
         path = f"models/{sex_kind}-all-fold{fold}.safetensors"
@@ -47,6 +49,7 @@ def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: s
     config = yaml.safe_load(Config().to_yaml())
     config["keypoints"]["source"] = "geometric"
     files["config.yaml"] = yaml.safe_dump(config).encode()
-    files["training.json"] = b'{"images": 0}'
+    files["training.json"] = json.dumps({"images": 0, **({"sex_prediction": sex_prediction}
+                                                          if sex_prediction else {})}).encode()
     return bundle.write_bundle(uri, files, models, {"kinds": list(KINDS), "sexes": ["F", "M"], "folds": FOLDS,
                                                     "keypoint_model": None, "sex_kind": sex_kind}, storage_options)
