@@ -149,6 +149,17 @@ class CVConfig(_Section):
     # ensemble. None: no sex classifier (an image of unknown sex gets the mean of both sexes' readings).
     sex_kind: SexKindName | None = Field(
         "A-sex", description="the sex classifier's zone (P(male) for images of unknown sex); null: none")
+    # A predicted sex stands in for an unknown one only where the classifier has earned it: the loosest
+    # P(male) threshold whose out-of-fold confident calls are wrong at most this often, on at least
+    # sex_min_confident_calls of them, also when cross-fitted over the folds (boneage.validation.sex_calls);
+    # else scoring never uses a predicted sex. A wrong sex moves the bone age by up to ~15 months.
+    sex_max_error_rate: float = Field(
+        0.02, ge=0, lt=0.5, description="largest out-of-fold share of wrong confident sex calls at which a predicted "
+                                        "sex may replace an unknown one (cross-fitted over the folds too)")
+    # 30 calls: at 0 wrong, the 95% upper bound of the true rate is ~10% (rule of three); fewer say nothing.
+    sex_min_confident_calls: int = Field(
+        30, ge=1, description="fewest out-of-fold confident sex calls the error rate must be measured on, or "
+                              "predicted sex stays off")
     # Inputs at 1/8 of the seed's sizes (zone A 62x47) and a quarter of its widths (8-16-32-32-64-96):
     # on the embedded set, trained for 70 epochs, this beat 1/4 size at the epochs that fit the same
     # time (subset mean 13.7 vs 25 months, docs/benchmarks.md); a CPU epoch of ~77 images is ~0.2 s.

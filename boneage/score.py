@@ -9,8 +9,12 @@ mean, flagged `sex_unknown`, and the spread is over both sexes' 2k fold-wise ens
 ~1.15x faster: the two estimates differ by up to ~15 months).
 
 A bundle with a sex classifier (manifest `sex_kind`) gives every image `p_male`, the mean P(male) of
-its k fold models. An image of unknown sex whose P(male) is at most 0.2 or at least 0.8 is scored as
-that sex (`sex_source` "predicted"); in between it is `sex_unsure` and scored as unknown (both sexes).
+its k fold models. A predicted sex is used only where the bundle has earned it (training.json
+"sex_prediction", boneage.validation.sex_calls: a threshold whose out-of-fold confident calls are wrong
+at most cv.sex_max_error_rate of the time, cross-fitted; old bundles: off). Then an image of unknown sex
+whose P(male) is beyond the threshold is scored as that sex (`sex_source` "predicted"), keeps both
+sexes' estimates, and `sex_uncertainty_months` says how far a wrong call moves it; otherwise it is
+`sex_unsure` and scored as unknown (both sexes).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from boneage.clinical import columns, gate
-from boneage.validation import cv, ensemble, intervals, metrics
+from boneage.validation import cv, ensemble, intervals, sex_calls
 from boneage.model import train
 from boneage.bundle import Bundle, BundleError
 from boneage.model.networks import model_kind
@@ -34,6 +38,7 @@ SEX_SOURCES = ("csv", "dicom", "predicted", "unknown")
 OUTPUT_COLUMNS = (
     "id", "uri", "path", "status", "error", "sex", "sex_source", "sex_unknown", "p_male", "sex_unsure", "sex_mismatch",
     "boneage_months", "boneage_lower_months", "boneage_upper_months", "boneage_sd_months", "boneage_if_female_months", "boneage_if_male_months",
+    "sex_uncertainty_months",
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
     "format", "height", "width", "mirrored", "transform",
@@ -73,6 +78,8 @@ class BundleModels:
         # the bone age's prediction interval (boneage.validation.intervals); None: an older bundle, null bounds
         self.interval = intervals.calibration_of(bundle.training)
         self.sex_kind = bundle.manifest.get("sex_kind")  # the sex classifier's kind; None: the bundle has none
+        # Whether, and beyond which P(male), a predicted sex may replace an unknown one (off: p_low None).
+        self.sex_calls = sex_calls.of_bundle(bundle.training, self.sex_kind)
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
         for (kind, sex), states in bundle.models.items():
             self.models[(kind, sex)] = [
@@ -119,10 +126,12 @@ def spread(per_fold: np.ndarray) -> np.ndarray:
 
 def interval_bounds(out: pd.DataFrame, calibration: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
     """(lower, upper) of the bone age's prediction interval for scored rows (boneage.validation.intervals;
-    NaN without a calibration). An image of unknown sex gets the union of its two sexes' intervals, each
-    around that sex's estimate: it covers the bone age whichever the sex is."""
+    NaN without a calibration). An image of unknown or predicted sex gets the union of its two sexes'
+    intervals, each around that sex's estimate: it covers the bone age whichever the sex is (a wrong call
+    moves the estimate to the other sex's: the interval widens by sex_uncertainty_months)."""
     lower, upper = intervals.apply_interval(out["boneage_months"], out["sex"], calibration)
-    unknown = out["sex"].isna().to_numpy() & out["boneage_if_female_months"].notna().to_numpy()
+    either = out["sex"].isna().to_numpy() | (out["sex_source"] == "predicted").to_numpy()
+    unknown = either & out["boneage_if_female_months"].notna().to_numpy()
     if calibration is not None and unknown.any():
         f_lo, f_hi = intervals.apply_interval(out["boneage_if_female_months"].to_numpy(float)[unknown], "F", calibration)
         m_lo, m_hi = intervals.apply_interval(out["boneage_if_male_months"].to_numpy(float)[unknown], "M", calibration)
@@ -158,23 +167,41 @@ def resolve_sex(rows: pd.DataFrame) -> tuple[list[str | None], list[str]]:
     return sexes, sources
 
 
-def predicted_sex(p_male: np.ndarray) -> tuple[list[str | None], np.ndarray]:
-    """(sex 'F'/'M', or None where unsure, unsure bool) per P(male): unsure strictly between
-    metrics.UNSURE_LOW and UNSURE_HIGH (fixed beforehand), or NaN."""
+def _confident(p_male: np.ndarray, p_low: float | None, p_high: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(male, female) confident calls: P(male) ≥ p_high, ≤ p_low; none when the bundle has not earned
+    them (p_low None: boneage.validation.sex_calls) or P(male) is NaN."""
     p = np.asarray(p_male, float)
+    if p_low is None or p_high is None:
+        return np.zeros(len(p), bool), np.zeros(len(p), bool)
     with np.errstate(invalid="ignore"):
-        male, female = p >= metrics.UNSURE_HIGH, p <= metrics.UNSURE_LOW
+        return p >= p_high, p <= p_low
+
+
+def predicted_sex(p_male: np.ndarray, p_low: float | None, p_high: float | None) -> tuple[list[str | None], np.ndarray]:
+    """(sex 'F'/'M', or None where unsure, unsure bool) per P(male): unsure strictly between the
+    bundle's p_low and p_high (chosen out of fold, sex_calls), or NaN, or always when they are None."""
+    male, female = _confident(p_male, p_low, p_high)
     return ["M" if m else "F" if f else None for m, f in zip(male, female)], ~(male | female)
 
 
-def sex_mismatch(p_male: np.ndarray, sex) -> np.ndarray:
+def sex_mismatch(p_male: np.ndarray, sex, p_low: float | None, p_high: float | None) -> np.ndarray:
     """True where the sex classifier confidently contradicts a given sex: 'M' with P(male) at most
-    metrics.UNSURE_LOW, 'F' with at least UNSURE_HIGH (the thresholds at which scoring would use a
-    predicted sex). False where P(male) or the sex is missing. A flag to look at, not a rejection:
-    docs/scoring.md says why."""
-    p, sex = np.asarray(p_male, float), np.asarray(sex, dtype=object)
-    with np.errstate(invalid="ignore"):
-        return ((sex == "M") & (p <= metrics.UNSURE_LOW)) | ((sex == "F") & (p >= metrics.UNSURE_HIGH))
+    p_low, 'F' with at least p_high (the bundle's earned thresholds, at which scoring would use a
+    predicted sex; None: never). False where P(male) or the sex is missing. A flag to look at, not a
+    rejection: docs/scoring.md says why."""
+    male, female = _confident(p_male, p_low, p_high)
+    sex = np.asarray(sex, dtype=object)
+    return ((sex == "M") & female) | ((sex == "F") & male)
+
+
+def sex_uncertainty(if_female: np.ndarray, if_male: np.ndarray, sex_source: np.ndarray) -> np.ndarray:
+    """How far the bone age moves if the sex it was scored under is wrong, in months: |female − male|
+    where the sex was predicted (a wrong call gives the other sex's estimate), half of it where the sex
+    is unknown (the bone age is their mean, half-way between), 0 where the sex was given (the record is
+    trusted; sex_mismatch flags a doubt)."""
+    gap = np.abs(np.asarray(if_female, float) - np.asarray(if_male, float))
+    source = np.asarray(sex_source, dtype=object)
+    return np.where(source == "predicted", gap, np.where(source == "unknown", gap / 2, 0.0))
 
 
 def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
@@ -202,7 +229,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
     out = pd.DataFrame({"id": rows["id"], "uri": rows.get("uri"), "path": rows.get("path"), "status": rows["status"], "error": rows["error"],
                         "sex": sexes, "sex_source": sex_sources, "sex_unknown": [s is None for s in sexes]})
     for column in ("boneage_months", "boneage_lower_months", "boneage_upper_months", "boneage_sd_months",
-                   "boneage_if_female_months", "boneage_if_male_months"):
+                   "boneage_if_female_months", "boneage_if_male_months", "sex_uncertainty_months"):
         out[column] = np.nan
     for kind in models.kinds:
         out[kind] = np.nan
@@ -213,8 +240,9 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
         bank = cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist())
         if models.sex_kind is not None:  # P(male) of every image (QA where the sex is known)
             p_male = models.p_male(bank)
-            out.loc[at, "sex_mismatch"] = sex_mismatch(p_male, [sexes[i] for i in at])  # given sexes only
-            guess, unsure = predicted_sex(p_male)
+            p_low, p_high = models.sex_calls["p_low"], models.sex_calls["p_high"]
+            out.loc[at, "sex_mismatch"] = sex_mismatch(p_male, [sexes[i] for i in at], p_low, p_high)  # given sexes only
+            guess, unsure = predicted_sex(p_male, p_low, p_high)
             unknown = np.array([sexes[i] is None for i in at])
             use = at[unknown & ~unsure]  # unknown sex: the predicted one, unless unsure
             for i, sex in zip(use, np.asarray(guess, dtype=object)[unknown & ~unsure]):
@@ -226,28 +254,33 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
             out.loc[use, "sex_unknown"] = False
         sex_of = np.array([sexes[i] for i in at], dtype=object)
         unknown = pd.isna(sex_of)
+        predicted = (out.loc[at, "sex_source"] == "predicted").to_numpy()
         both = {}
         for sex in ("F", "M"):
-            # An image of unknown sex is scored by both sexes' models.
-            mine = np.flatnonzero((sex_of == sex) | unknown)
+            # An image of unknown or predicted sex is scored by both sexes' models: both estimates are kept.
+            mine = np.flatnonzero((sex_of == sex) | unknown | predicted)
             if not len(mine):
                 continue
             means, boneage, per_fold = models.score(bank[mine], sex)
-            known = ~unknown[mine]
+            known = sex_of[mine] == sex  # scored as this sex (given or predicted)
             rows_at = at[mine[known]]
             out.loc[rows_at, "boneage_months"] = boneage[known]
             out.loc[rows_at, "boneage_sd_months"] = spread(per_fold[known])
             for kind in models.kinds:
                 out.loc[rows_at, kind] = means[kind].to_numpy()[known]
             column = "boneage_if_female_months" if sex == "F" else "boneage_if_male_months"
-            out.loc[at[mine[~known]], column] = boneage[~known]
-            both[sex] = per_fold[~known]
+            keep = unknown[mine] | predicted[mine]
+            out.loc[at[mine[keep]], column] = boneage[keep]
+            both[sex] = per_fold[unknown[mine]]
         if unknown.any():
             # Unknown sex: the mean of both sexes' estimates; its spread counts both sexes' fold models.
             pooled = np.concatenate([both["F"], both["M"]], axis=1)
             out.loc[at[unknown], "boneage_months"] = out.loc[at[unknown], ["boneage_if_female_months",
                                                                            "boneage_if_male_months"]].mean(axis=1)
             out.loc[at[unknown], "boneage_sd_months"] = spread(pooled)
+        out.loc[at, "sex_uncertainty_months"] = sex_uncertainty(
+            out.loc[at, "boneage_if_female_months"].to_numpy(float), out.loc[at, "boneage_if_male_months"].to_numpy(float),
+            out.loc[at, "sex_source"].to_numpy(object))
         out.loc[at, "boneage_lower_months"], out.loc[at, "boneage_upper_months"] = interval_bounds(
             out.loc[at], models.interval)
     out["chronological_age_months"] = ages

@@ -119,10 +119,26 @@ def test_subjects_csv(tmp_path):
         read_subjects(str(tmp_path / "bad.csv"))
 
 
+# training.json's record of a classifier that earned its calls beyond 0.2 / 0.8 (boneage.validation.sex_calls)
+EARNED = {"on": True, "p_low": 0.2, "p_high": 0.8, "max_error_rate": 0.02, "min_confident_calls": 30,
+          "cross_fitted": {"calls": 100, "wrong": 1, "error_rate": 0.01}}
+
+
 @pytest.fixture(scope="module")
 def models_with_sex(tmp_path_factory):
     path = tmp_path_factory.mktemp("bundle_sex")
-    write_tiny_bundle(str(path), sex_kind="A-sex")
+    write_tiny_bundle(str(path), sex_kind="A-sex", sex_prediction=EARNED)
+    return score.BundleModels(load_bundle(str(path)))
+
+
+@pytest.fixture(scope="module", params=["old bundle", "not earned"])
+def models_sex_off(request, tmp_path_factory):
+    """A sex classifier whose calls scoring must not use: a bundle made before the rate was stored, and
+    one whose out-of-fold calls missed the target."""
+    path = tmp_path_factory.mktemp("bundle_sex_off")
+    record = None if request.param == "old bundle" else {
+        "on": False, "p_low": 0.2, "p_high": 0.8, "off_reason": "out-of-fold error rate of confident calls 18% > 2% target"}
+    write_tiny_bundle(str(path), sex_kind="A-sex", sex_prediction=record)
     return score.BundleModels(load_bundle(str(path)))
 
 
@@ -147,8 +163,15 @@ def test_unknown_sex_is_scored_by_the_predicted_sex(models_with_sex, registered)
     expected, spread, _ = by_hand(models_with_sex, rows.registered_png[2], "M")  # as a boy of known sex gets
     assert out.boneage_months[2] == pytest.approx(expected, abs=1e-3)
     assert out.boneage_sd_months[2] == pytest.approx(spread, abs=1e-3)
-    assert np.isnan(out.boneage_if_female_months[2:4]).all() and out["A-reg"][2:4].notna().all()
-    assert not out.reject_reason[2:4].fillna("").str.contains("sex_unknown").any()
+    assert out["A-reg"][2:4].notna().all() and not out.reject_reason[2:4].fillna("").str.contains("sex_unknown").any()
+    # A predicted sex keeps both estimates, and says how far a wrong call would move the bone age.
+    female = by_hand(models_with_sex, rows.registered_png[2], "F")[0]
+    assert out.boneage_if_female_months[2] == pytest.approx(female, abs=1e-3)
+    assert out.boneage_if_male_months[2] == pytest.approx(expected, abs=1e-3)
+    assert out.sex_uncertainty_months[2] == pytest.approx(abs(female - expected), abs=1e-3)
+    assert out.sex_uncertainty_months[2] > 0
+    assert out.sex_uncertainty_months[:2].tolist() == [0.0, 0.0] and np.isnan(out.sex_uncertainty_months[4])
+    assert np.isnan(out.boneage_if_female_months[:2]).all()  # a given sex: one estimate
     # Row 1 is a girl by the CSV, the classifier is sure of a boy: flagged, not rejected, not re-sexed.
     assert out.sex_mismatch.tolist() == [False, True, False, False, False] and out.sex_mismatch.dtype == bool
     assert "sex" not in str(out.reject_reason[1]) and columns.summary(out)["sex_mismatch"] == 1
@@ -168,19 +191,55 @@ def test_unknown_sex_is_scored_by_the_predicted_sex(models_with_sex, registered)
     female, male = (by_hand(models_with_sex, rows.registered_png[2], s)[0] for s in ("F", "M"))
     assert out.boneage_months[2] == pytest.approx((female + male) / 2, abs=1e-3)
     assert "sex_unknown" in out.reject_reason[2]  # the gate still rejects an unsure sex
+    assert out.sex_uncertainty_months[2] == pytest.approx(abs(female - male) / 2, abs=1e-3)
     assert score.summary(out)["sex_unsure"] == 2
 
 
-def test_sex_mismatch_needs_a_given_sex_and_a_sure_classifier():
+def test_a_classifier_that_has_not_earned_its_calls_never_sets_a_sex(models_sex_off, registered):
+    rows = registered.assign(male=[True, False, None, None, None])
+    _set_p_male(models_sex_off, [0.99, 0.99])  # as sure as it gets: still not used
+    out = score.score_rows(rows, models_sex_off)
+    assert models_sex_off.sex_calls["on"] is False and models_sex_off.sex_calls["p_low"] is None
+    assert out.p_male[:4].tolist() == pytest.approx([0.99] * 4)  # still reported
+    assert out.sex_source.tolist()[:4] == ["csv", "csv", "unknown", "unknown"] and out.sex[2:4].isna().all()
+    assert out.sex_unknown[2:4].all() and out.sex_unsure.tolist() == [False, False, True, True, False]
+    # unknown sex, no confident call: both sexes' estimates, rejected sex_unknown
+    female, male = (by_hand(models_sex_off, rows.registered_png[2], s)[0] for s in ("F", "M"))
+    assert out.boneage_if_female_months[2] == pytest.approx(female, abs=1e-3)
+    assert out.boneage_if_male_months[2] == pytest.approx(male, abs=1e-3)
+    assert out.boneage_months[2] == pytest.approx((female + male) / 2, abs=1e-3)
+    assert not out.accepted[2:4].any() and all("sex_unknown" in r for r in out.reject_reason[2:4])
+    assert not out.sex_mismatch.any()  # the girl of row 1 at P(male) 0.99: not at earned confidence
+
+
+def test_a_row_without_a_given_sex_is_accepted_only_as_predicted(models_with_sex, registered):
+    rows = registered.assign(male=None)
+    for p in (0.1, 0.5, 0.79, 0.9):  # (not exactly 0.2 or 0.8: float32 decides those)
+        _set_p_male(models_with_sex, [p, p])
+        out = score.score_rows(rows, models_with_sex)
+        ok = out.status == "ok"
+        accepted = out.accepted.astype(bool) & ok
+        sure = p < 0.2 or p > 0.8
+        assert (out.sex_source[accepted] == "predicted").all(), p
+        assert (out.sex_source[ok] == ("predicted" if sure else "unknown")).all(), p
+        assert (out.sex_uncertainty_months[ok] > 0).all() and out.boneage_if_male_months[ok].notna().all(), p
+
+
+def test_sex_mismatch_needs_a_given_sex_and_an_earned_threshold():
     p = [0.2, 0.21, 0.8, 0.79, 0.1, 0.95, np.nan, 0.05]
     sex = ["M", "M", "F", "F", "F", "M", "M", None]
-    assert score.sex_mismatch(p, sex).tolist() == [True, False, True, False, False, False, False, False]
+    assert score.sex_mismatch(p, sex, 0.2, 0.8).tolist() == [True, False, True, False, False, False, False, False]
+    assert score.sex_mismatch(p, sex, 0.1, 0.9).tolist() == [False] * 8  # the bundle's own threshold
+    assert score.sex_mismatch([0.0, 1.0], ["M", "F"], None, None).tolist() == [False, False]  # not earned
 
 
-def test_predicted_sex_thresholds_are_fixed():
-    sexes, unsure = score.predicted_sex([0.0, 0.2, 0.21, 0.5, 0.79, 0.8, 1.0, np.nan])
+def test_predicted_sex_at_the_bundles_thresholds():
+    sexes, unsure = score.predicted_sex([0.0, 0.2, 0.21, 0.5, 0.79, 0.8, 1.0, np.nan], 0.2, 0.8)
     assert sexes == ["F", "F", None, None, None, "M", "M", None]
     assert unsure.tolist() == [False, False, True, True, True, False, False, True]
+    sexes, unsure = score.predicted_sex([0.0, 0.05, 0.2, 0.96], 0.05, 0.95)
+    assert sexes == ["F", "F", None, "M"]
+    assert score.predicted_sex([0.0, 1.0], None, None) == ([None, None], pytest.approx([True, True]))
 
 
 

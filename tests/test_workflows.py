@@ -14,6 +14,7 @@ import pytest
 
 from boneage.bundle import load_bundle
 from boneage.validation.metrics import roc_auc
+from boneage.validation import sex_calls
 from boneage.distributed.ray_prepare import read_registered
 
 pytestmark = pytest.mark.slow
@@ -94,6 +95,9 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     bundle = load_bundle(str(out / "bundle"))
     assert sorted(bundle.models) == [("A-reg", "F"), ("A-reg", "M"), ("A-sex", "all")]
     assert bundle.manifest["sex_kind"] == "A-sex"
+    # fewer out-of-fold images than sex_min_confident_calls: predicted sex is off for this bundle
+    calls = bundle.training["sex_prediction"]
+    assert calls["images"] == len(oof) and calls["on"] is False and calls["off_reason"]
     assert all(len(states) == 2 for states in bundle.models.values())
     assert bundle.keypoint_model.endswith("keypoints/keypoint_model.safetensors") and bundle.training["images"] == 30 - n_test
     # what it was trained on: synthetic hands, how many, from which label file (its name, not its path)
@@ -146,8 +150,11 @@ def test_scoring_with_the_trained_bundle(embedded_run, tmp_path, capsys):
     assert len(ok) >= 4 and ok.boneage_months.between(0, 240).all() and ok.p_male.between(0, 1).all()
     blank = ok.id.isin(names[:2])
     assert set(ok.sex_source[~blank]) == {"csv"} and not ok.sex_unsure[~blank].any()
-    # no sex given: the predicted one where P(male) is sure, else both sexes' mean (flagged unsure)
-    sure = ~ok.p_male.between(0.2, 0.8, inclusive="neither")
+    # no sex given: the predicted one where the bundle earned it (said once) and P(male) is beyond its
+    # threshold, else both sexes' mean (flagged unsure)
+    calls = sex_calls.of_bundle(load_bundle(str(embedded_run / "bundle")).training, "A-sex")
+    assert printed.out.count("[score] sex prediction " + ("on" if calls["on"] else "off")) == 1
+    sure = ((ok.p_male <= calls["p_low"]) | (ok.p_male >= calls["p_high"])) if calls["on"] else ok.p_male < 0
     assert (ok.sex_source[blank] == sure[blank].map({True: "predicted", False: "unknown"})).all()
     assert (ok.sex_unsure[blank] == ~sure[blank]).all() and (ok.sex_unknown == ok.sex_unsure).all()
     assert (ok.sex[blank & sure] == ok.p_male[blank & sure].gt(0.5).map({True: "M", False: "F"})).all()

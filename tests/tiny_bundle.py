@@ -30,9 +30,10 @@ def fold_state(kind: str, sex: str, fold: int) -> dict:
 
 
 def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: str | None = None,
-                      training: dict | None = None) -> dict:
+                      training: dict | None = None, sex_prediction: dict | None = None) -> dict:
     """sex_kind (e.g. "A-sex"): also a sex classifier's fold models. training: training.json's content
-    (default {"images": 0}: no gate or interval calibration, as an older bundle)."""
+    (default {"images": 0}: no gate or interval calibration, as an older bundle); sex_prediction: its
+    record of when a predicted sex may be used (boneage.validation.sex_calls; None: an older bundle)."""
     files, models = {}, []
     for fold in range(FOLDS) if sex_kind else ():
         path = f"models/{sex_kind}-all-fold{fold}.safetensors"
@@ -49,6 +50,9 @@ def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: s
     config = yaml.safe_load(Config().to_yaml())
     config["keypoints"]["source"] = "geometric"
     files["config.yaml"] = yaml.safe_dump(config).encode()
-    files["training.json"] = json.dumps(training or {"images": 0}).encode()
+    training = dict(training or {"images": 0})
+    if sex_prediction:
+        training["sex_prediction"] = sex_prediction
+    files["training.json"] = json.dumps(training).encode()
     return bundle.write_bundle(uri, files, models, {"kinds": list(KINDS), "sexes": ["F", "M"], "folds": FOLDS,
                                                     "keypoint_model": None, "sex_kind": sex_kind}, storage_options)

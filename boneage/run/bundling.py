@@ -41,7 +41,7 @@ def write_bundle(config: Config) -> str:
     configuration and a summary of the training data and CV metrics. Refuses a CV with unfinished
     trials: a bundle missing fold models would score differently from what its metrics say."""
     from boneage import bundle
-    from boneage.validation import cv, metrics
+    from boneage.validation import cv, metrics, sex_calls
     from boneage.clinical import gate
 
     options = config.data.storage_options
@@ -97,6 +97,9 @@ def write_bundle(config: Config) -> str:
         # The bone age's prediction interval, fit on these OOF residuals (boneage.validation.intervals)
         "interval": interval,
     }
+    if config.cv.sex_kind is not None:  # when scoring may use a predicted sex, measured out of fold
+        training["sex_prediction"] = sex_calls.calibrate(oof, config.cv.sex_max_error_rate,
+                                                         config.cv.sex_min_confident_calls)
     files["training.json"] = json.dumps(training, indent=2).encode()
     out = storage.join_uri(config.output, "bundle")
     bundle.write_bundle(out, files, models, {

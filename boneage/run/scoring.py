@@ -147,6 +147,10 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     accuracy = measured_accuracy_line(loaded.manifest)
     if accuracy:
         print(accuracy)
+    if loaded.manifest.get("sex_kind"):  # said once: whether a predicted sex may replace an unknown one
+        from boneage.validation import sex_calls
+
+        print(sex_calls.describe(sex_calls.of_bundle(loaded.training, loaded.manifest["sex_kind"])))
     warning = synthetic_warning(loaded.manifest, manifest.loc[manifest.status == STATUS_OK, "uri"].tolist(), options)
     if warning:
         print(warning, file=sys.stderr, flush=True)
