@@ -187,6 +187,17 @@ def rejected_for(reasons: Sequence[str | None], name: str) -> np.ndarray:
     return np.array([r is not None and name in str(r).split(";") for r in reasons], bool)
 
 
+def rates(reasons: Sequence[str | None], boneage: Sequence[float], nominal: Mapping[str, float]
+          ) -> dict[str, dict[str, float]]:
+    """{check: {"nominal", "measured", "n"}}: the share of scored rows (with a bone age) that each
+    threshold check of `nominal` rejected, beside the rate it was calibrated to reject."""
+    scored = np.isfinite(np.asarray(boneage, float))
+    reasons = np.asarray(list(reasons), dtype=object)
+    return {check: {"nominal": float(rate), "n": int(scored.sum()),
+                    "measured": float(rejected_for(reasons[scored], check).mean()) if scored.any() else float("nan")}
+            for check, rate in nominal.items()}
+
+
 def effect(accepted: Sequence[bool], reasons: Sequence[str | None], boneage: Sequence[float],
            truth: Sequence[float]) -> dict[str, Any]:
     """What the gate does to the error on labelled rows: {images, rejected, rejected_fraction,
