@@ -111,6 +111,10 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert abs((predictions.boneage_months[ok] - truth[ok[ok].index]).abs().mean() - acc["mae"]) < 1e-9
     assert bundle.manifest["accuracy"]["test_split"]["mae"] == acc["mae"] and bundle.training["test"]["scored"] == test["scored"]
     assert bundle.manifest["accuracy"]["out_of_fold"]["n"] == 30 - n_test
+    # The hash the test predictions carry is the finished bundle's; the scoring is on record.
+    assert set(predictions.bundle_sha256) == {bundle.sha256} == {test["bundle_sha256"]}
+    evaluations = [json.loads(line) for line in (out / "test" / "evaluations.jsonl").read_text().splitlines()]
+    assert evaluations[-1]["bundle_sha256"] == bundle.sha256 and evaluations[-1]["mae"] == acc["mae"]
     # The report, test split first, with every picture it links to.
     html = (out / "report" / "report.html").read_text()
     assert html.index("Locked test split") < html.index("Cross-validation (out of fold)")
