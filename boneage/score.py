@@ -42,6 +42,7 @@ OUTPUT_COLUMNS = (
     "chronological_age_months", "age_source", "boneage_minus_age_months",
     "registration_doubtful", "mask_doubtful", "keypoint_source", "keypoint_confidence",
     "format", "height", "width", "mirrored", "transform",
+    gate.ZONE_SPREAD,  # the zone spread check's statistic: one fold's kinds (boneage.clinical.gate)
     *columns.COLUMNS,  # bone age SDS and the rejection gate (boneage.clinical.columns)
 )
 # Added by boneage.distributed.ray_score to every row: which bundle scored it, and when (a resumed output mixes
@@ -233,6 +234,7 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
         out[column] = np.nan
     for kind in models.kinds:
         out[kind] = np.nan
+    out[gate.ZONE_SPREAD] = np.nan
     out["p_male"], out["sex_unsure"], out["sex_mismatch"] = np.nan, False, False
     ok = (rows["status"] == "ok").to_numpy() & rows["registered_png"].notna().to_numpy()
     if ok.any():
@@ -261,9 +263,12 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
             mine = np.flatnonzero((sex_of == sex) | unknown | predicted)
             if not len(mine):
                 continue
-            means, boneage, per_fold = models.score(bank[mine], sex)
+            folds = models.fold_predictions(bank[mine], sex)
+            means, boneage, per_fold = models.combine(folds, sex)
             known = sex_of[mine] == sex  # scored as this sex (given or predicted)
             rows_at = at[mine[known]]
+            out.loc[rows_at, gate.ZONE_SPREAD] = gate.one_fold_zone_spread(
+                {kind: p[known] for kind, p in folds.items()}, rows["id"].iloc[rows_at].tolist())
             out.loc[rows_at, "boneage_months"] = boneage[known]
             out.loc[rows_at, "boneage_sd_months"] = spread(per_fold[known])
             for kind in models.kinds:

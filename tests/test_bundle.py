@@ -156,3 +156,119 @@ def test_the_bundle_records_synthetic_or_real_the_image_count_and_the_label_file
     config.data.images, config.data.labels = str(real), str(real / "labels.csv")
     data = bundling.training_data(config, {"1402", "1563", "1675", "1684"})
     assert (data["kind"], data["images"], data["checked"], data["labels_from"]) == ("real", 4, 4, "labels.csv")
+
+
+def _sha(path) -> str:
+    return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+
+
+def _replacement(tiny, monkeypatch, fail_at):
+    """Write a bundle with other ensemble weights over `tiny`, `fail_at` breaking the write."""
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    files = {f["path"]: (tiny / f["path"]).read_bytes() for f in manifest["files"]}
+    files["ensemble.json"] = json.dumps({"use": "lad", "fits": {"lad": {"changed": True}}}).encode()
+    info = {k: v for k, v in manifest.items() if k not in ("models", "files")}
+    fail_at(monkeypatch)
+    bundle.write_bundle(str(tiny), files, manifest["models"], info)
+
+
+def test_a_crash_while_a_bundle_is_replaced_leaves_the_old_or_the_new_one(tiny, monkeypatch):
+    old_sha, old_ensemble = _sha(tiny), (tiny / "ensemble.json").read_bytes()
+    writes = []
+
+    def die_after_the_first_file(mp):
+        real = bundle.storage.write_bytes
+
+        def write(uri, data, options=None):
+            if any(w.endswith("ensemble.json") for w in writes):
+                raise KeyboardInterrupt("killed")  # the run dies after the changed file, before the rest
+            writes.append(uri)
+            real(uri, data, options)
+        mp.setattr(bundle.storage, "write_bytes", write)
+
+    with pytest.raises(KeyboardInterrupt):
+        _replacement(tiny, monkeypatch, die_after_the_first_file)
+    monkeypatch.undo()
+    loaded = load_bundle(str(tiny))  # the old bundle, whole: the new one was being written beside it
+    assert loaded.sha256 == old_sha == _sha(tiny) and (tiny / "ensemble.json").read_bytes() == old_ensemble
+
+    # Killed between the two renames (the old one moved aside, the new one not yet in place, and no
+    # chance to put the old one back): the old bundle is complete beside, and the error says where.
+    renames = []
+
+    def die_between_the_renames(mp):
+        real = bundle.os.rename
+
+        def rename(a, b):
+            renames.append((a, b))
+            if len(renames) > 1:
+                raise KeyboardInterrupt("killed")
+            real(a, b)
+        mp.setattr(bundle.os, "rename", rename)
+
+    with pytest.raises(KeyboardInterrupt):
+        _replacement(tiny, monkeypatch, die_between_the_renames)
+    monkeypatch.undo()
+    aside = renames[0][1]
+    with pytest.raises(BundleError, match="previous bundle is complete at .*previous-"):
+        load_bundle(str(tiny))
+    assert load_bundle(aside).sha256 == old_sha == _sha(type(tiny)(aside))
+
+    # A rename that fails with an error puts the old bundle back; one that succeeds gives the new one.
+    bundle.os.rename(aside, tiny)
+    failed = []
+
+    def fail_the_second_rename(mp):
+        real = bundle.os.rename
+
+        def rename(a, b):
+            failed.append(a)
+            if len(failed) == 2:
+                raise OSError("disk trouble")
+            real(a, b)
+        mp.setattr(bundle.os, "rename", rename)
+
+    with pytest.raises(OSError, match="disk trouble"):
+        _replacement(tiny, monkeypatch, fail_the_second_rename)
+    monkeypatch.undo()
+    assert load_bundle(str(tiny)).sha256 == old_sha
+    _replacement(tiny, monkeypatch, lambda mp: None)
+    monkeypatch.undo()
+    new = load_bundle(str(tiny))
+    assert new.ensemble["fits"]["lad"] == {"changed": True} and new.sha256 == _sha(tiny) != old_sha
+    assert not list(tiny.parent.glob("bundle.previous-*"))
+
+
+def _test_result(mae: float) -> dict:
+    return {"images": 4, "scored": 4, "source": "test_fraction", "accuracy": {"all": {"n": 4, "mae": mae}}}
+
+
+def test_the_test_accuracy_lives_beside_the_hashed_bundle(tiny, monkeypatch):
+    sha, files = _sha(tiny), {p: p.read_bytes() for p in tiny.rglob("*") if p.is_file()}
+    measured = bundle.add_test_accuracy(str(tiny), _test_result(7.5), sha)
+    # Nothing hashed changed: the hash the test predictions carry is the finished bundle's.
+    assert {p: p.read_bytes() for p in files} == files and _sha(tiny) == sha
+    loaded = load_bundle(str(tiny))
+    assert loaded.sha256 == sha and loaded.measured == measured and measured["bundle_sha256"] == sha
+    assert loaded.manifest["accuracy"]["test_split"]["mae"] == 7.5 and loaded.training["test"]["scored"] == 4
+    assert "measured.json" not in {f["path"] for f in loaded.manifest["files"]}
+
+    # Killed while measured.json is replaced: the old measurement stays, whole.
+    def killed(a, b):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(bundle.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bundle.add_test_accuracy(str(tiny), _test_result(9.0), sha)
+    monkeypatch.undo()
+    assert load_bundle(str(tiny)).manifest["accuracy"]["test_split"]["mae"] == 7.5
+
+    # A bundle that changed since it was scored gets no accuracy; a measurement of another bundle is ignored.
+    with pytest.raises(BundleError, match="changed while its test split was scored"):
+        bundle.add_test_accuracy(str(tiny), _test_result(9.0), "0" * 64)
+    (tiny / "measured.json").write_text(json.dumps({**measured, "bundle_sha256": "0" * 64}))
+    loaded = load_bundle(str(tiny))
+    assert loaded.measured is None and "test_split" not in loaded.manifest.get("accuracy", {})
+    # A new bundle written over it does not inherit the old one's measurement.
+    (tiny / "measured.json").write_text(json.dumps(measured))
+    write_tiny_bundle(str(tiny))
+    assert not (tiny / "measured.json").exists() and load_bundle(str(tiny)).measured is None

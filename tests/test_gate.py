@@ -27,14 +27,51 @@ def test_calibration_is_measured_on_the_out_of_fold_table():
     assert cal["label_range"] == {"F": [20.0, 200.0], "M": [50.0, 50.0]}
     assert cal["zone_spread_max"]["F"] == pytest.approx(np.sqrt(2))  # the median of 0, sqrt(2), sqrt(8)
     assert cal["zone_spread_max"]["M"] == pytest.approx(np.sqrt(18))
-    fold = gate.calibrate_fold_spread([1.0, 2.0, 3.0, np.nan, 5.0], quantile=0.5)
-    assert fold["fold_spread_max"] == 2.5 and fold["images"] == 4
-    assert gate.calibrate_fold_spread([np.nan]) is None
-    # A bundle's training.json: "gate" from bundle time, the fold spread from the test split.
-    merged = gate.calibration_of({"gate": cal, "test": {"gate_fold_spread": fold}})
+    assert cal["nominal_rate"] == {"zone_models_disagree": 0.5} and cal["zone_spread_statistic"] == "one_fold"
+    # No fold spread threshold: it could only come from the test split. The bundle says why, so the
+    # scorer does not warn about it.
+    assert "fold_spread_max" not in cal and gate.missing_checks(cal) == []
+    assert gate.calibration_of({"gate": cal, "test": {"images": 5}}) == cal
+    # An older bundle's training.json: the fold spread threshold from its test split, still applied.
+    old = {k: v for k, v in cal.items() if k not in ("fold_spread_not_checked", "nominal_rate")}
+    merged = gate.calibration_of({"gate": old, "test": {"gate_fold_spread": {"fold_spread_max": 2.5}}})
     assert merged["fold_spread_max"] == 2.5 and merged["label_range"] == cal["label_range"]
     assert gate.missing_checks(merged) == []
     assert gate.missing_checks({}) == ["outside_label_range", "zone_models_disagree", "fold_models_disagree"]
+
+
+def fold_ensemble(n: int, k: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """n images' ids and {kind: (n, k)} predictions of k fold models none of which saw them: kinds
+    agree on an image's level up to an image effect (small) and fold noise (large, independent per fold)."""
+    rng = np.random.default_rng(seed)
+    level = rng.uniform(20, 220, n)
+    kinds = {kind: level[:, None] + rng.normal(0, 1, (n, 1)) + rng.normal(0, 4, (n, k)) for kind in KINDS}
+    return np.array([f"img{seed}-{i}" for i in range(n)]), kinds
+
+
+def test_the_zone_spread_threshold_rejects_its_nominal_rate_of_images_like_the_training_data():
+    k, quantile = 5, 0.95
+    # Out of fold: each image is predicted by the one fold model that did not see it.
+    ids, folds = fold_ensemble(20000, k, seed=1)
+    fold = np.arange(len(ids)) % k
+    oof = pd.DataFrame({"id": ids, "male": False, "boneage": 100.0,
+                        **{kind: p[np.arange(len(ids)), fold] for kind, p in folds.items()}})
+    cal = gate.calibrate(oof, KINDS, quantile=quantile)
+    # New images, scored with all k fold models as boneage.score does.
+    new_ids, new_folds = fold_ensemble(20000, k, seed=2)
+    table = pd.DataFrame({"sex": "F", "sex_unknown": False, "boneage_months": 100.0, "boneage_sd_months": np.nan,
+                          **{kind: p.mean(axis=1) for kind, p in new_folds.items()},  # the fold-averaged kind columns
+                          gate.ZONE_SPREAD: gate.one_fold_zone_spread(new_folds, new_ids)})
+    accepted, reasons = gate.gate(table, KINDS, cal)
+    rate = gate.rejected_for(reasons, "zone_models_disagree").mean()
+    assert cal["nominal_rate"]["zone_models_disagree"] == pytest.approx(1 - quantile)
+    assert rate == pytest.approx(1 - quantile, abs=0.008)  # 0.05 +- 0.008: 5 binomial SEs at n=20000
+    # The fold-averaged spread, tested against the same threshold, rejects almost nothing (the old bug).
+    averaged, _ = gate.gate(table.drop(columns=[gate.ZONE_SPREAD]), KINDS, cal)
+    assert (~averaged).mean() < 0.2 * (1 - quantile)
+    # The fold is picked from the id: the same image always gets the same statistic.
+    assert gate.fold_of(["a", "b", "a"], 5)[0] == gate.fold_of(["a"], 5)[0]
+    assert np.array_equal(gate.one_fold_zone_spread(new_folds, new_ids), gate.one_fold_zone_spread(new_folds, new_ids))
 
 
 def test_each_reason_fires_on_its_own():
@@ -83,6 +120,11 @@ def test_scoring_rows_get_sds_and_gate(models, synthetic_small, tmp_path):
     assert out.reference_sd_months[0] == pytest.approx(9.79)  # boys at 120 months
     assert out.boneage_sds[0] == pytest.approx((ba - 120) / 9.79)
     assert out.sds_note.tolist()[1:] == ["age_outside_reference", "age_unknown"]
+    # The zone spread check's statistic: one fold's kinds, the fold picked from the id.
+    bank = score.cv.decode_bank(rows["registered_png"].tolist(), rows["id"].tolist())
+    for i, sex in enumerate(["M", "F", "M"]):
+        folds = {kind: p[i:i + 1] for kind, p in models.fold_predictions(bank, sex).items()}
+        assert out[gate.ZONE_SPREAD][i] == pytest.approx(gate.one_fold_zone_spread(folds, [rows["id"][i]])[0])
     # With a calibration, the tiny bundle's (untrained) models are outside a narrow label range.
     models.gate = {"label_range": {"F": [ba + 1000, ba + 1001], "M": [ba + 1000, ba + 1001]}}
     try:

@@ -9,6 +9,7 @@ net): this checks the wiring across nodes and S3, not accuracy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def test_full_cv_as_a_job_on_two_nodes_with_s3(cluster, s3_server, tmp_path):
     files = manifest["files"]
     assert files and all(fs.exists(f"{out}/bundle/{item['path']}") for item in files)
     assert {f"models/{name}.safetensors" for name in trials.trial} <= {item["path"] for item in files}
-    assert manifest["accuracy"]["test_split"]["n"] + len(json.loads(fs.cat_file(f"{out}/test/metrics.json"))["failed"]) == 2
+    # The test accuracy lives beside the hashed bundle (measured.json), naming the manifest it measured.
+    measured = json.loads(fs.cat_file(f"{out}/bundle/measured.json"))
+    assert measured["bundle_sha256"] == hashlib.sha256(fs.cat_file(f"{out}/bundle/manifest.json")).hexdigest()
+    assert measured["accuracy"]["test_split"]["n"] + len(json.loads(fs.cat_file(f"{out}/test/metrics.json"))["failed"]) == 2
 
     # Both nodes worked: Ray Train's workers (half a CPU each, all four at once) ran on both.
     from ray.util.state import list_actors

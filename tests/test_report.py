@@ -260,3 +260,28 @@ def test_the_interval_section_states_level_method_coverage_and_width():
         assert f"<td class='text'>{method}</td><td>600</td>" in html  # every method compared, out of fold
     assert "No prediction interval" in sections.interval_section({"error": "too few rows"}, None)
     assert "not measured on a locked test split" in sections.interval_section(calibration, None)
+
+
+def test_the_gate_section_shows_each_checks_nominal_and_measured_rate(inputs, tmp_path):
+    scored = inputs["test_gate"].copy()
+    scored.loc[3, ["accepted", "reject_reason"]] = [False, "zone_models_disagree"]  # 1 of 10
+    page = Path(report.write_report(str(tmp_path / "r"), inputs["oof"], KINDS, inputs["ensembles"], inputs["preds"],
+                                    gate_flags=inputs["flags"], test_gate=scored)).read_text()
+    oof, pred = inputs["oof"], inputs["preds"]["lad"]
+    _, reasons = gate.cross_fitted(oof.merge(inputs["flags"], on="id"), KINDS, pred)
+    oof_rate = gate.rejected_for(reasons, "zone_models_disagree").mean()
+    nominal = f"{100 * (1 - gate.QUANTILE):.1f} %"
+    assert _gate_cells(page, "rate_zone_models_disagree") == [f"{100 * oof_rate:.1f} % ({nominal})", f"10.0 % ({nominal})"]
+
+
+def test_the_test_section_says_how_many_times_the_split_was_scored():
+    from boneage.report import sections
+    from boneage.validation import metrics
+
+    acc = metrics.accuracy_report(np.array([10.0, 20.0]), np.array([12.0, 19.0]), np.array([True, False]), n_boot=10)
+    test = {"images": 2, "scored": 2, "source": "test_fraction", "accuracy": acc}
+    once = [{"bundle_sha256": "a" * 64, "at": "2025-01-01T00:00:00Z", "n": 2, "mae": 1.5}]
+    assert "scored 1 time, by 1 bundle " in sections.test_section({**test, "evaluations": once}, None)
+    twice = sections.test_section({**test, "evaluations": once + [{**once[0], "bundle_sha256": "b" * 64}]}, None)
+    assert "scored 2 times, by 2 bundles" in twice and "no longer a clean estimate" in twice
+    assert "bundle aaaaaaaaaaaa MAE 1.50" in twice

@@ -64,11 +64,13 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert len(table) == 30 and set(table.status) == {"ok"}
     summary = json.loads((out / "qa" / "preprocess_summary.json").read_text())
     assert summary["items"] == 30 and summary["keypoint_model"].endswith("keypoint_model.safetensors")
-    assert summary["keypoint_error_on_held_out_annotations"]["images"] == 6
     assert (out / "qa" / "registered_sheet.png").stat().st_size > 10_000
     # The locked test split: 10% of the images, both sexes, set aside before anything was fit.
     split = pd.read_csv(out / "test" / "split.csv", dtype={"id": str})
     n_test = len(split)
+    # The key point model trained on none of them: its error is measured on a fifth of the other
+    # annotated images and on the (annotated) test images.
+    assert summary["keypoint_error_on_held_out_annotations"]["images"] == round(0.2 * (30 - n_test)) + n_test
     assert 2 <= n_test <= 4 and split.male.nunique() == 2 and set(split.source) == {"test_fraction"}
     # k-fold CV: 1 kind x 2 sexes x 2 folds, an out-of-fold prediction for every other labelled image;
     # the sex classifier: 1 trial per fold on both sexes, an out-of-fold P(male) for every image
@@ -115,6 +117,10 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     assert abs((predictions.boneage_months[ok] - truth[ok[ok].index]).abs().mean() - acc["mae"]) < 1e-9
     assert bundle.manifest["accuracy"]["test_split"]["mae"] == acc["mae"] and bundle.training["test"]["scored"] == test["scored"]
     assert bundle.manifest["accuracy"]["out_of_fold"]["n"] == 30 - n_test
+    # The hash the test predictions carry is the finished bundle's; the scoring is on record.
+    assert set(predictions.bundle_sha256) == {bundle.sha256} == {test["bundle_sha256"]}
+    evaluations = [json.loads(line) for line in (out / "test" / "evaluations.jsonl").read_text().splitlines()]
+    assert evaluations[-1]["bundle_sha256"] == bundle.sha256 and evaluations[-1]["mae"] == acc["mae"]
     # The report, test split first, with every picture it links to.
     html = (out / "report" / "report.html").read_text()
     assert html.index("Locked test split") < html.index("Cross-validation (out of fold)")

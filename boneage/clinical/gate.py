@@ -3,12 +3,18 @@ gate says `accepted` False and why (`reject_reason`, reasons joined by ';', in t
 
 Every threshold is measured on data, never set by hand:
   - the labels' range per sex: the training labels (a prediction outside it extrapolates);
-  - zone models disagreeing: the SD across the model kinds' predictions above its `quantile` on the
-    out-of-fold table, where every prediction comes from a model that never saw the image;
-  - fold models disagreeing: the SD across the k fold-wise ensembles (`boneage_sd_months`) above its
-    `quantile` on the locked test split. Only images that no fold model saw show the spread new images
-    get (each out-of-fold image was held out by one fold only), and the test split is the run's only
-    such set; only the spreads are used, never the test labels.
+  - zone models disagreeing: the SD across the model kinds' predictions of ONE fold model set, above
+    its `quantile` on the out-of-fold table. Out of fold, each image's kinds are predicted by the one
+    fold that did not see it; at scoring the same statistic is computed with one fold too, picked from
+    the image's id (fold_of: a rerun gives the same answer), so the threshold and the check see the same
+    quantity and the nominal rate (1 - quantile of images like the training data) holds. The spread of
+    the fold-AVERAGED kinds (the kind columns of the scoring table) is smaller, and a threshold from
+    single models would reject far fewer than its nominal rate there; it cannot be calibrated honestly,
+    since every image was unseen by one fold model only.
+  - fold models disagreeing: NOT checked by bundles from this version. Its statistic, the SD across the
+    k fold-wise ensembles (`boneage_sd_months`), is only measurable on images no fold model saw, and
+    the only such set of a run is the locked test split, which must not set anything the bundle ships.
+    Older bundles took it from their test split (training.json test.gate_fold_spread): still applied.
 The registration and mask QA flags, an unknown sex (the bone age is then the mean of both sexes'
 readings; a sex predicted with confidence by the bundle's sex classifier counts as known) and a failed
 row reject without a threshold.
@@ -16,6 +22,7 @@ row reject without a threshold.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,10 +36,35 @@ REASONS = {
     "sex_unknown": "no sex known, nor predicted with confidence: the bone age is the mean of both sexes' readings",
     "outside_label_range": "the bone age is outside the range of the training labels for this sex",
     "zone_models_disagree": "the zone models disagree more than on all but (1-quantile) of the out-of-fold images",
-    "fold_models_disagree": "the fold-wise ensembles disagree more than on all but (1-quantile) of the test split",
+    "fold_models_disagree": "the fold-wise ensembles disagree more than on all but (1-quantile) of the test split "
+                            "(bundles written before this check was dropped only)",
 }
+ZONE_SPREAD = "zone_spread_months"  # the scoring table's column with one_fold_zone_spread
 # A high quantile: about 1 image in 100 like the training data is rejected by each spread check.
 QUANTILE = 0.99
+
+
+FOLD_SPREAD_NOT_CHECKED = ("the fold spread is only measurable on images no fold model saw; the run's only such "
+                           "set is the locked test split, which sets nothing the bundle ships")
+
+
+def fold_of(ids: Sequence[Any], k: int) -> np.ndarray:
+    """The fold whose models give each image's zone spread at scoring: from its id (CRC-32 mod k), so a
+    rerun gives the same answer and the choice has nothing to do with the image's content."""
+    return np.array([zlib.crc32(str(i).encode()) % k for i in ids], dtype=int)
+
+
+def one_fold_zone_spread(folds: Mapping[str, np.ndarray], ids: Sequence[Any]) -> np.ndarray:
+    """The statistic the zone spread check tests at scoring: per image, the SD across kinds of the
+    predictions of fold fold_of(id)'s models. folds: {kind: (n, k) months} (BundleModels.fold_predictions).
+    The out-of-fold table's kind columns give the same statistic: one fold's models per image."""
+    kinds = list(folds)
+    if len(kinds) < 2:
+        return np.full(len(ids), np.nan)
+    k = min(p.shape[1] for p in folds.values())
+    pick = fold_of(ids, k)
+    rows = np.arange(len(ids))
+    return kind_spread(np.stack([np.asarray(folds[kind], float)[rows, pick] for kind in kinds], axis=1))
 
 
 def kind_spread(predictions: np.ndarray) -> np.ndarray:
@@ -48,7 +80,11 @@ def calibrate(oof: pd.DataFrame, kinds: Sequence[str], quantile: float = QUANTIL
     {quantile, images, label_range {sex: [min, max]}, zone_spread_max {sex: months}}. Goes into the
     bundle's training.json as "gate"."""
     out: dict[str, Any] = {"quantile": quantile, "images": int(len(oof)), "label_range": {}, "zone_spread_max": {},
-                           "source": "out-of-fold predictions and training labels of the CV"}
+                           "source": "out-of-fold predictions and training labels of the CV",
+                           # what the threshold was computed on: scoring tests the same (one_fold_zone_spread)
+                           "zone_spread_statistic": "one_fold",
+                           "nominal_rate": {"zone_models_disagree": 1 - quantile},
+                           "fold_spread_not_checked": FOLD_SPREAD_NOT_CHECKED}
     for sex, rows in oof.groupby(oof["male"].astype(bool).map({True: "M", False: "F"})):
         out["label_range"][sex] = [float(rows["boneage"].min()), float(rows["boneage"].max())]
         spread = kind_spread(rows[list(kinds)].to_numpy(float))
@@ -56,20 +92,10 @@ def calibrate(oof: pd.DataFrame, kinds: Sequence[str], quantile: float = QUANTIL
     return out
 
 
-def calibrate_fold_spread(fold_spread: Sequence[float], quantile: float = QUANTILE) -> dict[str, Any] | None:
-    """{quantile, images, fold_spread_max}: the threshold of the fold spread check from the spreads of
-    images no fold model saw (the locked test split's `boneage_sd_months`); None without any."""
-    spread = np.asarray(fold_spread, dtype=float)
-    spread = spread[np.isfinite(spread)]
-    if not len(spread):
-        return None
-    return {"quantile": quantile, "images": int(len(spread)), "fold_spread_max": float(np.quantile(spread, quantile)),
-            "source": "boneage_sd_months of the locked test split (no labels used)"}
-
-
 def calibration_of(training: Mapping[str, Any]) -> dict[str, Any]:
-    """The gate's calibration from a bundle's training.json: "gate" (bundle time) plus the test split's
-    fold spread (added when the test split was scored); {} for a bundle made before the gate."""
+    """The gate's calibration from a bundle's training.json: "gate" (bundle time); an older bundle's
+    fold spread threshold from its test split (test.gate_fold_spread) is still applied; {} for a bundle
+    made before the gate."""
     out = dict(training.get("gate") or {})
     fold = (training.get("test") or {}).get("gate_fold_spread")
     if fold:
@@ -84,8 +110,8 @@ def missing_checks(calibration: Mapping[str, Any]) -> list[str]:
         missing.append("outside_label_range")
     if not calibration.get("zone_spread_max"):
         missing.append("zone_models_disagree")
-    if calibration.get("fold_spread_max") is None:
-        missing.append("fold_models_disagree")
+    if calibration.get("fold_spread_max") is None and not calibration.get("fold_spread_not_checked"):
+        missing.append("fold_models_disagree")  # a bundle that says why it has none is not warned about
     return missing
 
 
@@ -108,8 +134,11 @@ def gate(table: pd.DataFrame, kinds: Sequence[str], calibration: Mapping[str, An
     low, high = per_sex(calibration.get("label_range"), lambda v: v[0]), per_sex(calibration.get("label_range"),
                                                                                  lambda v: v[1])
     zone_max = per_sex(calibration.get("zone_spread_max"), float)
-    kind_values = table[list(kinds)].to_numpy(float, na_value=np.nan) if len(kinds) else np.empty((n, 0))
-    zone = kind_spread(kind_values) if kind_values.shape[1] else np.full(n, np.nan)
+    if ZONE_SPREAD in table:  # scoring: one fold's kinds (one_fold_zone_spread), as the threshold was measured
+        zone = table[ZONE_SPREAD].to_numpy(float, na_value=np.nan)
+    else:  # the out-of-fold table: its kind columns are one fold's predictions already
+        kind_values = table[list(kinds)].to_numpy(float, na_value=np.nan) if len(kinds) else np.empty((n, 0))
+        zone = kind_spread(kind_values) if kind_values.shape[1] else np.full(n, np.nan)
     fold_max = calibration.get("fold_spread_max")
     fold = table["boneage_sd_months"].to_numpy(float, na_value=np.nan)
     with np.errstate(invalid="ignore"):  # NaN compares False: a check without its numbers does not fire
@@ -156,6 +185,17 @@ def cross_fitted(oof: pd.DataFrame, kinds: Sequence[str], boneage: Sequence[floa
 def rejected_for(reasons: Sequence[str | None], name: str) -> np.ndarray:
     """Rows whose reject_reason (reasons joined by ';') includes `name`."""
     return np.array([r is not None and name in str(r).split(";") for r in reasons], bool)
+
+
+def rates(reasons: Sequence[str | None], boneage: Sequence[float], nominal: Mapping[str, float]
+          ) -> dict[str, dict[str, float]]:
+    """{check: {"nominal", "measured", "n"}}: the share of scored rows (with a bone age) that each
+    threshold check of `nominal` rejected, beside the rate it was calibrated to reject."""
+    scored = np.isfinite(np.asarray(boneage, float))
+    reasons = np.asarray(list(reasons), dtype=object)
+    return {check: {"nominal": float(rate), "n": int(scored.sum()),
+                    "measured": float(rejected_for(reasons[scored], check).mean()) if scored.any() else float("nan")}
+            for check, rate in nominal.items()}
 
 
 def effect(accepted: Sequence[bool], reasons: Sequence[str | None], boneage: Sequence[float],

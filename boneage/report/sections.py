@@ -106,6 +106,7 @@ def test_section(test: Mapping[str, Any] | None, png: str | None) -> str:
                f"models, ensemble, QA). Intervals: 95 % bootstrap over images ({test.get('bootstrap_resamples')} "
                "resamples).</p>")
     out.append(accuracy_table({"all": a, **acc.get("by_sex", {}), **acc.get("by_age_band", {})}))
+    out.append(evaluations_note(test.get("evaluations")))
     if test.get("failed"):
         out.append("<p class='note'>Not scored: " + ", ".join(f"{escape(f['id'])} ({escape(f['error'])})"
                                                             for f in test["failed"]) + "</p>")
@@ -150,6 +151,22 @@ def interval_section(interval: Mapping[str, Any] | None, test: Mapping[str, Any]
                "by true bone age):</p>")
     out.append(table(groups(interval.get("cross_fitted", {}))))
     return "".join(out)
+
+
+def evaluations_note(evaluations: Sequence[Mapping[str, Any]] | None) -> str:
+    """How many times the locked test split has been scored (OUTPUT/test/evaluations.jsonl), by which
+    bundles: a number seen, then acted on, is no longer a clean estimate."""
+    if evaluations is None:
+        return ""
+    n = len(evaluations)
+    bundles = len({e.get("bundle_sha256") for e in evaluations})
+    text = (f"This split has been scored {n} time{'s' if n != 1 else ''}, by {bundles} bundle{'s' if bundles != 1 else ''} "
+            "(test/evaluations.jsonl). A split scored more than once is no longer a clean estimate if anything "
+            "was changed in between: what was changed was chosen on it.")
+    if n > 1:
+        text += " Earlier: " + "; ".join(f"{escape(str(e.get('at')))} bundle {escape(str(e.get('bundle_sha256'))[:12])} "
+                                         f"MAE {number(e.get('mae', float('nan')), 2)}" for e in evaluations[:-1][-5:])
+    return f"<p class='note' data-evaluations='{n}'>{text}</p>"
 
 
 def mae_section(table: pd.DataFrame, png: str) -> str:
@@ -289,6 +306,10 @@ def gate_section(effects: Mapping[str, Mapping[str, Any]], notes: Sequence[str],
                 "mae_accepted"),
             row("MAE of the rejected (n)", lambda e: f"{number(e['mae_rejected'], 2)} ({e['n_rejected_scored']})",
                 "mae_rejected")]
+    for check in sorted({c for e in effects.values() for c in e.get("rates", {})}):
+        rows.append(row(f"{escape(check)}: measured rate (nominal)", lambda e, c=check: (
+            f"{number(100 * e['rates'][c]['measured'], 1)} % ({number(100 * e['rates'][c]['nominal'], 1)} %)"
+            if c in e.get("rates", {}) else "–"), f"rate_{check}"))
     for reason in gate.REASONS:
         if any(reason in e["by_reason"] for e in effects.values()):
             rows.append(row(f"&nbsp;&nbsp;{escape(reason)}: n, MAE", lambda e, r=reason: (
@@ -395,6 +416,7 @@ def gate_effect(oof: pd.DataFrame, kinds: Sequence[str], pred: np.ndarray | None
         accepted, reasons = gate.cross_fitted(table, kinds, pred, quantile)
         name = f"out of fold, cross-fitted (q={quantile:g})"
         effects[name] = gate.effect(accepted, reasons, pred, table["boneage"])
+        effects[name]["rates"] = gate.rates(reasons, pred, {"zone_models_disagree": 1 - quantile})
         sets.append((name, accepted, reasons, np.abs(np.asarray(pred, float) - table["boneage"].to_numpy(float))))
     if test_gate is not None and len(test_gate):
         pred_t, truth = test_gate["boneage_months"].to_numpy(float), test_gate["boneage"].to_numpy(float)
@@ -402,10 +424,13 @@ def gate_effect(oof: pd.DataFrame, kinds: Sequence[str], pred: np.ndarray | None
         reasons = test_gate["reject_reason"].astype(object).where(test_gate["reject_reason"].notna(), None).to_numpy()
         name = "locked test split, shipped thresholds"
         effects[name] = gate.effect(accepted, reasons, pred_t, truth)
+        effects[name]["rates"] = gate.rates(reasons, pred_t, {"zone_models_disagree": 1 - quantile})
         sets.append((name, accepted, reasons, np.abs(pred_t - truth)))
-        notes.append("Test split: the shipped bundle's thresholds; its fold spread threshold is the 99th "
-                     "percentile of these same images' spreads (no labels), so about 1 in 100 is rejected for it "
-                     "by construction.")
+        notes.append("Test split: the shipped bundle's thresholds, all set before the split was scored (none on "
+                     "it). The zone spread check's nominal rate is the share of images like the training data it "
+                     "rejects by construction (its threshold and the scorer test the same statistic: one fold's "
+                     "kinds); the measured rate beside it is what it did on the split. Bundles of this version "
+                     "have no fold spread check: only the test split could calibrate it.")
     else:
         notes.append("No locked test split was scored: its part is left out.")
     png = None

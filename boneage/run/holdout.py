@@ -4,6 +4,7 @@ stage, and scored once at the end by the finished bundle through `boneage score`
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import fsspec
@@ -72,12 +73,45 @@ def read_test_ids(config: Config) -> set[str]:
     return set() if split is None else set(split["id"])
 
 
+def evaluations_uri(config: Config) -> str:
+    return storage.join_uri(config.output, "test", "evaluations.jsonl")
+
+
+def record_evaluation(config: Config, bundle_sha256: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Append one line to OUTPUT/test/evaluations.jsonl: every scoring of the locked test split (bundle
+    hash, UTC time, n, MAE). A split scored more than once is a clean estimate only for the first
+    bundle: anything changed after seeing its number was chosen on it."""
+    record = {"bundle_sha256": bundle_sha256, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "images": result["images"], "n": result["scored"], "mae": result["accuracy"]["all"].get("mae")}
+    uri, options = evaluations_uri(config), config.data.storage_options
+    earlier = storage.read_bytes(uri, options) if _exists(uri, options) else b""
+    if earlier and not earlier.endswith(b"\n"):
+        earlier += b"\n"
+    # Read and written whole: s3:// has no append; the file is one line per evaluation.
+    storage.write_bytes(uri, earlier + json.dumps(record).encode() + b"\n", options)
+    return record
+
+
+def read_evaluations(config: Config) -> list[dict[str, Any]]:
+    """Every recorded scoring of the locked test split, oldest first ([] when none)."""
+    uri, options = evaluations_uri(config), config.data.storage_options
+    if not _exists(uri, options):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri, options).decode().splitlines() if line.strip()]
+
+
+def _exists(uri: str, options) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri, **dict(options or {}))
+    return fs.exists(path)
+
+
 def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[str, Any] | None:
     """Score the locked test split with the finished bundle through `boneage score`'s code path
     (fold-averaged models, ensemble, QA); OUTPUT/test/predictions.parquet and metrics.json; the
-    accuracy also goes into the bundle (training.json and manifest). None without a test split."""
+    accuracy goes beside the bundle (BUNDLE/measured.json, outside its hash) and the evaluation is
+    appended to OUTPUT/test/evaluations.jsonl. Nothing here is fitted on the split: the bundle is
+    complete before it is scored. None without a test split."""
     from boneage import bundle
-    from boneage.clinical import gate
     from boneage.validation import metrics
 
     options = config.data.storage_options
@@ -90,6 +124,7 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
     subjects = storage.join_uri(config.output, "test", "subjects.csv")
     with storage.open_output(subjects, "wb", options) as f:
         split[["id", "male"]].to_csv(f, index=False)
+    bundle_sha256 = bundle.manifest_sha256(bundle_uri, options)  # the bundle measured; checked again on record
     table = score(split["uri"].tolist(), bundle_uri, storage.join_uri(config.output, "test", "predictions.parquet"),
                   subjects=subjects, storage_options=options, resume=False)  # the bundle may be new: afresh
     scored = split.merge(table[["id", "status", "error", "boneage_months", "boneage_lower_months",
@@ -99,16 +134,15 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
                                   scored.loc[ok, "male"].astype(bool), n_boot=n_boot, seed=config.data.seed)
     result = {"images": int(len(split)), "scored": int(ok.sum()), "source": str(split["source"].iloc[0]),
               "bootstrap_resamples": n_boot, "failed": [{"id": r.id, "error": r.error} for r in scored[~ok].itertuples()],
-              "accuracy": acc,
-              # Label-free: the spread of images no fold model saw sets the gate's fold spread threshold.
-              "gate_fold_spread": gate.calibrate_fold_spread(
-                  table.loc[table.status == STATUS_OK, "boneage_sd_months"]),
+              "accuracy": acc, "bundle_sha256": bundle_sha256,
               "interval": interval_coverage(scored[ok], storage.read_json(storage.join_uri(
                   bundle_uri, bundle.read_manifest(bundle_uri, options).get("training", "training.json")), options))}
     storage.write_bytes(storage.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
-    bundle.add_test_accuracy(bundle_uri, result, options)  # the interval's coverage goes with it
+    bundle.add_test_accuracy(bundle_uri, result, bundle_sha256, options)  # the interval's coverage goes with it
+    record_evaluation(config, bundle_sha256, result)
+    times = len(read_evaluations(config))
     print(f"[test] the shipped bundle on the locked test split ({result['scored']}/{result['images']} scored): "
-          f"{metrics.describe(acc['all'])}")
+          f"{metrics.describe(acc['all'])}" + (f"; the split has now been scored {times} times" if times > 1 else ""))
     if result["interval"].get("all", {}).get("n"):
         i = result["interval"]
         print(f"[test] its {i['level']:.0%} bone age interval ({i['method']}) covered {i['all']['coverage']:.1%} of "

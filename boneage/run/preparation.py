@@ -36,10 +36,38 @@ def split_annotations(annotations: dict[str, np.ndarray], seed: int, holdout: fl
     return set(ids) - held, held
 
 
+def keypoint_annotation_split(annotations: dict[str, np.ndarray], test_ids: set[str], seed: int
+                              ) -> tuple[set[str], set[str]]:
+    """(annotation ids the key point model trains on, held-out ids that measure its error): the
+    annotations outside the locked test split, split as split_annotations does (so which test images
+    are annotated cannot move the split); the test split's annotated images are held out too (the model
+    never sees them; they only measure its error)."""
+    train, held = split_annotations({i: a for i, a in annotations.items() if i not in test_ids}, seed)
+    return train, held | (set(annotations) & set(test_ids))
+
+
+def keypoint_training_rows(manifest: pd.DataFrame, annotations: dict[str, np.ndarray], test_ids: set[str],
+                           max_training_images: int, seed: int) -> tuple[pd.DataFrame, set[str]]:
+    """(manifest rows the key point model may learn from, annotation ids it trains on): the annotated
+    images outside the held-out fifth, then others (pseudo-label candidates) up to max_training_images.
+    The locked test split's images are never among them, annotated or not: the model registers those
+    images later, and must not have learnt them. (The held-out annotated images, which only measure the
+    key point error, include the test split's annotated images: nothing is fitted on them.)"""
+    train_ids = keypoint_annotation_split(annotations, test_ids, seed)[0]
+    ok = manifest[(manifest.status == STATUS_OK) & ~manifest.id.isin(test_ids)]
+    annotated = ok[ok.id.isin(train_ids)]
+    others = ok[~ok.id.isin(annotations)]
+    room = max(0, max_training_images - len(annotated))
+    others = others.sample(n=min(room, len(others)), random_state=seed)
+    return pd.concat([annotated, others]), train_ids
+
+
 def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str, np.ndarray]) -> str | None:
     """The key point model to use: the configured one, or one trained now on the annotated images
-    (minus a held-out fifth) and confident geometric pseudo-labels; None for geometric key points."""
+    (minus a held-out fifth) and confident geometric pseudo-labels, never on the locked test split's
+    images (keypoint_training_rows); None for geometric key points."""
     from boneage.distributed import ray_keypoints, ray_prepare
+    from boneage.run.holdout import read_test_ids
 
     kp = config.keypoints
     if kp.source not in ("model", "geometric"):
@@ -48,14 +76,13 @@ def keypoint_model(config: Config, manifest: pd.DataFrame, annotations: dict[str
         return None
     if kp.model:
         return kp.model
-    train_ids, _ = split_annotations(annotations, config.data.seed)
-    ok = manifest[(manifest.status == STATUS_OK)]
-    annotated = ok[ok.id.isin(train_ids)]
-    others = ok[~ok.id.isin(annotations)]
-    room = max(0, kp.max_training_images - len(annotated))
-    others = others.sample(n=min(room, len(others)), random_state=config.data.seed)
+    test_ids = read_test_ids(config)  # split_test ran before preprocessing (workflows/full_cv.py)
+    rows, train_ids = keypoint_training_rows(manifest, annotations, test_ids, kp.max_training_images,
+                                             config.data.seed)
+    if test_ids:
+        print(f"[keypoints] the {len(test_ids)} images of the locked test split are left out of its training set")
     started = time.time()
-    analysed = ray_prepare.analyse_dataset(pd.concat([annotated, others]), config)
+    analysed = ray_prepare.analyse_dataset(rows, config)
     print(f"[keypoints] {len(analysed)} images analysed for the key point model in {time.time() - started:.0f} s")
     inputs, targets, is_annotation = ray_keypoints.training_set(
         analysed, {i: annotations[i] for i in train_ids}, kp.pseudo_label_confidence)
@@ -97,6 +124,7 @@ def preprocess(config: Config) -> pd.DataFrame:
     """Manifest → key point model → Ray Data preparation → registered parquet + QA sheet + summary.
     Returns the registered table without image bytes."""
     from boneage.distributed import ray_prepare  # imports ray: only when this stage runs
+    from boneage.run.holdout import read_test_ids
 
     started = time.time()
     manifest = ingest.build_manifest(config.data.images, config.data.labels, config.data.storage_options)
@@ -115,7 +143,7 @@ def preprocess(config: Config) -> pd.DataFrame:
     summary = summarise(table, time.time() - started)
     summary["keypoint_model"] = model
     summary["keypoint_error_on_held_out_annotations"] = keypoint_errors(
-        table, annotations, split_annotations(annotations, config.data.seed)[1])
+        table, annotations, keypoint_annotation_split(annotations, read_test_ids(config), config.data.seed)[1])
     storage.write_bytes(storage.join_uri(config.output, "qa", "preprocess_summary.json"),
                    json.dumps(summary, indent=2).encode(), config.data.storage_options)
     print_summary("preprocess", summary)

@@ -15,7 +15,7 @@ from boneage.config import Config
 from boneage.data import storage
 from boneage.errors import STATUS_OK
 from boneage.progress import fmt_seconds
-from boneage.run.holdout import read_test_split
+from boneage.run.holdout import read_evaluations, read_test_split
 
 
 def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
@@ -39,13 +39,14 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     test = test or storage.read_json(storage.join_uri(config.output, "test", "metrics.json"), options) or None
     test_table = test_gate = None
     if test:
+        test = {**test, "evaluations": read_evaluations(config)}  # how many times the split was scored
         scored = pd.read_parquet(storage.join_uri(config.output, "test", "predictions.parquet"),
                                  storage_options=options or None)
         split = read_test_split(config)
         test_table = split.merge(scored[scored.status == STATUS_OK][["id", "boneage_months"]], on="id")
         test_table = test_table.rename(columns={"boneage_months": "pred"})
-        # The gate again with the shipped thresholds: the split was scored before its own fold spread
-        # threshold was added to the bundle.
+        # The gate again with the shipped thresholds (as scoring applied them; an older run's split was
+        # scored before its fold spread threshold was added to the bundle).
         training = storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options)
         test_gate = split[["id", "boneage"]].merge(scored.drop(columns=["boneage"], errors="ignore"), on="id", how="left")
         test_gate["accepted"], test_gate["reject_reason"] = gate.gate(
