@@ -139,11 +139,12 @@ def test_the_test_splits_coverage_goes_into_training_json_and_the_manifest(tmp_p
     assert report["all"] == {"n": 3, "coverage": pytest.approx(2 / 3), "mean_width": pytest.approx(100 / 3)}
     assert report["by_sex"]["F"]["coverage"] == 0.0 and report["by_age_band"]["15-19 y"]["n"] == 1
     assert "error" in interval_coverage(scored, {"images": 0})  # a bundle without a calibration
-    # bundle.add_test_accuracy carries it into training.json and the manifest's test-split summary.
+    # bundle.add_test_accuracy carries it into measured.json (beside the hashed bundle), which the loaded
+    # bundle shows as its training.json's "test" and the manifest's test-split summary.
     uri = str(tmp_path / "bundle")
     bundle.write_bundle(uri, {"training.json": b"{}"}, [], {"training": "training.json"})
-    manifest = bundle.add_test_accuracy(uri, {"images": 3, "scored": 3, "accuracy": {"all": {"mae": 1.0}},
-                                              "interval": report})
-    assert manifest["accuracy"]["test_split"]["interval"] == {"level": 0.9, "method": "global", **report["all"]}
-    with open(tmp_path / "bundle" / "training.json") as f:
+    measured = bundle.add_test_accuracy(uri, {"images": 3, "scored": 3, "accuracy": {"all": {"mae": 1.0}},
+                                              "interval": report}, bundle.manifest_sha256(uri))
+    assert measured["accuracy"]["test_split"]["interval"] == {"level": 0.9, "method": "global", **report["all"]}
+    with open(tmp_path / "bundle" / bundle.MEASURED) as f:
         assert json.load(f)["test"]["interval"]["all"]["n"] == 3
