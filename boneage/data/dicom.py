@@ -162,9 +162,13 @@ def _voi(ds, values: np.ndarray) -> np.ndarray | None:
 
 
 def header_uids(data: bytes, name: str) -> dict[str, str | None]:
-    """{keyword: value} of UID_KEYWORDS from a DICOM file's bytes (its header suffices)."""
+    """{keyword: value} of UID_KEYWORDS from a DICOM file's bytes (its header suffices), and `group`:
+    the PatientID hashed (boneage.data.labels.patient_group; the id itself is never returned)."""
+    from boneage.data.patients import patient_group
+
     ds = _dcmread(data, name, stop_before_pixels=True)
-    return {k: (str(ds.get(k)).strip() or None) if ds.get(k) is not None else None for k in UID_KEYWORDS}
+    found = {k: (str(ds.get(k)).strip() or None) if ds.get(k) is not None else None for k in UID_KEYWORDS}
+    return {**found, "group": patient_group(ds.get("PatientID"))}
 
 
 def read_uids(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:

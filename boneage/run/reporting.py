@@ -59,7 +59,8 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
         test=test, test_table=test_table, gate_flags=flags[["id", "registration_doubtful", "mask_doubtful"]],
         test_gate=test_gate,
-        sex_classifier=storage.read_json(storage.join_uri(cv_uri, "summary.json"), options).get("sex_classifier"))
+        sex_classifier=storage.read_json(storage.join_uri(cv_uri, "summary.json"), options).get("sex_classifier"),
+        grouping=storage.read_json(storage.join_uri(cv_uri, "summary.json"), options).get("grouping"))
     print(f"[report] {uri}")
     return uri
 
