@@ -258,6 +258,27 @@ def summary(table: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def latest_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per file (uri) of a scoring output made by several runs: the latest by `scored_at`, so a
+    rerun's row replaces an earlier run's row of a transient error (parts are append-only)."""
+    if "scored_at" not in table or not table["uri"].duplicated().any():
+        return table
+    order = table.sort_values("scored_at", kind="stable", na_position="first")
+    has_uri = order["uri"].notna()
+    latest = order[has_uri].drop_duplicates("uri", keep="last")
+    return pd.concat([latest, order[~has_uri]]).sort_index(kind="stable")
+
+
+def settled_uris(table: pd.DataFrame) -> set[str]:
+    """The files a resumed run need not score again: those whose latest row (uri, error, scored_at) is
+    not a transient error (errors.TRANSIENT_CODES: the network, not the file)."""
+    from boneage.errors import TRANSIENT_CODES, error_code
+
+    latest = latest_rows(table)
+    transient = latest["error"].map(error_code).isin(TRANSIENT_CODES) if "error" in latest else False
+    return {u for u in latest.loc[~transient, "uri"] if u}
+
+
 def with_subjects(manifest: pd.DataFrame, subjects: pd.DataFrame | None,
                   errors: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The manifest with the user's CSV (sex, chronological age) joined by id; a CSV row that could
