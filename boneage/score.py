@@ -163,7 +163,8 @@ def sex_mismatch(p_male: np.ndarray, sex) -> np.ndarray:
 
 
 def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
-    """(chronological age in months, its source) per row: the CSV's age_months, else the DICOM's."""
+    """(chronological age in months, its source) per row: the CSV's age_months, else the DICOM's; a DICOM
+    age that was implausible (boneage.data.dicom) leaves the age NaN and its source "dicom_unused: why"."""
     ages = np.full(len(rows), np.nan)
     sources: list[str | None] = [None] * len(rows)
     csv = rows["age_months"].to_numpy(float, na_value=np.nan) if "age_months" in rows else ages.copy()
@@ -174,6 +175,8 @@ def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
             ages[i], sources[i] = csv[i], "csv"
         elif np.isfinite(image[i]):
             ages[i], sources[i] = image[i], f"dicom_{image_source[i] or 'dates'}"
+        elif isinstance(image_source[i], str) and image_source[i]:  # the header's age, not used: why
+            sources[i] = f"dicom_{image_source[i]}"
     return ages, sources
 
 

@@ -285,3 +285,12 @@ def test_read_output_keeps_the_latest_row_per_file(tmp_path):
     assert scored_uris(str(folder), "h") == {"/i/a.png", "/i/b.png"}
     table = read_output(str(folder), ("id", "uri", "status"))
     assert table.to_dict("list") == {"id": ["a", "b"], "uri": ["/i/a.png", "/i/b.png"], "status": ["ok", "ok"]}
+
+
+def test_an_unused_dicom_age_leaves_the_age_empty_with_its_reason():
+    rows = pd.DataFrame({"age_months": [np.nan, 50.0, np.nan, np.nan],
+                         "image_age_months": [96.0, 96.0, np.nan, np.nan],
+                         "image_age_source": ["dates", "dates", "unused: image date before birth date", None]})
+    ages, sources = score.resolve_age(rows)
+    assert ages[:2].tolist() == [96.0, 50.0] and np.isnan(ages[2:]).all()
+    assert sources == ["dicom_dates", "csv", "dicom_unused: image date before birth date", None]
