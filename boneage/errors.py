@@ -26,6 +26,11 @@ ERROR_CODES = {
 }
 
 
+# Errors of the moment, not of the file (a network failure, a time-out, a throttled S3 request): a resumed
+# scoring run scores such rows again instead of keeping them. Every other code is the file's own.
+TRANSIENT_CODES = frozenset({"read_failed"})
+
+
 class ItemError(Exception):
     """An error that belongs to one input item; `str(err)` is what goes in the `error` column."""
 

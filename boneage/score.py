@@ -206,7 +206,8 @@ def sex_uncertainty(if_female: np.ndarray, if_male: np.ndarray, sex_source: np.n
 
 
 def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
-    """(chronological age in months, its source) per row: the CSV's age_months, else the DICOM's."""
+    """(chronological age in months, its source) per row: the CSV's age_months, else the DICOM's; a DICOM
+    age that was implausible (boneage.data.dicom) leaves the age NaN and its source "dicom_unused: why"."""
     ages = np.full(len(rows), np.nan)
     sources: list[str | None] = [None] * len(rows)
     csv = rows["age_months"].to_numpy(float, na_value=np.nan) if "age_months" in rows else ages.copy()
@@ -217,6 +218,8 @@ def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
             ages[i], sources[i] = csv[i], "csv"
         elif np.isfinite(image[i]):
             ages[i], sources[i] = image[i], f"dicom_{image_source[i] or 'dates'}"
+        elif isinstance(image_source[i], str) and image_source[i]:  # the header's age, not used: why
+            sources[i] = f"dicom_{image_source[i]}"
     return ages, sources
 
 
@@ -312,6 +315,27 @@ def summary(table: pd.DataFrame) -> dict[str, Any]:
         "registration_doubtful": int(ok["registration_doubtful"].fillna(False).astype(bool).sum()),
         "boneage_months_median": float(ok["boneage_months"].median()) if len(ok) else None,
     }
+
+
+def latest_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per file (uri) of a scoring output made by several runs: the latest by `scored_at`, so a
+    rerun's row replaces an earlier run's row of a transient error (parts are append-only)."""
+    if "scored_at" not in table or not table["uri"].duplicated().any():
+        return table
+    order = table.sort_values("scored_at", kind="stable", na_position="first")
+    has_uri = order["uri"].notna()
+    latest = order[has_uri].drop_duplicates("uri", keep="last")
+    return pd.concat([latest, order[~has_uri]]).sort_index(kind="stable")
+
+
+def settled_uris(table: pd.DataFrame) -> set[str]:
+    """The files a resumed run need not score again: those whose latest row (uri, error, scored_at) is
+    not a transient error (errors.TRANSIENT_CODES: the network, not the file)."""
+    from boneage.errors import TRANSIENT_CODES, error_code
+
+    latest = latest_rows(table)
+    transient = latest["error"].map(error_code).isin(TRANSIENT_CODES) if "error" in latest else False
+    return {u for u in latest.loc[~transient, "uri"] if u}
 
 
 def with_subjects(manifest: pd.DataFrame, subjects: pd.DataFrame | None,

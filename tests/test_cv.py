@@ -274,3 +274,95 @@ def test_cv_flags_override_the_config(tmp_path):
         (5, ("A-reg", "B-cls"), 3, 0.25)
     assert config.cv.cpus_per_trial == CVConfig().cpus_per_trial  # unset flags keep the config's value
     assert main(["cv", "--output", str(tmp_path / "empty")]) == 2  # no registered table: a message, not Ray
+
+
+# -- patient groups -------------------------------------------------------------------------------
+
+
+def test_folds_without_groups_are_the_per_image_folds_of_before():
+    """Runs made before patient groups keep their folds: a table without a group column (or with
+    empty groups) gets exactly the folds the per-image assignment gave (frozen here)."""
+    table = _table(n_f=13, n_m=11, seed=3)
+    before = [0, 2, 2, 2, 2, 1, 2, 1, 1, 1, 0, 0, 0, 1, 2, 0, 2, 0, 1, 0, 1, 2, 0, 2, -1, -1, -1]
+    assert cv.assign_folds(table, 3, seed=7).tolist() == before
+    assert cv.assign_folds(table.assign(group=None), 3, seed=7).tolist() == before
+    assert not cv.grouped(table) and not cv.grouped(table.assign(group=None))
+    assert "group" not in cv.folds_table(table, 3, seed=7)
+
+
+def _repeat_radiographs(seed=0, patients=40) -> pd.DataFrame:
+    """Patients with 1-4 radiographs each (follow-ups a year apart: ages rise), both sexes, ids shuffled
+    so that a patient's images are not neighbours, and a few images without a patient."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        male, first = bool(p % 2), float(rng.uniform(12, 180))
+        for visit in range(int(rng.integers(1, 5))):
+            rows.append({"id": f"img{rng.integers(1_000_000):07d}", "male": male, "boneage": first + 12 * visit,
+                         "status": "ok", "group": f"g{p:03d}"})
+    rows += [{"id": f"solo{i}", "male": bool(i % 2), "boneage": float(rng.uniform(1, 228)), "status": "ok",
+              "group": None} for i in range(6)]
+    return pd.DataFrame(rows).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_no_patient_crosses_a_fold(k):
+    table = _repeat_radiographs()
+    folds = cv.assign_folds(table, k, seed=1)
+    assert (folds >= 0).all() and cv.grouped(table)
+    per_patient = pd.Series(folds).groupby(table["group"].to_numpy()).nunique()
+    assert (per_patient == 1).all(), per_patient[per_patient > 1]
+    for male in (False, True):  # each sex's patients (not images) are dealt evenly
+        mine = table["male"].to_numpy() == male
+        patients = pd.Series(cv.group_keys(table)[mine]).groupby(folds[mine]).nunique()
+        assert len(patients) == k and patients.max() - patients.min() <= 1
+    assert set(cv.folds_table(table, k, seed=1)["group"].dropna()) == set(table["group"].dropna())
+
+
+def test_no_patient_crosses_the_test_split_or_the_selection_split():
+    from boneage.run.holdout import pick_test_rows
+
+    table = _repeat_radiographs(seed=2, patients=60)
+    test = pick_test_rows(table, 0.2, seed=3)
+    keys = table["group"].fillna(table["id"]).to_numpy()  # the patient, or the image where none
+    assert 0 < len(test) < len(table)
+    assert not set(keys[test]) & set(np.delete(keys, test))
+    train = np.setdiff1d(np.arange(len(table)), test)
+    fit, select = cv.grouped_inner_split(table, train, 0.25, seed=4)
+    assert len(select) and not set(keys[fit]) & set(keys[select])
+    assert sorted(np.concatenate([fit, select])) == train.tolist()
+
+
+def test_the_test_split_without_groups_is_the_per_image_split_of_before():
+    from boneage.run.holdout import pick_test_rows
+
+    table = _table(seed=5)
+    table = table[cv.labelled(table)].reset_index(drop=True)
+    before = np.sort(np.concatenate([cv.inner_split(table["boneage"].to_numpy(float),
+                                                    np.flatnonzero(table["male"].to_numpy(bool) == male), 0.1, 6)[1]
+                                     for male in (False, True)]))
+    assert pick_test_rows(table, 0.1, seed=6).tolist() == before.tolist()
+    assert pick_test_rows(table.assign(group=None), 0.1, seed=6).tolist() == before.tolist()
+
+
+def test_a_patient_with_both_sexes_or_too_few_patients_is_an_error():
+    table = _repeat_radiographs()
+    one = table.index[table["group"] == "g000"][0]
+    table.loc[one, "male"] = not table.loc[one, "male"]
+    with pytest.raises(UserError, match="both sexes"):
+        cv.assign_folds(table, 3, seed=0)
+    few = pd.DataFrame({"id": [f"i{j}" for j in range(8)], "male": False, "boneage": np.arange(8) * 10.0,
+                        "status": "ok", "group": ["a", "a", "a", "a", "b", "b", "b", "b"]})
+    with pytest.raises(UserError, match="2 labelled F patients cannot fill 3 folds"):
+        cv.assign_folds(few, 3, seed=0)
+
+
+def test_the_summary_and_the_report_say_whether_folds_are_by_patient():
+    from boneage.report.sections import grouping_note
+
+    by_patient = cv.grouping_record(cv.folds_table(_repeat_radiographs(), 3, seed=0))
+    assert by_patient["by_patient"] and by_patient["patients"] == 46 and by_patient["images"] > 46
+    per_image = cv.grouping_record(cv.folds_table(_table(), 3, seed=0))
+    assert per_image == {"by_patient": False, "images": 114, "patients": 114}
+    assert "by patient (46 patients" in grouping_note(by_patient)
+    assert "one image per child assumed" in grouping_note(per_image) and grouping_note(None) == ""

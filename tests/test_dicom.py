@@ -100,3 +100,32 @@ def test_a_missing_decoder_is_missing_codec_naming_the_extra():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("missing_codec: IM0001: JPEG Lossless"), result.stdout
     assert "pip install 'boneage[dicom]'" in result.stdout
+
+
+def _patient(**tags):
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientSex = "F"
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    meta: dict = {}
+    dicom._dicom_patient_meta(ds, meta)
+    return meta.get("age_months"), meta.get("age_source")
+
+
+def test_an_implausible_dicom_age_is_not_used_and_says_why():
+    # Plausible: from the dates, else PatientAge.
+    assert _patient(PatientBirthDate="20100115", StudyDate="20200715") == (pytest.approx(126.0, abs=0.1), "dates")
+    assert _patient(PatientAge="007Y") == (84.0, "PatientAge")
+    # De-identification shifted the dates: study before birth, far years, an adult's age.
+    for tags, why in [({"PatientBirthDate": "20200115", "StudyDate": "20100715"}, "before birth"),
+                      ({"PatientBirthDate": "18500101", "StudyDate": "18580101"}, "implausible years"),
+                      ({"PatientBirthDate": "21500101", "StudyDate": "21580101"}, "implausible years"),
+                      ({"PatientBirthDate": "19500101", "StudyDate": "20200101"}, "70 years"),
+                      ({"PatientAge": "045Y"}, "PatientAge 45Y outside 0-25")]:
+        age, source = _patient(**tags)
+        assert age is None and source.startswith("unused: ") and why in source, (tags, source)
+    # Shifted dates but a plausible PatientAge: that age, not the dates'.
+    assert _patient(PatientBirthDate="20200115", StudyDate="20100715", PatientAge="010Y") == (120.0, "PatientAge")
+    assert _patient() == (None, None)  # nothing given: nothing said

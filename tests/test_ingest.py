@@ -12,7 +12,7 @@ from boneage.errors import error_code
 from boneage.data.ingest import MANIFEST_COLUMNS, UID_COLUMNS, build_manifest
 
 from conftest import REAL_DIR
-from test_io import dicom_bytes, hand_like
+from test_io import IDENTIFYING, dicom_bytes, hand_like
 
 
 def _folder_with_labels(tmp_path: Path, label_text: str) -> tuple[Path, Path]:
@@ -91,3 +91,43 @@ def test_without_labels_every_image_is_ok(tmp_path):
     images, _ = _folder_with_labels(tmp_path, "")
     manifest = build_manifest(str(images))
     assert list(manifest.status) == ["ok"] * 3 and manifest.boneage.isna().all()
+
+
+def test_patient_groups_from_the_labels_and_from_dicom_patient_id_are_hashed(tmp_path):
+    from boneage.data.patients import patient_group
+
+    # A patient column in the labels: every image of one patient shares a hashed group.
+    (tmp_path / "png").mkdir()
+    images, labels = _folder_with_labels(tmp_path / "png", "id,boneage,male,patient_id\n1402,24,False,MRN-7\n"
+                                                           "1563,36,False,MRN-7\n1675,50,True,\n")
+    manifest = build_manifest(str(images), str(labels)).set_index("id")
+    assert manifest.loc["1402", "group"] == manifest.loc["1563", "group"] == patient_group("MRN-7")
+    assert pd.isna(manifest.loc["1675", "group"])  # no patient: the image is its own group
+    assert not manifest.astype(str).apply(lambda c: c.str.contains("MRN-7")).any().any()
+
+    # No patient column: a labelled DICOM's PatientID groups it, hashed; a PNG has no group.
+    _pacs_export(tmp_path / "export")
+    dicom_labels = tmp_path / "dicom_labels.csv"
+    dicom_labels.write_text("id,boneage,male\n1402.png,24,False\npatientA/study1/IM0001.dcm,100,False\n"
+                            "patientB/study7/IM0001,50,False\n")
+    manifest = build_manifest(str(tmp_path / "export"), str(dicom_labels)).set_index("id")
+    mrn = IDENTIFYING["PatientID"]
+    assert manifest.loc["patientA/study1/IM0001", "group"] == manifest.loc["patientB/study7/IM0001", "group"] \
+        == patient_group(mrn) and patient_group(mrn) != mrn
+    assert pd.isna(manifest.loc["1402", "group"])
+    assert not manifest.astype(str).apply(lambda c: c.str.contains(mrn)).any().any()
+    # One PatientID on images of both sexes: a de-identification placeholder, not a patient: no group.
+    dicom_labels.write_text(dicom_labels.read_text().replace("50,False", "50,True"))
+    manifest = build_manifest(str(tmp_path / "export"), str(dicom_labels))
+    assert (manifest.status == "ok").all() and manifest.group.isna().all()
+    # Scoring (no labels) reads no header for groups.
+    assert build_manifest(str(tmp_path / "export"))["group"].isna().all()
+
+
+def test_a_patient_labelled_with_both_sexes_is_a_bad_label(tmp_path):
+    images, labels = _folder_with_labels(tmp_path, "id,boneage,male,patient\n1402,24,False,p1\n"
+                                                   "1563,36,True,p1\n1675,50,True,p2\n")
+    manifest = build_manifest(str(images), str(labels)).set_index("id")
+    assert manifest.loc["1402", "error"].startswith("bad_label: patient group g")
+    assert manifest.loc["1563", "status"] == "error" and manifest.loc["1675", "status"] == "ok"
+    assert "p1" not in manifest.loc["1402", "error"].split("group ")[1]

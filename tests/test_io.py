@@ -580,3 +580,16 @@ def test_s3_endpoint_from_environment(s3_real, monkeypatch):
         assert images.read_image(f"{base}/1563.png").image.shape == (1022, 757)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_labels_with_a_patient_column_give_hashed_groups(tmp_path):
+    from boneage.data.patients import patient_group
+
+    path = tmp_path / "labels.csv"
+    path.write_text("id,boneage,male,Patient ID\n1,10,True,A-17\n2,22,True,A-17\n3,30,False,\n4,40,False,B-2\n")
+    df, errors = labels.read_labels(str(path))
+    assert errors == {} and list(df.columns) == ["id", "boneage", "male", "group"]
+    assert df.group.tolist()[:2] == [patient_group("A-17")] * 2 and pd.isna(df.group[2])  # empty: no patient
+    assert df.group[3] == patient_group("B-2")
+    assert patient_group("A-17").startswith("g") and len(patient_group("A-17")) == 17
+    assert "A-17" not in "".join(map(str, df.group)) and patient_group("A-17") != patient_group("A-18")

@@ -57,3 +57,16 @@ def test_keypoint_net_shape_and_spec_rebuild():
     assert net(torch.randn(2, 1, 130, 100)).shape == (2, 3, 2)
     m = build_from_spec({"kind": "C-cls", "input_scale": 0.2, "width_mult": 0.125, "fc": 16, "dropout": 0.5})
     assert m.input_size == model_kind("C-cls", 0.2).input_size and m.head_kind == "cls"
+
+
+def test_the_expectation_is_float32_under_bf16_autocast():
+    """Scoring runs the models under bf16 autocast where asked: the softmax-weighted age must not be
+    rounded in bf16 (up to 0.5 month), so CPU and GPU scores agree."""
+    torch.manual_seed(0)
+    model = ZoneNet((40, 30), head="cls", width_mult=0.125, fc=32).eval()
+    logits = torch.randn(64, N_CLASSES) * 4
+    plain = model.expectation(logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.expectation(logits)
+    assert under_autocast.dtype == torch.float32
+    assert torch.allclose(to_months(under_autocast), to_months(plain), atol=1e-4)

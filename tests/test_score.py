@@ -347,3 +347,58 @@ def test_an_older_bundle_gives_null_bounds_and_says_so(models, registered):
     assert "no prediction interval calibration (an older bundle)" in intervals.describe(None, {"images": 0})
     assert "too few" in intervals.describe(None, {"interval": {"error": "too few rows"}})
     assert "90% conformal (sex)" in intervals.describe(INTERVAL)
+
+
+def test_a_resumed_run_retries_transient_errors_and_keeps_one_row_per_file():
+    """Parts are append-only: run 1 wrote a read_failed row (the network) and a corrupt_image row (the
+    file); the resume scores the first again and keeps the second; the output then has one row per file,
+    the rescored one replacing the transient error."""
+    from boneage.score import latest_rows, settled_uris
+
+    run1 = pd.Timestamp("2025-01-01T10:00:00Z")
+    parts = pd.DataFrame({"id": ["a", "b", "c"], "uri": ["s3://x/a.png", "s3://x/b.png", "s3://x/c.png"],
+                          "status": ["ok", "error", "error"],
+                          "error": [None, "read_failed: s3://x/b.png: ReadTimeoutError: timed out",
+                                    "corrupt_image: s3://x/c.png: broken"],
+                          "scored_at": [run1] * 3})
+    assert settled_uris(parts) == {"s3://x/a.png", "s3://x/c.png"}  # b is scored again, c is not
+    rescored = pd.DataFrame({"id": ["b"], "uri": ["s3://x/b.png"], "status": ["ok"], "error": [None],
+                             "scored_at": [run1 + pd.Timedelta(hours=1)]})
+    both = pd.concat([rescored, parts], ignore_index=True)  # part order is no guide: scored_at is
+    assert settled_uris(both) == {"s3://x/a.png", "s3://x/b.png", "s3://x/c.png"}
+    table = latest_rows(both)
+    assert sorted(table.uri) == ["s3://x/a.png", "s3://x/b.png", "s3://x/c.png"]
+    assert table.set_index("id").loc["b", "status"] == "ok"
+    # Failing again transiently: retried again, still one row for it.
+    again = pd.concat([both, rescored.assign(status="error", error="read_failed: again",
+                                             scored_at=run1 + pd.Timedelta(hours=2))], ignore_index=True)
+    assert settled_uris(again) == {"s3://x/a.png", "s3://x/c.png"} and latest_rows(again).uri.is_unique
+
+
+def test_read_output_keeps_the_latest_row_per_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from boneage.distributed.ray_score import read_output, scored_uris
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    old = pd.DataFrame({"id": ["a", "b"], "uri": ["/i/a.png", "/i/b.png"], "status": ["ok", "error"],
+                        "error": [None, "read_failed: timed out"], "bundle_sha256": ["h", "h"],
+                        "scored_at": pd.to_datetime(["2025-01-01T10:00:00Z"] * 2)})
+    pq.write_table(pa.Table.from_pandas(old, preserve_index=False), folder / "part-20250101T100000Z-1.parquet")
+    assert scored_uris(str(folder), "h") == {"/i/a.png"}
+    new = old.iloc[[1]].assign(status="ok", error=None, scored_at=pd.to_datetime(["2025-01-01T11:00:00Z"]))
+    pq.write_table(pa.Table.from_pandas(new, preserve_index=False), folder / "part-20250101T110000Z-2.parquet")
+    assert scored_uris(str(folder), "h") == {"/i/a.png", "/i/b.png"}
+    table = read_output(str(folder), ("id", "uri", "status"))
+    assert table.to_dict("list") == {"id": ["a", "b"], "uri": ["/i/a.png", "/i/b.png"], "status": ["ok", "ok"]}
+
+
+def test_an_unused_dicom_age_leaves_the_age_empty_with_its_reason():
+    rows = pd.DataFrame({"age_months": [np.nan, 50.0, np.nan, np.nan],
+                         "image_age_months": [96.0, 96.0, np.nan, np.nan],
+                         "image_age_source": ["dates", "dates", "unused: image date before birth date", None]})
+    ages, sources = score.resolve_age(rows)
+    assert ages[:2].tolist() == [96.0, 50.0] and np.isnan(ages[2:]).all()
+    assert sources == ["dicom_dates", "csv", "dicom_unused: image date before birth date", None]

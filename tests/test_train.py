@@ -163,3 +163,41 @@ def test_the_sex_classifier_learns_the_toy_problem():
     np.testing.assert_allclose(p, res.val_pred, atol=1e-4)
     with pytest.raises(ValueError, match="sex classifier"):
         train.fit_sex_model(bank, male, tr, va, model_kind("A-reg", 0.125), small_cfg())
+
+
+# Labels across the whole range: the ends are where a Gaussian cut at 0 and 239 months is biased.
+RANGE_LABELS = [0.0, 1.0, *range(6, 229, 6), 234.0, 238.0, 239.0]
+
+
+def test_the_loss_is_minimised_by_a_distribution_whose_mean_is_the_label_at_every_age():
+    """Free logits, one row per label, fitted to the 'ce' loss: the minimising distribution's expectation
+    is the label within 1.5 months everywhere from 0 to 239 (a plain cut Gaussian is ~6 months off at 6).
+    'mae+ce' adds |expectation - label|, which that same target zeroes: it has the same minimiser."""
+    model = model_kind("B-cls", 0.125).build(0.125, 32, 0.0)
+    loss = train.class_loss(model, TrainConfig(cls_loss="ce", cls_sigma=12.0))
+    labels = torch.tensor(RANGE_LABELS)
+    target = train.class_target(labels, 12.0, 240)
+    assert torch.allclose(target.sum(1), torch.ones(len(labels)))
+    mean = target @ torch.arange(240.0)
+    assert (mean - labels).abs().max() < 0.05, (mean - labels).tolist()
+
+    torch.manual_seed(0)
+    logits = torch.zeros(len(labels), 240, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=1.0)
+    for _ in range(80):
+        opt.zero_grad()
+        loss(logits, to_scaled(labels)).backward()  # a mean of per-row terms: each row is fitted on its own
+        opt.step()
+    fitted = to_months(model.expectation(logits.detach()))
+    assert (fitted - labels).abs().max() < 1.5, dict(zip(RANGE_LABELS, (fitted - labels).tolist()))
+
+
+def test_the_loss_is_computed_in_float32_under_autocast():
+    model = model_kind("B-cls", 0.125).build(0.125, 32, 0.0)
+    loss = train.class_loss(model, TrainConfig(cls_loss="mae+ce", cls_sigma=12.0))
+    torch.manual_seed(1)
+    logits, y = torch.randn(16, 240) * 3, to_scaled(torch.rand(16) * 239)
+    plain = loss(logits, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(logits, y)
+    assert under_autocast.dtype == torch.float32 and torch.allclose(under_autocast, plain, rtol=1e-6, atol=1e-7)

@@ -162,9 +162,13 @@ def _voi(ds, values: np.ndarray) -> np.ndarray | None:
 
 
 def header_uids(data: bytes, name: str) -> dict[str, str | None]:
-    """{keyword: value} of UID_KEYWORDS from a DICOM file's bytes (its header suffices)."""
+    """{keyword: value} of UID_KEYWORDS from a DICOM file's bytes (its header suffices), and `group`:
+    the PatientID hashed (boneage.data.labels.patient_group; the id itself is never returned)."""
+    from boneage.data.patients import patient_group
+
     ds = _dcmread(data, name, stop_before_pixels=True)
-    return {k: (str(ds.get(k)).strip() or None) if ds.get(k) is not None else None for k in UID_KEYWORDS}
+    found = {k: (str(ds.get(k)).strip() or None) if ds.get(k) is not None else None for k in UID_KEYWORDS}
+    return {**found, "group": patient_group(ds.get("PatientID"))}
 
 
 def read_uids(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str | None]:
@@ -200,12 +204,36 @@ def _parse_dicom_date(value) -> dt.date | None:
         return None
 
 
+# A chronological age outside this range (months) is not a child's: a date that de-identification
+# shifted, or a typo. Dates outside FIRST_YEAR..this year + 1 are shifted dates (de-identification tools
+# move them to 1900 or into the next century).
+MAX_AGE_MONTHS = 25 * 12
+FIRST_YEAR = 1900
+UNUSED_AGE = "unused"  # the start of an age_source that says why the header's age was not used
+
+
+def _age_from_dates(birth: dt.date | None, taken: dt.date | None) -> tuple[float | None, str | None]:
+    """(age in months, None) from the birth and image dates, or (None, why not) where they are implausible
+    ((None, None) where either is missing)."""
+    if birth is None or taken is None:
+        return None, None
+    last_year = dt.date.today().year + 1
+    if not (FIRST_YEAR <= birth.year <= last_year and FIRST_YEAR <= taken.year <= last_year):
+        return None, f"dates in implausible years ({birth.year}, {taken.year}): shifted by de-identification?"
+    if taken < birth:
+        return None, "image date before birth date: shifted by de-identification?"
+    age = (taken - birth).days / 30.4375
+    if age > MAX_AGE_MONTHS:
+        return None, f"age from dates {age / 12:.0f} years, outside 0-{MAX_AGE_MONTHS // 12}"
+    return age, None
+
+
 def _dicom_patient_meta(ds, meta: dict) -> None:
-    """Sex and chronological age only. The dates themselves never leave this function."""
+    """Sex and chronological age only. The dates themselves never leave this function. An age that is
+    not plausible is not used: age_source then says why ("unused: ...")."""
     sex = str(ds.get("PatientSex", "") or "").strip().upper()
     meta["sex"] = sex if sex in ("M", "F") else None
 
-    age = None
     birth = _parse_dicom_date(ds.get("PatientBirthDate"))
     # The date the image was taken: StudyDate, else the more specific ones.
     taken = None
@@ -213,15 +241,19 @@ def _dicom_patient_meta(ds, meta: dict) -> None:
         taken = _parse_dicom_date(ds.get(keyword))
         if taken is not None:
             break
-    if birth is not None and taken is not None and taken >= birth:
-        age = (taken - birth).days / 30.4375  # dates beat PatientAge, which is rounded down
-        meta["age_source"] = "dates"
-    else:
+    age, why_not = _age_from_dates(birth, taken)  # dates beat PatientAge, which is rounded down
+    source = "dates" if age is not None else None
+    if age is None:
         m = re.fullmatch(r"0*(\d{1,3})\s*([DWMY])", str(ds.get("PatientAge", "") or "").strip().upper())
         if m:
-            age = int(m.group(1)) * _AGE_UNITS_MONTHS[m.group(2)]
-            meta["age_source"] = "PatientAge"
+            given = int(m.group(1)) * _AGE_UNITS_MONTHS[m.group(2)]
+            if given <= MAX_AGE_MONTHS:
+                age, source = given, "PatientAge"
+            else:
+                why_not = f"PatientAge {m.group(1)}{m.group(2)} outside 0-{MAX_AGE_MONTHS // 12} years"
     meta["age_months"] = None if age is None else round(float(age), 2)
+    if source is not None or why_not is not None:
+        meta["age_source"] = source or f"{UNUSED_AGE}: {why_not}"
 
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     try:

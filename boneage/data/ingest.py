@@ -13,7 +13,9 @@ from boneage.errors import STATUS_ERROR, STATUS_OK, ItemError, UserError
 from boneage.data.images import IMAGE_EXTENSIONS, LISTING_THREADS, list_inputs
 from boneage.data.labels import read_labels
 
-MANIFEST_COLUMNS = ("id", "uri", "path", "boneage", "male", "status", "error")
+# group: the hashed patient (boneage.data.labels.patient_group) from the labels' patient column, else a
+# DICOM's PatientID; None: the image is its own group (folds and the test split keep a group together).
+MANIFEST_COLUMNS = ("id", "uri", "path", "boneage", "male", "group", "status", "error")
 ID_SOURCES = ("path", "sop")
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # Files that cannot be DICOM (by extension): no header read for their UIDs.
@@ -45,12 +47,15 @@ def build_manifest(
     if id_from not in ID_SOURCES:
         raise UserError(f"id_from must be one of {', '.join(ID_SOURCES)}, not {id_from!r}")
     inputs = list_inputs(images, storage_options=storage_options)
-    uids = _read_uids([f.uri for f in inputs], storage_options) if (id_from == "sop" or keep_uids) else {}
     label_table, label_errors = (
         read_labels(labels, storage_options=storage_options, require_age=require_labels)
         if labels
         else (pd.DataFrame(columns=["id", "boneage", "male"]), {})
     )
+    # Labelled DICOM without a patient column: the header's PatientID groups them (read for that alone).
+    dicom_groups = bool(labels) and "group" not in label_table
+    uids = (_read_uids([f.uri for f in inputs], storage_options)
+            if (id_from == "sop" or keep_uids or dicom_groups) else {})
     by_id = label_table.set_index("id").to_dict("index")
 
     rows: list[dict[str, Any]] = []
@@ -59,13 +64,16 @@ def build_manifest(
         rid = (uids.get(item.uri) or {}).get("SOPInstanceUID") if id_from == "sop" else None
         rid = rid or item.id
         seen[rid] = seen.get(rid, 0) + 1
-        row = {"id": rid, "uri": item.uri, "path": item.path, "boneage": None, "male": None, "status": STATUS_OK,
-               "error": None}
+        header = uids.get(item.uri) or {}
+        row = {"id": rid, "uri": item.uri, "path": item.path, "boneage": None, "male": None,
+               "group": header.get("group") if dicom_groups else None, "status": STATUS_OK, "error": None,
+               "group_from_dicom": dicom_groups}
         if keep_uids:
-            row.update(uids.get(item.uri) or dict.fromkeys(UID_COLUMNS))
+            row.update({k: header.get(k) for k in UID_COLUMNS})
         if rid in by_id:
             row["boneage"] = _optional_float(by_id[rid]["boneage"])
             row["male"] = bool(by_id[rid]["male"])
+            row["group"] = _optional_str(by_id[rid].get("group", row["group"]))
         elif rid in label_errors:
             _fail(row, label_errors[rid])
         elif labels and require_labels:
@@ -75,16 +83,20 @@ def build_manifest(
     for row in rows:
         if seen[row["id"]] > 1:
             _fail(row, ItemError("duplicate_id", f"{seen[row['id']]} images have id {row['id']}"))
+    _fail_mixed_sex_groups(rows)
+    for row in rows:
+        row.pop("group_from_dicom", None)
 
     # Labelled ids with no image, and label rows that could not even give an id: reported, not lost.
     for rid, err in sorted(label_errors.items()):
         if rid not in seen:
-            rows.append({"id": rid, "uri": None, "path": None, "boneage": None, "male": None, "status": STATUS_OK,
-                         "error": None})
+            rows.append({"id": rid, "uri": None, "path": None, "boneage": None, "male": None, "group": None,
+                         "status": STATUS_OK, "error": None})
             _fail(rows[-1], err)
     for rid in sorted(set(by_id) - set(seen)):
         rows.append({"id": rid, "uri": None, "path": None, "boneage": _optional_float(by_id[rid]["boneage"]),
-                     "male": bool(by_id[rid]["male"]), "status": STATUS_OK, "error": None})
+                     "male": bool(by_id[rid]["male"]), "group": _optional_str(by_id[rid].get("group")), "status": STATUS_OK,
+                     "error": None})
         _fail(rows[-1], ItemError("missing_file", f"id {rid} is labelled but no image has that id"))
 
     manifest = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS) + (list(UID_COLUMNS) if keep_uids else []))
@@ -107,6 +119,29 @@ def _read_uids(uris: list[str], storage_options) -> dict[str, dict[str, str | No
         return {uri: found for uri, found in pool.map(one, candidates) if found}
 
 
+def _fail_mixed_sex_groups(rows: list[dict[str, Any]]) -> None:
+    """A patient whose usable images are labelled with both sexes. From the labels' patient column: a
+    label is wrong and we cannot tell which, so all that patient's images become bad_label rows (per-sex
+    folds need one sex a patient). From DICOM PatientID: more likely a placeholder that de-identification
+    wrote for everyone ("ANON"), so those images are not grouped (each its own patient), said once."""
+    sexes: dict[str, set] = {}
+    for row in rows:
+        if row["group"] is not None and row["status"] == STATUS_OK and row["male"] is not None:
+            sexes.setdefault(row["group"], set()).add(row["male"])
+    mixed = {group for group, found in sexes.items() if len(found) > 1}
+    ungrouped = 0
+    for row in rows:
+        if row["group"] in mixed and row["status"] == STATUS_OK:
+            if row.get("group_from_dicom"):
+                row["group"], ungrouped = None, ungrouped + 1
+            else:
+                _fail(row, ItemError("bad_label", f"patient group {row['group']} has images labelled with both sexes"))
+    if ungrouped:
+        print(f"[manifest] {ungrouped} DICOM images share a PatientID with images of the other sex (a "
+              "placeholder left by de-identification?): not grouped by patient; a patient_id column in the "
+              "labels groups them instead")
+
+
 def _fail(row: dict[str, Any], err: ItemError) -> None:
     """Mark a row failed; the first error wins (it is the cause, later ones are consequences)."""
     if row["status"] != STATUS_ERROR:
@@ -116,3 +151,7 @@ def _fail(row: dict[str, Any], err: ItemError) -> None:
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None or pd.isna(value) else float(value)
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None or pd.isna(value) else str(value)

@@ -29,6 +29,7 @@ import pandas as pd
 from boneage.errors import ItemError, MissingInput, UserError
 from boneage.registration.frame import KEYPOINT_NAMES
 from boneage.data.images import image_id, relative_id
+from boneage.data.patients import patient_group
 
 def _label_id(value: str) -> str:
     """An id from a table cell, as boneage.data.images gives ids: "1377.png" and "1377.0" (a float column's
@@ -47,6 +48,8 @@ _ID_COLUMNS = ("id", "imageid", "caseid")
 _AGE_COLUMNS = ("boneage", "boneagemonths", "groundtruthboneagemonths")
 _MALE_COLUMNS = ("male",)
 _SEX_COLUMNS = ("sex", "gender")
+# A patient (group) column: the images of one child (follow-ups, both hands, repeats) share a value.
+_GROUP_COLUMNS = ("patientid", "patient", "group")
 LABEL_VARIANTS = (
     "id,boneage,male  (RSNA train; male True/False, true/false, 1/0)",
     "Image ID,male,Bone Age (months)  (RSNA validation)",
@@ -98,6 +101,9 @@ def read_labels(
 ) -> tuple[pd.DataFrame, dict[str, ItemError]]:
     """Read a label table into (DataFrame[id: str, boneage: float, male: bool], errors by id).
 
+    With a patient column (``patient_id``, ``patient`` or ``group``) the frame has a ``group`` column too:
+    the hashed patient (patient_group; None where the cell is empty: that image is its own group).
+
     Accepts the RSNA variants in LABEL_VARIANTS (column names matched case- and
     punctuation-insensitively; ids given as file names lose their image extension). Per-row
     problems do not raise, the row goes to ``errors`` instead of the frame:
@@ -117,6 +123,7 @@ def read_labels(
     age_col = _find_col(df.columns, _AGE_COLUMNS)
     male_col = _find_col(df.columns, _MALE_COLUMNS)
     sex_col = None if male_col else _find_col(df.columns, _SEX_COLUMNS)
+    group_col = _find_col(df.columns, _GROUP_COLUMNS)
     missing = [
         what
         for what, col in (("id", id_col), ("bone age", age_col if require_age else True), ("sex", male_col or sex_col))
@@ -129,7 +136,7 @@ def read_labels(
         )
 
     errors: dict[str, ItemError] = {}
-    rows: list[tuple[str, float, bool]] = []
+    rows: list[tuple] = []
     ids = [_label_id(v) for v in df[id_col]]
     counts = pd.Series(ids).value_counts()
     for i, rid in enumerate(ids):
@@ -150,8 +157,8 @@ def read_labels(
         if male is None:
             errors[rid] = ItemError("unknown_sex", f"id {rid}: {raw_sex!r}")
             continue
-        rows.append((rid, age, male))
-    out = pd.DataFrame(rows, columns=["id", "boneage", "male"])
+        rows.append((rid, age, male) + ((patient_group(df[group_col].iat[i]),) if group_col else ()))
+    out = pd.DataFrame(rows, columns=["id", "boneage", "male"] + (["group"] if group_col else []))
     out = out.astype({"id": str, "boneage": float, "male": bool})
     return out, errors
 

@@ -94,9 +94,9 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     bank, ages, male = cv.load_bank(rows)
     fold = rows["fold"].to_numpy()
     train_cfg = TrainConfig(**loop_config["train"])
-    # The scored fold chooses nothing: the epoch is chosen on a split of the training folds.
-    fit_idx, select_idx = cv.inner_split(ages, np.flatnonzero(fold != trial.fold),
-                                         loop_config["inner_val_fraction"], train_cfg.seed)
+    # The scored fold chooses nothing: the epoch is chosen on a split of the training folds (by patient).
+    fit_idx, select_idx = cv.grouped_inner_split(rows, np.flatnonzero(fold != trial.fold),
+                                                 loop_config["inner_val_fraction"], train_cfg.seed, ages=ages)
     scored_idx = np.flatnonzero(fold == trial.fold)
     scored_ids = rows["id"].iloc[scored_idx].tolist()
     meta = {"scored_ids": scored_ids, "n_train": len(fit_idx), "n_select": len(select_idx),

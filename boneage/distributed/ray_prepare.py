@@ -26,6 +26,7 @@ from boneage.config import Config
 # every value of a column happens to be None still writes the right type.
 REGISTERED_SCHEMA = pa.schema([
     ("id", pa.string()), ("uri", pa.string()), ("path", pa.string()), ("boneage", pa.float64()), ("male", pa.bool_()),
+    ("group", pa.string()),  # the hashed patient (boneage.data.ingest); null: the image is its own group
     ("status", pa.string()), ("error", pa.string()),
     ("height", pa.int64()), ("width", pa.int64()), ("format", pa.string()),
     ("image_sex", pa.string()), ("image_age_months", pa.float64()), ("image_age_source", pa.string()),

@@ -87,15 +87,16 @@ def _part_files(folder: str, storage_options) -> list[str]:
 
 
 def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
-    """The URIs that already have a row in the parts of `out_uri`. A part that cannot be read (cut off
-    by a crash while it was written) is removed: its files have no row and are scored again. Rows of
-    another bundle are a UserError: one output, one bundle."""
+    """The URIs that already have a settled row in the parts of `out_uri` (score.settled_uris: a file
+    whose latest row is a transient error, e.g. read_failed, is scored again, and read_output then keeps
+    its new row). A part that cannot be read (cut off by a crash while it was written) is removed: its
+    files have no row and are scored again. Rows of another bundle are a UserError: one output, one bundle."""
     fs, _ = storage.filesystem(out_uri, storage_options)
-    done: set[str] = set()
+    rows: list[pd.DataFrame] = []
     for part in _part_files(parts_uri(out_uri), storage_options):
         try:
             with fs.open(part, "rb") as f:
-                table = pq.read_table(f, columns=["uri", "bundle_sha256"])
+                table = pq.read_table(f, columns=["uri", "bundle_sha256", "error", "scored_at"])
         except Exception as err:
             print(f"[score] removing a part that cannot be read (a run cut off while writing it?): {part}: {err}")
             fs.rm(part)
@@ -104,8 +105,8 @@ def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, 
         if other:
             raise UserError(f"{out_uri} already holds rows scored with another bundle (manifest sha256 "
                             f"{sorted(other)[0][:12]}...): score into another --out, or delete {parts_uri(out_uri)}")
-        done.update(u for u in table.column("uri").to_pylist() if u)
-    return done
+        rows.append(table.to_pandas())
+    return score.settled_uris(pd.concat(rows, ignore_index=True)) if rows else set()
 
 
 def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: str, provenance: Mapping[str, Any],
@@ -121,7 +122,7 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     todo = manifest[~manifest["uri"].isin(done)] if done else manifest
     if done:
         print(f"[score] {len(manifest) - len(todo)} files already have a row in {parts_uri(out_uri)}; "
-              f"scoring the other {len(todo)}")
+              f"scoring the other {len(todo)} (a transient error such as read_failed is retried)")
     if len(todo):
         manifest_record = read_manifest(bundle_uri, options)
         schema = score.output_schema(list(manifest_record["kinds"]), uid_columns, cards=bool(cards))
@@ -199,15 +200,17 @@ def gather(out_uri: str, provenance: Mapping[str, Any], storage_options: Mapping
 
 def read_output(out_uri: str, columns: tuple[str, ...], storage_options: Mapping[str, Any] | None = None
                 ) -> pd.DataFrame:
-    """`columns` of a scoring output (the .parquet file, or the folder of parts), sorted by id."""
+    """`columns` of a scoring output (the .parquet file, or the folder of parts), sorted by id; one row per
+    file, its latest (score.latest_rows: a rescored transient error replaces the old row)."""
     uri = out_uri if out_uri.lower().endswith(".parquet") else parts_uri(out_uri)
     # s3fs caches folder listings per process: one made before Ray's workers wrote this run's parts
     # would make their files "not found".
     fs, fs_path = storage.filesystem(uri, storage_options)
     fs.invalidate_cache(fs_path)
     path, filesystem = storage.arrow_location(uri, storage_options)
-    table = pq.read_table(path, filesystem=filesystem, columns=list(columns)).to_pandas()
-    return table.sort_values(["id", "uri"], kind="stable").reset_index(drop=True)
+    wanted = list(dict.fromkeys([*columns, "uri", "scored_at"]))
+    table = score.latest_rows(pq.read_table(path, filesystem=filesystem, columns=wanted).to_pandas())
+    return table[list(columns)].sort_values(["id", "uri"], kind="stable").reset_index(drop=True)
 
 
 def remove_output(out_uri: str, storage_options: Mapping[str, Any] | None = None) -> None:

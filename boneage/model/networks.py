@@ -116,7 +116,14 @@ class ZoneNet(nn.Module):
 
     def expectation(self, logits: torch.Tensor) -> torch.Tensor:
         """Expected (scaled) age under the softmax of the 240 logits, in fp32."""
-        return F.softmax(logits.float(), dim=1) @ self.class_ages
+        return expected_age(logits, self.class_ages)
+
+
+def expected_age(logits: torch.Tensor, class_ages: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) @ class_ages in fp32 under any autocast: autocast would run the matmul in bf16,
+    whose ~3 significant digits round the age by up to 0.5 month (and CPU and GPU scores would differ)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.softmax(logits.float(), dim=1) @ class_ages.float()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ checkpoint; it must save `state` before it returns, since the tensors are live.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from boneage.model.choices import CLS_LOSSES, SCHEDULES
 from boneage.model.augment import Augment, ZoneSampler, keypoint_sampler, points_to_output
 from boneage.registration.frame import FRAME_H, FRAME_W
-from boneage.model.networks import KeypointNet, ModelKind, build_from_spec, to_months, to_scaled
+from boneage.model.networks import KeypointNet, ModelKind, build_from_spec, expected_age, to_months, to_scaled
 
 
 @dataclass
@@ -382,18 +383,60 @@ def class_loss(model, cfg: TrainConfig) -> Callable:
     """loss(logits, scaled ages) of a 240-class head (cfg.cls_loss; see TrainConfig)."""
     if cfg.cls_loss not in CLS_LOSSES:
         raise ValueError(f"cls_loss must be one of {CLS_LOSSES}, got {cfg.cls_loss!r}")
-    months = torch.arange(model.out.out_features, dtype=torch.float32)
+    n_classes = model.out.out_features
 
     def loss(logits, y):
-        logp = F.log_softmax(logits, dim=1)
-        target = -(months.to(y.device)[None, :] - to_months(y)[:, None]) ** 2 / (2 * cfg.cls_sigma ** 2)
-        ce = -(F.softmax(target, dim=1) * logp).sum(1).mean()
-        if cfg.cls_loss == "ce":
-            return ce
-        expected = logp.exp() @ model.class_ages
-        return (expected - y).abs().mean() + cfg.cls_ce_weight * ce
+        with torch.autocast(logits.device.type, enabled=False):  # the loss in fp32 under any autocast
+            logp = F.log_softmax(logits.float(), dim=1)
+            ce = -(class_target(to_months(y.float()), cfg.cls_sigma, n_classes) * logp).sum(1).mean()
+            if cfg.cls_loss == "ce":
+                return ce
+            expected = expected_age(logits, model.class_ages)
+            return (expected - y).abs().mean() + cfg.cls_ce_weight * ce
 
     return loss
+
+
+# The label grid of the target centres' table (months): centres in between are interpolated linearly.
+_CENTRE_STEP = 0.125
+
+
+@functools.lru_cache(maxsize=8)
+def _target_centres(sigma: float, n_classes: int) -> np.ndarray:
+    """Centre c of the discrete Gaussian exp(-(k - c)^2 / 2 sigma^2) on k = 0..n_classes-1 whose mean is
+    the label, for labels 0, _CENTRE_STEP, ..., n_classes - 1 (bisection, float64).
+
+    Cut at 0 and n_classes-1 and renormalised, a Gaussian centred on the label has its mean pulled towards
+    the middle (+6 months at a label of 6, -4 at 228 with sigma 12): the CE loss, minimised when the
+    softmax equals the target, would then teach the heads a biased expectation at the ends. Moving the
+    centre outwards until the renormalised mean is the label keeps the Gaussian's shape (a label at the
+    very end gets a one-sided, steeper target). The mean is increasing in c (an exponential family in c),
+    so bisection finds it; c far outside the support puts nearly all the mass on the end class."""
+    labels = np.arange(0.0, n_classes - 1 + _CENTRE_STEP / 2, _CENTRE_STEP)
+    k = np.arange(n_classes, dtype=np.float64)
+    reach = 20.0 * sigma**2 + 1.0  # at c = -reach the mass on class 1 is ~exp(-20) of class 0's
+    lo, hi = np.full(len(labels), -reach), np.full(len(labels), n_classes - 1 + reach)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        logits = -(k[None, :] - mid[:, None]) ** 2 / (2 * sigma**2)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        mean = (p @ k) / p.sum(1)
+        below = mean < labels
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def class_target(months: torch.Tensor, sigma: float, n_classes: int) -> torch.Tensor:
+    """(B, n_classes) target distribution of the 'ce' loss for labels in months: a Gaussian `sigma` wide
+    on the classes, renormalised on them, with its centre moved so that its mean is the label (see
+    _target_centres). Labels beyond the last class (up to 240 months) get the last class's target."""
+    centres = torch.as_tensor(_target_centres(float(sigma), int(n_classes)), dtype=torch.float32,
+                              device=months.device)
+    at = months.float().clamp(0, n_classes - 1) / _CENTRE_STEP
+    below = at.floor().long().clamp(max=len(centres) - 2)
+    centre = torch.lerp(centres[below], centres[below + 1], at - below)
+    k = torch.arange(n_classes, dtype=torch.float32, device=months.device)
+    return F.softmax(-(k[None, :] - centre[:, None]) ** 2 / (2 * sigma**2), dim=1)
 
 
 def fit_keypoint_model(images, keypoints, train_idx, val_idx, cfg: TrainConfig, device="cpu",

@@ -49,6 +49,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  sex_classifier: Mapping[str, Any] | None = None,
                  gate_flags: pd.DataFrame | None = None, test_gate: pd.DataFrame | None = None,
                  gate_quantile: float = gate.QUANTILE, interval: Mapping[str, Any] | None = None,
+                 grouping: Mapping[str, Any] | None = None,
                  title: str = "Bone age: accuracy report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
@@ -63,7 +64,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     cross-fitted on the OOF table with `gate_quantile`; test_gate: the locked test split's rows (boneage,
     boneage_months, accepted, reject_reason), gated with the shipped thresholds. Anything else missing is
     said in its section. interval: the bundle's interval calibration (training.json "interval"), shown
-    with the test split's coverage (test["interval"])."""
+    with the test split's coverage (test["interval"]). grouping: cv/summary.json's "grouping" (folds by
+    patient or per image), said in the headline."""
     oof = oof.reset_index(drop=True)
     kinds = [k for k in kinds if k in oof.columns]
     ensemble_oof = {name: np.asarray(p, float) for name, p in ensemble_oof.items()}
@@ -98,7 +100,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                 "never saw its label; no trial chose anything on the fold it scores (its epoch came from a selection "
                 "split of its training folds, or a fixed schedule), and the ensemble's weights (and its Tune "
                 "setting) were fit without the fold they predict.</p>",
-                sections.headline(oof, table, primary, list(ensemble_oof), ensembles),
+                sections.headline(oof, table, primary, list(ensemble_oof), ensembles, grouping),
                 sections.mae_section(table, "mae_by_band.png")]
     if primary is not None:
         parts.append(f"<p class='note'>Ensemble {sections.escape(primary)}, out of fold, every metric:</p>")

@@ -43,7 +43,7 @@ def worst_cases(oof: pd.DataFrame, pred: np.ndarray, n: int = 12) -> pd.DataFram
 
 
 def headline(oof: pd.DataFrame, table: pd.DataFrame, primary: str | None, names: Sequence[str],
-              ensembles: Mapping[str, Mapping[str, Any]]) -> str:
+              ensembles: Mapping[str, Mapping[str, Any]], grouping: Mapping[str, Any] | None = None) -> str:
     rows = table.set_index("model")
     kind_rows = rows[rows["role"] == "kind"]
     best_kind = kind_rows["mae_all"].idxmin() if kind_rows["mae_all"].notna().any() else None
@@ -60,10 +60,19 @@ def headline(oof: pd.DataFrame, table: pd.DataFrame, primary: str | None, names:
     cards.append(("", number(rows.loc["per-sex median", "mae_all"], 2), "per-sex median (learns nothing but sex)"))
     male = oof["male"].to_numpy(bool)
     cards.append(("", f"{len(oof)}", f"images ({int((~male).sum())} F, {int(male.sum())} M), "
-                                     f"{oof['fold'].nunique()} folds"))
+                                     f"{oof['fold'].nunique()} folds{grouping_note(grouping)}"))
     body = "".join(f'<div class="card {c}"><div class="value">{v}</div><div class="label">{label}</div></div>'
                    for c, v, label in cards)
     return f'<div class="headline">{body}</div>'
+
+
+def grouping_note(grouping: Mapping[str, Any] | None) -> str:
+    """How folds and the test split were drawn (cv/summary.json's "grouping"; none: a run made before)."""
+    if not grouping:
+        return ""
+    if grouping.get("by_patient"):
+        return f", by patient ({grouping['patients']} patients: no child in two folds or the test split)"
+    return ", per image (no patient column: one image per child assumed)"
 
 
 def accuracy_table(rows: Mapping[str, Mapping[str, Any]]) -> str:

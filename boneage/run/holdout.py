@@ -44,18 +44,27 @@ def split_test(config: Config) -> pd.DataFrame:
     else:
         manifest = ingest.build_manifest(config.data.images, config.data.labels, options)
         manifest = manifest[cv.labelled(manifest)].reset_index(drop=True)
-        picks = []
-        for male in (False, True):
-            rows = np.flatnonzero(manifest["male"].to_numpy(bool) == male)
-            picks.append(cv.inner_split(manifest["boneage"].to_numpy(float), rows, config.data.test_fraction,
-                                        config.data.seed + 1)[1])
-        split = manifest.iloc[np.sort(np.concatenate(picks))].assign(source="test_fraction")
+        split = manifest.iloc[pick_test_rows(manifest, config.data.test_fraction, config.data.seed + 1)]
+        split = split.assign(source="test_fraction")
     split = split[["id", "uri", "male", "boneage", "source"]].reset_index(drop=True)
     with storage.open_output(uri, "wb", options) as f:
         split.to_csv(f, index=False)
     print(f"[test] {len(split)} images locked away as the test split ({int((~split.male.astype(bool)).sum())} F, "
           f"{int(split.male.astype(bool).sum())} M; {split.source.iloc[0] if len(split) else 'none'}) → {uri}")
     return split
+
+
+def pick_test_rows(manifest: pd.DataFrame, fraction: float, seed: int) -> np.ndarray:
+    """Positions of the test split's rows among the labelled manifest rows: `fraction` of each sex's
+    patients (cv.grouped_inner_split: all images of a child on one side; without a patient column each
+    image is its own patient, as before), stratified by age, fixed by seed."""
+    from boneage.validation import cv
+
+    picks = []
+    for male in (False, True):
+        rows = np.flatnonzero(manifest["male"].to_numpy(bool) == male)
+        picks.append(cv.grouped_inner_split(manifest, rows, fraction, seed)[1])
+    return np.sort(np.concatenate(picks))
 
 
 def read_test_split(config: Config) -> pd.DataFrame | None:

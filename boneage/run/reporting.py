@@ -53,6 +53,7 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
             test_gate, [k for k in kinds if k in test_gate], gate.calibration_of(training))
     # The QA flags of every registered image: the gate's effect out of fold.
     flags = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, with_images=False)
+    cv_summary = storage.read_json(storage.join_uri(cv_uri, "summary.json"), options)
     uri = report_mod.write_report(
         storage.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
         ensembles["fits"], predictions, trials=trials,
@@ -61,7 +62,7 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         test=test, test_table=test_table, gate_flags=flags[["id", "registration_doubtful", "mask_doubtful"]],
         test_gate=test_gate,
         interval=storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options).get("interval"),
-        sex_classifier=storage.read_json(storage.join_uri(cv_uri, "summary.json"), options).get("sex_classifier"))
+        sex_classifier=cv_summary.get("sex_classifier"), grouping=cv_summary.get("grouping"))
     print(f"[report] {uri}")
     return uri
 

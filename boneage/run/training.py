@@ -52,6 +52,9 @@ def cross_validate(config: Config) -> dict[str, Any]:
         # start-up, reading and decoding the bank, writing the model and part
         "fit_seconds_total": round(float(trials["fit_seconds"].sum()), 1) if "fit_seconds" in trials else None,
         "mae": table.to_dict("records"),
+        # folds by patient (a patient column or DICOM PatientID), or one image per child assumed
+        "grouping": cv.grouping_record(ray_cv.cv_folds(storage.join_uri(config.output, "cv", "folds.parquet"),
+                                                       config.data.storage_options)),
     }
     if config.cv.sex_kind is not None:  # out-of-fold AUC and accuracy of the sex classifier
         from boneage.validation import metrics
@@ -74,6 +77,10 @@ def print_cv_summary(summary: dict[str, Any]) -> None:
     print(f"  {'model':<16}{'F':>8}{'M':>8}{'all':>8}")
     for row in summary["mae"]:
         print(f"  {row['model']:<16}{row['mae_F']:>8.2f}{row['mae_M']:>8.2f}{row['mae_all']:>8.2f}")
+    grouping = summary.get("grouping") or {}
+    if grouping:
+        print(f"  folds by patient: {grouping['patients']} patients" if grouping["by_patient"]
+              else "  folds per image (no patient column: one image per child assumed)")
     sex = summary.get("sex_classifier")
     if sex and sex["all"].get("n"):
         a = sex["all"]

@@ -42,12 +42,52 @@ def labelled(table: pd.DataFrame) -> np.ndarray:
     return ((table["status"] == STATUS_OK) & table["boneage"].notna() & table["male"].notna()).to_numpy()
 
 
+def group_keys(table: pd.DataFrame) -> np.ndarray:
+    """Each row's patient group: its `group` (boneage.data.ingest: hashed) where it has one, else a key of
+    its own (no group column, or an empty cell: the image is taken to be the only one of its child)."""
+    ids = table["id"].astype(str).to_numpy()
+    if "group" not in table:
+        return np.array(["id:" + i for i in ids], dtype=object)
+    groups = table["group"].to_numpy(dtype=object)
+    return np.array([f"group:{g}" if isinstance(g, str) and g else "id:" + i for g, i in zip(groups, ids)],
+                    dtype=object)
+
+
+def grouped(table: pd.DataFrame) -> bool:
+    """Whether any two rows share a patient group (else every image is its own group)."""
+    keys = group_keys(table)
+    return len(set(keys)) < len(keys)
+
+
+def grouping_record(folds: pd.DataFrame) -> dict:
+    """What cv/summary.json and the report say about patients, from the folds table (folds_table): whether
+    the folds were drawn by patient, and how many images and patients they hold."""
+    patients = len(set(group_keys(folds)))
+    return {"by_patient": bool(patients < len(folds)), "images": int(len(folds)), "patients": int(patients)}
+
+
+def _group_units(rows: np.ndarray, keys: np.ndarray, ages: np.ndarray, ids: np.ndarray
+                 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The patients among `rows`, in the order of their first row: (each one's rows, median age, smallest
+    id). An image of its own is a unit of one with its own age and id, so that without groups the units
+    are the rows themselves and everything drawn on them is drawn exactly as on rows."""
+    members: dict[Any, list[int]] = {}
+    for row in rows:
+        members.setdefault(keys[row], []).append(int(row))
+    units = [np.asarray(m, dtype=np.int64) for m in members.values()]
+    unit_ages = np.array([float(np.median(ages[m])) for m in units])
+    unit_ids = np.array([min(ids[m]) for m in units], dtype=object)
+    return units, unit_ages, unit_ids
+
+
 def assign_folds(table: pd.DataFrame, k: int, seed: int) -> np.ndarray:
     """Fold (0..k-1) of every row, -1 for rows that take no part (error rows, no label or sex).
 
-    Stratified by sex and age: within each sex the images are sorted by age (ties by id) and each
-    consecutive run of k is dealt to the k folds in a random order, so every fold of a sex holds
-    the same number of images (±1) and nearly the same age distribution. Deterministic by seed.
+    By patient (`group` column, see group_keys): all images of one child are in one fold. Stratified by
+    sex and age: within each sex the patients are sorted by age (their images' median; ties by smallest
+    id) and each consecutive run of k is dealt to the k folds in a random order, so every fold of a sex
+    holds the same number of patients (±1) and nearly the same age distribution. Without groups a
+    patient is an image, and the folds are those of the per-image assignment. Deterministic by seed.
     """
     if k < 2:
         raise UserError(f"k-fold CV needs k >= 2, got {k}")
@@ -57,15 +97,27 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int) -> np.ndarray:
     ids = table["id"].astype(str).to_numpy()
     ages = table["boneage"].to_numpy(dtype=float, na_value=np.nan)
     male = table["male"].to_numpy(dtype=object)
+    keys = group_keys(table)
+    sexes_of: dict[Any, set] = {}
+    for row in np.flatnonzero(use):
+        sexes_of.setdefault(keys[row], set()).add(bool(male[row]))
+    mixed = [key for key, sexes in sexes_of.items() if len(sexes) > 1]
+    if mixed:
+        raise UserError(f"{len(mixed)} patient groups have images of both sexes (e.g. {sorted(mixed)[0]}): "
+                        "the manifest makes those rows bad_label errors; fix the labels")
     for is_male in (False, True):
         rows = np.flatnonzero(use & (male == is_male))
-        if 0 < len(rows) < k:
+        units, unit_ages, unit_ids = _group_units(rows, keys, ages, ids)
+        if 0 < len(units) < k:
             sex = "M" if is_male else "F"
-            raise UserError(f"{len(rows)} labelled {sex} images cannot fill {k} folds: need at least {k}")
-        order = rows[np.lexsort((ids[rows], ages[rows]))]
+            hint = ("" if len(units) == len(rows) else "; one PatientID for everyone (de-identified)? a "
+                    "patient_id column in the labels sets the patients (an empty cell: an image of its own)")
+            raise UserError(f"{len(units)} labelled {sex} patients cannot fill {k} folds: need at least {k}{hint}")
+        order = np.lexsort((unit_ids, unit_ages))
         for start in range(0, len(order), k):
             run = order[start : start + k]
-            folds[run] = rng.permutation(k)[: len(run)]
+            for unit, fold in zip(run, rng.permutation(k)[: len(run)]):
+                folds[units[unit]] = fold
     return folds
 
 
@@ -92,10 +144,26 @@ def inner_split(ages: np.ndarray, train_idx: np.ndarray, fraction: float, seed: 
     return np.setdiff1d(train_idx, select), select
 
 
+def grouped_inner_split(table: pd.DataFrame, train_idx: np.ndarray, fraction: float, seed: int,
+                        ages: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """inner_split by patient (see group_keys): `fraction` of the patients among the rows `train_idx` of
+    `table` (id, boneage or `ages`, optional group), stratified by their median age; all of a patient's
+    rows go to the same side. Without groups it is inner_split on the rows, draw for draw."""
+    train_idx = np.asarray(train_idx)
+    ids = table["id"].astype(str).to_numpy()
+    ages = table["boneage"].to_numpy(float) if ages is None else np.asarray(ages)
+    units, unit_ages, _ = _group_units(train_idx, group_keys(table), ages, ids)
+    _, picked = inner_split(unit_ages, np.arange(len(units)), fraction, seed)
+    select = np.sort(np.concatenate([units[u] for u in picked])).astype(train_idx.dtype) if len(picked) \
+        else train_idx[:0]
+    return np.setdiff1d(train_idx, select), select
+
+
 def folds_table(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
-    """id, male, boneage, fold of every labelled ok row, sorted by id (CV/folds.parquet)."""
+    """id, male, boneage, fold of every labelled ok row, sorted by id (CV/folds.parquet); with patient
+    groups also `group` (hashed), so that later stages can keep a patient together."""
     folds = assign_folds(table, k, seed)
-    out = table.loc[folds >= 0, ["id", "male", "boneage"]].copy()
+    out = table.loc[folds >= 0, ["id", "male", "boneage"] + (["group"] if grouped(table) else [])].copy()
     out["male"] = out["male"].astype(bool)
     out["boneage"] = out["boneage"].astype(float)
     out["fold"] = folds[folds >= 0]
