@@ -112,7 +112,8 @@ def assign_folds(table: pd.DataFrame, k: int, seed: int) -> np.ndarray:
             sex = "M" if is_male else "F"
             hint = ("" if len(units) == len(rows) else "; one PatientID for everyone (de-identified)? a "
                     "patient_id column in the labels sets the patients (an empty cell: an image of its own)")
-            raise UserError(f"{len(units)} labelled {sex} patients cannot fill {k} folds: need at least {k}{hint}")
+            what = "images" if len(units) == len(rows) else "patients"  # no grouping: one image, one child
+            raise UserError(f"{len(units)} labelled {sex} {what} cannot fill {k} folds: need at least {k}{hint}")
         order = np.lexsort((unit_ids, unit_ages))
         for start in range(0, len(order), k):
             run = order[start : start + k]
