@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from boneage.registration import prepare
 from boneage import report
 from boneage.registration.frame import STORE_H, STORE_W
 
+from system_tools import program_or_skip
 from test_ensemble import synthetic_oof
 
 KINDS = ["A-reg", "A-cls", "B-reg", "B-cls"]
@@ -182,21 +181,10 @@ def test_report_writes_to_s3(s3_server):
     assert uri == base + "/report.html" and {"report.html", "pred_vs_true.png", "weights.png"} <= names
 
 
-def find_chromium() -> str | None:
-    """The first Chromium or Chrome on PATH, else None."""
-    return next((found for found in map(shutil.which, CHROMIUM_NAMES) if found), None)
-
-
 def chromium_or_skip() -> str:
     """Chromium's path; where there is none, a skip saying so, or a failure with BONEAGE_REQUIRE_CHROMIUM=1."""
-    chromium = find_chromium()
-    if chromium is None:
-        why = (f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}): install it (Debian/Ubuntu: "
-               f"apt-get install chromium) to render the report")
-        if os.environ.get(REQUIRE_CHROMIUM) == "1":
-            pytest.fail(f"{why}; {REQUIRE_CHROMIUM}=1 requires it")
-        pytest.skip(why)
-    return chromium
+    return program_or_skip(CHROMIUM_NAMES, "Chromium", REQUIRE_CHROMIUM, "Debian/Ubuntu: apt-get install chromium",
+                           "to render the report")
 
 
 def test_chromium_is_found_on_path_skipped_without_and_required_by_ci(tmp_path, monkeypatch):
