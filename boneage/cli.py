@@ -198,7 +198,7 @@ def _score(args: argparse.Namespace) -> int:
     run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
               subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,
               gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, id_from=args.id_from,
-              keep_dicom_uids=args.keep_dicom_uids, cards=args.cards)
+              keep_dicom_uids=args.keep_dicom_uids, cards=args.cards, dicom_out=args.dicom_out)
     return 0
 
 
@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json.loads, metavar="JSON", help="fsspec options for s3://")
     p.add_argument("--cards", help="also write a PNG card per image here (registered hand, zones, occlusion heatmap, "
                                    "bone age, SDS, gate; ~130 extra ensemble passes per image)")
+    p.add_argument("--dicom-out", help="also write DICOM here for every image read from a DICOM file: DIR/<id>/sr.dcm "
+                                       "(a Structured Report in the source's study) and DIR/<id>/card.dcm (the card "
+                                       "as a Secondary Capture; draws the card, seconds per image). Needs the pacs "
+                                       "extra; docs/pacs.md")
     p.add_argument("--actors", type=int, default=None,
                    help="scoring actors (model copies); default: one per GPU of the cluster, else 1")
     p.add_argument("--gpus-per-actor", type=float, default=None,

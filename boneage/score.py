@@ -52,19 +52,23 @@ PROVENANCE_KEY = b"boneage"
 # Only with --keep-dicom-uids: identifiers, which link a row back to the patient's study.
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 CARD_COLUMNS = ("card", "card_error")  # only with --cards (boneage.clinical.cards)
+DICOM_COLUMNS = ("dicom_sr_uid", "dicom_error")  # only with --dicom-out (boneage.clinical.dicom_out)
 
 _TYPES = {"sex_unknown": pa.bool_(), "sex_mismatch": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
           "accepted": pa.bool_(),
           "mirrored": pa.bool_(), "height": pa.int64(), "width": pa.int64(), "transform": pa.list_(pa.float64()),
           "scored_at": pa.timestamp("us", tz="UTC")}
 _STRINGS = {"id", "uri", "path", "status", "error", "sex", "sex_source", "age_source", "keypoint_source", "format",
-            "bundle_sha256", "boneage_interpretation", "sds_note", "reject_reason", *CARD_COLUMNS, *UID_COLUMNS}
+            "bundle_sha256", "boneage_interpretation", "sds_note", "reject_reason", *CARD_COLUMNS, *UID_COLUMNS,
+            *DICOM_COLUMNS}
 
 
-def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = (), cards: bool = False) -> pa.Schema:
+def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = (), cards: bool = False,
+                  dicom: bool = False) -> pa.Schema:
     """The scoring table's schema, written explicitly: a part in which a column happens to be all null
     must still have its type, or the parts would not read back as one table."""
-    names = [*OUTPUT_COLUMNS, *kinds, *PROVENANCE_COLUMNS, *uid_columns, *(CARD_COLUMNS if cards else ())]
+    names = [*OUTPUT_COLUMNS, *kinds, *PROVENANCE_COLUMNS, *uid_columns, *(CARD_COLUMNS if cards else ()),
+             *(DICOM_COLUMNS if dicom else ())]
     return pa.schema([(n, _TYPES.get(n, pa.string() if n in _STRINGS else pa.float64())) for n in names])
 
 

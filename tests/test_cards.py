@@ -137,6 +137,11 @@ def test_a_card_per_scored_row(models, tmp_path):
     finger_tip_red = (panel[..., 0] > 200) & (panel[..., 1] < 110) & (panel[..., 2] < 110)
     assert finger_tip_red.sum() >= 4
     assert sorted(p.name for p in (tmp_path / "cards").iterdir()) == ["hand.png"]
+    # --dicom-out without --cards: the same card drawn, handed back as PNG bytes, no file written
+    pngs: list = []
+    assert cards.write_cards(rows, table, models, None, pngs=pngs) == ([None, None], [None, errors[1]])
+    assert pngs[1] is None and np.array_equal(prepare.decode_png(pngs[0]), card)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cards"]
 
 
 def test_the_card_shows_the_interval_never_the_spread_with_plus_minus():

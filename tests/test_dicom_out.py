@@ -174,10 +174,10 @@ def test_png_card_bytes_give_the_same_pixels():
 
 
 @pytest.mark.parametrize("row, source, card_given, why", [
-    (scored_row(), None, True, "not a DICOM file"),
-    (scored_row(status="error", error="not_a_hand: ...", boneage_months=None), "dicom", True, "an error row"),
-    (scored_row(boneage_months=float("nan")), "dicom", True, "no bone age"),
-    (scored_row(), "dicom", False, "no card"),
+    (scored_row(), None, True, "not_dicom: "),
+    (scored_row(status="error", error="not_a_hand: ...", boneage_months=None), "dicom", True, "error_row: "),
+    (scored_row(boneage_months=float("nan")), "dicom", True, "no_boneage: "),
+    (scored_row(), "dicom", False, "no_card: "),
     (scored_row(boneage_interpretation="weird"), "dicom", True, "unknown boneage_interpretation"),
 ])
 def test_rows_that_cannot_give_dicom_say_why(row, source, card_given, why):
@@ -196,3 +196,102 @@ def test_a_source_without_uids_says_which():
 def test_a_bad_card_is_a_reason_not_a_crash():
     result = dicom_out.build(scored_row(), source_dicom(), np.zeros((10, 10), np.uint8), BUNDLE)
     assert result.sr is None and "a card must be (H, W, 3) uint8 RGB" in result.reason
+
+
+def test_write_outputs_writes_dicom_rows_and_says_why_for_the_others(tmp_path):
+    """The --dicom-out writer without Ray: the header is read again from the file; a PNG row, an error
+    row, a row without a card and an unsafe id get a reason each, and the batch goes on."""
+    import pandas as pd
+
+    source = source_dicom()
+    source.save_as(tmp_path / "scan.dcm", enforce_file_format=True)
+    long_header = source_dicom(1)  # a header longer than dicom.HEADER_BYTES: read from the whole file
+    long_header.private_block(0x0021, "boneage test", create=True).add_new(0x01, "OB", bytes(70_000))
+    long_header.save_as(tmp_path / "long.dcm", enforce_file_format=True)
+    rows = [scored_row(id="a/scan", uri=str(tmp_path / "scan.dcm"), format="dicom"),
+            scored_row(id="long", uri=str(tmp_path / "long.dcm"), format="dicom"),
+            scored_row(id="plain", uri=str(tmp_path / "plain.png"), format="png"),
+            scored_row(id="bad", uri=str(tmp_path / "bad.dcm"), format="dicom", status="error",
+                       error="bad_dicom: x", boneage_months=None),
+            scored_row(id="nocard", uri=str(tmp_path / "scan.dcm"), format="dicom"),
+            scored_row(id="../escape", uri=str(tmp_path / "scan.dcm"), format="dicom")]
+    cards = [card(), card(), card(), None, None, card()]
+    out = tmp_path / "out"
+    sr_uids, reasons = dicom_out.write_outputs(pd.DataFrame(rows), cards, str(out), BUNDLE, "3", 0.9)
+    assert [r.split(":")[0] if r else None for r in reasons] == [None, None, "not_dicom", "error_row", "no_card",
+                                                                  "failed"]
+    assert "not a safe relative file name" in reasons[5]
+    assert sr_uids[0] == dicom_out.uids(source.SOPInstanceUID, BUNDLE)["sr"] and sr_uids[2:] == [None] * 4
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "a/scan/card.dcm", "a/scan/sr.dcm", "long/card.dcm", "long/sr.dcm"]
+    assert not (tmp_path / "escape").exists()
+    made = pydicom.dcmread(out / "long" / "sr.dcm")
+    assert made.StudyInstanceUID == long_header.StudyInstanceUID and made.SOPInstanceUID == sr_uids[1]
+    assert dicom_out.read_report(pydicom.dcmread(out / "a" / "scan" / "sr.dcm"))["boneage_months"] == 98.4
+
+
+def test_the_run_summary_counts_dicom_output_and_why_not():
+    import pandas as pd
+
+    from boneage.run.scoring import dicom_summary
+
+    table = pd.DataFrame({"dicom_sr_uid": ["2.25.1", None, None, None],
+                          "dicom_error": [None, "not_dicom: x", "not_dicom: y", "error_row: z"]})
+    assert dicom_summary(table, "out") == ("[score] DICOM output: 1/4 rows have an SR and a card SC in out; "
+                                           "none for 3: 2 not_dicom; 1 error_row")
+
+
+@pytest.mark.slow
+def test_boneage_score_dicom_out(tmp_path, ray_local, synthetic_small, capsys):
+    """Two DICOM radiographs (one nested: its id has a "/") and a PNG through `boneage score --dicom-out`:
+    an SR and a card SC per DICOM row, valid, read back to its parquet row; the PNG's row says why not."""
+    import shutil
+    from pathlib import Path
+
+    import pandas as pd
+    from PIL import Image
+
+    from boneage import cli, score
+    from conftest import REAL_DIR
+    from test_io import dicom_bytes
+    from tiny_bundle import KINDS, write_tiny_bundle
+
+    images = tmp_path / "images"
+    (images / "patientA").mkdir(parents=True)
+    for name, target in (("1675.png", images / "scan.dcm"), ("1563.png", images / "patientA" / "IM0001.dcm")):
+        pixels = np.asarray(Image.open(REAL_DIR / name).convert("L"), np.uint16) * 16
+        target.write_bytes(dicom_bytes(pixels, sex="M", birth="20100115", study="20200715"))
+    shutil.copy(sorted(Path(synthetic_small["images"]).glob("*.png"))[0], images / "plain.png")
+    bundle, out, folder = tmp_path / "bundle", tmp_path / "predictions.parquet", tmp_path / "dicom"
+    write_tiny_bundle(str(bundle))
+
+    assert cli.main(["score", str(images), "--bundle", str(bundle), "--out", str(out), "--dicom-out", str(folder),
+                     "--batch-size", "2"]) == 0
+    assert "DICOM output: 2/3 rows have an SR and a card SC" in capsys.readouterr().out
+    table = pd.read_parquet(out)
+    assert list(table.columns) == score.output_schema(list(KINDS), dicom=True).names
+    rows = table.set_index("id")
+    assert rows.loc["plain", "dicom_error"].startswith("not_dicom: ") and pd.isna(rows.loc["plain", "dicom_sr_uid"])
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert written == ["patientA/IM0001/card.dcm", "patientA/IM0001/sr.dcm", "scan/card.dcm", "scan/sr.dcm"]
+    for rid in ("scan", "patientA/IM0001"):
+        row = rows.loc[rid]
+        assert row.status == "ok" and pd.isna(row.dicom_error)
+        source = pydicom.dcmread(images / f"{rid}.dcm", stop_before_pixels=True)
+        for name in ("sr.dcm", "card.dcm"):
+            errors, _ = dciodvfy(folder / rid / name)
+            assert errors == [], (rid, name, errors)
+            made = pydicom.dcmread(folder / rid / name)
+            assert made.StudyInstanceUID == source.StudyInstanceUID and made.PatientID == source.PatientID
+        back = dicom_out.read_report(pydicom.dcmread(folder / rid / "sr.dcm"))
+        assert pydicom.dcmread(folder / rid / "sr.dcm").SOPInstanceUID == row.dicom_sr_uid
+        assert back["source_sop_instance_uid"] == source.SOPInstanceUID
+        for column in ("boneage_months", "boneage_lower_months", "boneage_upper_months", "boneage_sds",
+                       "chronological_age_months"):
+            expected = row[column]
+            assert (back[column] is None) if pd.isna(expected) else back[column] == pytest.approx(expected, rel=1e-9)
+        for column in ("boneage_interpretation", "reject_reason", "sex", "sex_source"):
+            assert back[column] == (None if pd.isna(row[column]) else row[column]), column
+        assert back["accepted"] == bool(row.accepted)
+        sc = pydicom.dcmread(folder / rid / "card.dcm")
+        assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.std() > 10  # the drawn card

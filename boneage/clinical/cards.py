@@ -228,35 +228,50 @@ def card_uri(folder: str, rid: str) -> str:
     layout and two studies' IM0001 never collide. ValueError for an id that is not a plain relative
     path (empty, absolute, "." or ".." parts, backslashes, control characters): ids can come from a DICOM
     header (--id-from sop), and such a name could write outside FOLDER."""
+    return storage.join_uri(folder, f"{safe_id(rid)}.png")
+
+
+def safe_id(rid: str) -> str:
+    """`rid` when it is a plain relative path (card_uri's rule; also boneage.clinical.dicom_out's folders),
+    else ValueError."""
     parts = str(rid).split("/")
     if (not rid or any(p in ("", ".", "..") for p in parts) or "\\" in rid
             or any(ord(c) < 32 or ord(c) == 127 for c in rid)):
         raise ValueError(f"id {rid!r} is not a safe relative file name")
-    return storage.join_uri(folder, f"{rid}.png")
+    return rid
 
 
-def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str,
-                storage_options: Mapping[str, Any] | None = None, patch: int = PATCH) -> tuple[list, list]:
+def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str | None,
+                storage_options: Mapping[str, Any] | None = None, patch: int = PATCH,
+                pngs: list | None = None) -> tuple[list, list]:
     """A card per scored row, at card_uri(FOLDER, id). `rows`: the registered rows (registered_png), `table`:
     their scoring rows, in the same order. Returns (card URI or None, error or None) lists: a card that
-    cannot be drawn is an error for its row, not for the run."""
+    cannot be drawn is an error for its row, not for the run. With `pngs` (a list), each row's PNG bytes
+    (or None) are appended to it (for --dicom-out); `folder` None then draws without writing a file."""
     uris, errors = [], []
     interval = getattr(models, "interval", None)  # the bundle's interval calibration: its level for the text
     for source, row in zip(rows.to_dict("records"), table.to_dict("records")):
         row["interval_level"] = interval["level"] if interval else None
         png = source.get("registered_png")
         if pd.isna(row.get("boneage_months")) or png is None:
+            if pngs is not None:
+                pngs.append(None)
             uris.append(None)
             errors.append("no card: the image has no bone age (see error)")
             continue
+        drawn = None
         try:
-            uri = card_uri(folder, row["id"])
+            uri = card_uri(folder, row["id"]) if folder is not None else None
             image = prepare.decode_png(png)
             heat = ensemble_occlusion(models, row.get("sex"), image, patch)
-            storage.write_bytes(uri, card_png(image, row, heat, patch, source), storage_options)
+            drawn = card_png(image, row, heat, patch, source)
+            if uri is not None:
+                storage.write_bytes(uri, drawn, storage_options)
             uris.append(uri)
             errors.append(None)
         except Exception as err:  # noqa: BLE001 - one image's card must not stop the others
             uris.append(None)
             errors.append(f"card failed: {type(err).__name__}: {err}")
+        if pngs is not None:
+            pngs.append(drawn)
     return uris, errors

@@ -130,18 +130,24 @@ def _text(row: Mapping[str, Any], name: str) -> str | None:
     return None if value is None or (not isinstance(value, str) and pd.isna(value)) or value == "" else str(value)
 
 
+# What an SR and SC need of their source: its study to join, and the instance they reference.
+_SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# ...and what highdicom checks of a source image (its pixel description): a header read from the file's
+# first bytes must have all of these, else it was cut off before them.
+_HEADER_NEEDS = (*_SOURCE_UIDS, "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated")
+
+
 def why_not(row: Mapping[str, Any], source) -> str | None:
-    """Why this row and source cannot give DICOM output (None: they can)."""
-    if source is None:
-        return "no DICOM source: the input is not a DICOM file, so there is no study to join"
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-               if not str(source.get(k) or "").strip()]
-    if missing:
-        return f"the source DICOM header lacks {', '.join(missing)}"
+    """Why this row and source cannot give DICOM output, as "code: explanation" (None: they can)."""
     if _text(row, "status") not in (None, "ok"):
-        return f"an error row ({_text(row, 'error') or 'no bone age'}): nothing to report"
+        return f"error_row: nothing to report ({_text(row, 'error') or 'no bone age'})"
     if _number(row, "boneage_months") is None:
-        return "the row has no bone age: nothing to report"
+        return "no_boneage: the row has no bone age, nothing to report"
+    if source is None:
+        return "not_dicom: the input is not a DICOM file, so there is no study to join"
+    missing = [k for k in _SOURCE_UIDS if not str(source.get(k) or "").strip()]
+    if missing:
+        return f"missing_uids: the source DICOM header lacks {', '.join(missing)}"
     return None
 
 
@@ -177,7 +183,7 @@ def structured_report(row: Mapping[str, Any], source, bundle_sha256: str, bundle
                               ("reference_sd", "reference_sd_months", "months")):
         value = _number(row, column)
         if value is not None:
-            measurements.append(_measurement(concepts, key, value, unit, algorithm_id=algorithm))
+            measurements.append(_measurement(concepts, key, value, unit))  # the group names the algorithm
     if interval_level is not None and _number(row, "boneage_lower_months") is not None:
         measurements.append(_measurement(concepts, "level", 100.0 * float(interval_level), "percent"))
 
@@ -277,14 +283,14 @@ def build(row: Mapping[str, Any], source, card: bytes | np.ndarray | None, bundl
     one row's data (an error row, a PNG source, a card that is missing or bad): a batch goes on."""
     reason = why_not(row, source)
     if reason is None and card is None:
-        reason = "no card to put into the Secondary Capture"
+        reason = "no_card: no card to put into the Secondary Capture (see card_error)"
     if reason:
         return DicomResult(reason=reason)
     try:
         sr = structured_report(row, source, bundle_sha256, bundle_version, interval_level)
         sc = secondary_capture(card, source, bundle_sha256)
     except Exception as err:  # noqa: BLE001 - one row's DICOM must not stop the batch
-        return DicomResult(reason=f"DICOM output failed: {type(err).__name__}: {_first_line(err)}")
+        return DicomResult(reason=f"failed: {type(err).__name__}: {_first_line(err)}")
     return DicomResult(sr=sr, sc=sc)
 
 
@@ -325,3 +331,76 @@ def read_report(sr) -> dict[str, Any]:
     out["sex_source"] = coded("sex_source")[0].value
     out["source_sop_instance_uid"] = group.source_images[0].referenced_sop_instance_uid
     return out
+
+
+def check_installed() -> None:
+    """UserError (exit status 2, before any work) when highdicom, the pacs extra, is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("highdicom") is None:
+        from boneage.errors import UserError
+
+        raise UserError("--dicom-out needs highdicom: pip install 'boneage[pacs]'") from None
+
+
+# --dicom-out DIR: DIR/<id>/SR_NAME and DIR/<id>/SC_NAME.
+SR_NAME, SC_NAME = "sr.dcm", "card.dcm"
+
+
+def output_uris(folder: str, rid: str) -> tuple[str, str]:
+    """(SR, SC) URIs of a row under `folder`: FOLDER/<id>/sr.dcm and card.dcm; ValueError for an id that is
+    not a plain relative path (cards.safe_id: ids can come from a DICOM header)."""
+    from boneage.clinical.cards import safe_id
+    from boneage.data import storage
+
+    base = storage.join_uri(folder, safe_id(rid))
+    return storage.join_uri(base, SR_NAME), storage.join_uri(base, SC_NAME)
+
+
+def read_source_header(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """The scored file's DICOM header (no pixel data), read again where the row is scored: from its first
+    dicom.HEADER_BYTES when they hold the UIDs the output needs, else from the whole file (ItemError when
+    it cannot be read)."""
+    from boneage.data import dicom, storage
+
+    try:
+        fs, path = storage.filesystem(uri, storage_options)
+        header = dicom._dcmread(fs.cat_file(path, start=0, end=dicom.HEADER_BYTES), str(uri), stop_before_pixels=True)
+        if all(str(header.get(k) or "").strip() for k in _HEADER_NEEDS):
+            return header
+    except Exception:  # noqa: BLE001 - cut off mid-element, or a read that failed: the whole file says why
+        pass
+    return dicom._dcmread(storage.read_bytes(uri, storage_options), str(uri), stop_before_pixels=True)
+
+
+def _to_bytes(dataset) -> bytes:
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)  # a Part 10 file: preamble, DICM, file meta
+    return out.getvalue()
+
+
+def write_outputs(table, cards: list, folder: str, bundle_sha256: str, bundle_version: str | None = None,
+                  interval_level: float | None = None, storage_options: Mapping[str, Any] | None = None
+                  ) -> tuple[list, list]:
+    """For each scoring row of `table` (with `uri`, `format`, `id`) and its card (PNG bytes or None, same
+    order), the SR and SC at output_uris(FOLDER, id), for rows that came from a DICOM file. Returns
+    (SR SOPInstanceUID or None, reason or None) lists: a row without DICOM output says why, and never
+    stops the others."""
+    from boneage.data import storage
+
+    sr_uids, reasons = [], []
+    for row, card in zip(table.to_dict("records"), cards):
+        try:
+            source = None
+            if why_not(row, {k: "-" for k in _SOURCE_UIDS}) is None and str(row.get("format") or "") == "dicom":
+                source = read_source_header(row["uri"], storage_options)  # only where it can be used
+            result = build(row, source, card, bundle_sha256, bundle_version, interval_level)
+            if result.reason is None:
+                sr_uri, sc_uri = output_uris(folder, row["id"])
+                storage.write_bytes(sr_uri, _to_bytes(result.sr), storage_options)
+                storage.write_bytes(sc_uri, _to_bytes(result.sc), storage_options)
+        except Exception as err:  # noqa: BLE001 - one row's DICOM must not stop the others
+            result = DicomResult(reason=f"failed: {type(err).__name__}: {_first_line(err)}")
+        sr_uids.append(result.sr_uid)
+        reasons.append(result.reason)
+    return sr_uids, reasons

@@ -31,7 +31,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 import boneage
-from boneage.clinical import cards, columns
+from boneage.clinical import cards, columns, dicom_out
 from boneage.distributed import ray_env
 from boneage import score
 from boneage.data import storage
@@ -49,23 +49,31 @@ class BundleScorer:
 
     def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, use_gpu: bool,
                  ages: Mapping[str, float], provenance: Mapping[str, Any], uid_columns: tuple[str, ...] = (),
-                 cards_dir: str | None = None):
+                 cards_dir: str | None = None, dicom_dir: str | None = None):
         device = ray_env.actor_device(use_gpu, "score")
         self.models = score.BundleModels(load_bundle(bundle_uri, storage_options), device)
         self.ages = dict(ages)
         self.uid_columns = tuple(uid_columns)
-        self.schema = score.output_schema(self.models.kinds, self.uid_columns, cards=bool(cards_dir))
-        self.cards_dir, self.storage_options = cards_dir, storage_options
+        self.schema = score.output_schema(self.models.kinds, self.uid_columns, cards=bool(cards_dir),
+                                          dicom=bool(dicom_dir))
+        self.cards_dir, self.dicom_dir, self.storage_options = cards_dir, dicom_dir, storage_options
         self.bundle_sha256 = provenance["bundle"]["sha256"]
+        self.bundle_version = provenance["bundle"].get("version")
         self.scored_at = pd.Timestamp(provenance["scored_at"])
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
         batch["age_months"] = batch["id"].map(self.ages)
         out = score.score_rows(batch, self.models)
         out["bundle_sha256"] = self.bundle_sha256  # before the cards: they name the bundle
-        if self.cards_dir:  # --cards: a PNG per image (boneage.clinical.cards)
-            out["card"], out["card_error"] = cards.write_cards(batch, out, self.models, self.cards_dir,
-                                                               self.storage_options)
+        pngs: list | None = [] if self.dicom_dir else None  # --dicom-out puts each card into a Secondary Capture
+        if self.cards_dir or self.dicom_dir:  # --cards: a PNG per image (boneage.clinical.cards)
+            drawn = cards.write_cards(batch, out, self.models, self.cards_dir, self.storage_options, pngs=pngs)
+            if self.cards_dir:
+                out["card"], out["card_error"] = drawn
+        if self.dicom_dir:  # --dicom-out: an SR and the card's SC per DICOM input (boneage.clinical.dicom_out)
+            level = (self.models.interval or {}).get("level")
+            out["dicom_sr_uid"], out["dicom_error"] = dicom_out.write_outputs(
+                out, pngs, self.dicom_dir, self.bundle_sha256, self.bundle_version, level, self.storage_options)
         out["scored_at"] = self.scored_at
         for column in self.uid_columns:
             out[column] = batch[column].to_numpy() if column in batch else None
@@ -111,11 +119,14 @@ def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, 
 
 def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: str, provenance: Mapping[str, Any],
               actors: int = 1, gpus_per_actor: float = 0.0, ages: Mapping[str, float] | None = None,
-              uid_columns: tuple[str, ...] = (), cards: str | None = None) -> dict[str, Any]:
+              uid_columns: tuple[str, ...] = (), cards: str | None = None, dicom_dir: str | None = None
+              ) -> dict[str, Any]:
     """Score the manifest rows (id, uri, path, status, error, male) that have no row in `out_uri` yet and
     write them as parquet parts as they finish; then, for an `out_uri` ending in .parquet, gather all
     parts into that file. `config`: the bundle's preprocessing and key point settings with this run's
-    storage options. `provenance` goes into every part's and the file's parquet metadata. Returns
+    storage options. `provenance` goes into every part's and the file's parquet metadata. `cards`: a folder
+    for a PNG card per image; `dicom_dir`: a folder for an SR and the card's SC per DICOM input
+    (boneage.clinical.dicom_out). Returns
     {"skipped": rows already there, "scored": rows written now}."""
     options = config.data.storage_options
     done = scored_uris(out_uri, provenance["bundle"]["sha256"], options)
@@ -125,13 +136,14 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
               f"scoring the other {len(todo)} (a transient error such as read_failed is retried)")
     if len(todo):
         manifest_record = read_manifest(bundle_uri, options)
-        schema = score.output_schema(list(manifest_record["kinds"]), uid_columns, cards=bool(cards))
+        schema = score.output_schema(list(manifest_record["kinds"]), uid_columns, cards=bool(cards),
+                                     dicom=bool(dicom_dir))
         ds = prepare_dataset(todo, config, keypoint_model_uri(bundle_uri, manifest_record),
                              keypoint_model_sha256(manifest_record), extra_columns=uid_columns)
         ds = ds.map_batches(
             BundleScorer,
             fn_constructor_args=(bundle_uri, options, gpus_per_actor > 0, dict(ages or {}), dict(provenance),
-                                 tuple(uid_columns), cards),
+                                 tuple(uid_columns), cards, dicom_dir),
             compute=ActorPoolStrategy(size=actors),
             batch_size=config.preprocess.batch_size * 4,
             batch_format="pandas",

@@ -95,16 +95,26 @@ def synthetic_warning(manifest: dict, uris: list[str], storage_options: dict | N
     ])
 
 
+def dicom_summary(table: pd.DataFrame, folder: str) -> str:
+    """--dicom-out's line: how many rows have an SR and SC in `folder`, and why the others have none."""
+    written = int(table["dicom_sr_uid"].notna().sum())
+    reasons = table.loc[table["dicom_sr_uid"].isna(), "dicom_error"].fillna("unknown").str.split(":").str[0]
+    why = "; ".join(f"{n} {reason}" for reason, n in reasons.value_counts().items())
+    return f"[score] DICOM output: {written}/{len(table)} rows have an SR and a card SC in {folder}" + (
+        f"; none for {len(table) - written}: {why}" if why else "")
+
+
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
           batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
-          resume: bool = True, cards: str | None = None) -> pd.DataFrame:
+          resume: bool = True, cards: str | None = None, dicom_out: str | None = None) -> pd.DataFrame:
     """Score radiographs with a bundle (boneage.distributed.ray_score): one row per input file in `out_uri` (a
     .parquet file, or a folder of parts), with sex and chronological age from `subjects` (CSV) or the
     DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
     `out_uri` scores only the files without a row (`resume=False`: all of them, afresh). Returns the
     table's SUMMARY_COLUMNS (the driver never holds the whole table). With `cards` (a folder), a PNG
-    per image (boneage.clinical.cards). `actors` / `gpus_per_actor`: the scoring actors' (and the key point
+    per image (boneage.clinical.cards); with `dicom_out` (a folder), a DICOM SR and the card as a Secondary
+    Capture per image read from a DICOM file (boneage.clinical.dicom_out; docs/pacs.md). `actors` / `gpus_per_actor`: the scoring actors' (and the key point
     model's), never the bundle's training run's; None: from the cluster (scoring_resources). Ray is
     started by the caller."""
     from boneage import bundle as bundle_mod, score as score_mod
@@ -114,6 +124,10 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     from boneage.config import load_config
 
     started = time.time()
+    if dicom_out:
+        from boneage.clinical import dicom_out as dicom_out_mod
+
+        dicom_out_mod.check_installed()  # said before any work: exit status 2
     # Local paths against the caller's working directory: Ray's workers run elsewhere.
     images = [absolute(i) for i in images] if isinstance(images, (list, tuple)) else absolute(images)
     bundle_uri, out_uri, subjects = absolute(bundle_uri), absolute(out_uri), absolute(subjects)
@@ -157,8 +171,10 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
     ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
                         gpus_per_actor=gpus_per_actor, ages=ages,
-                        uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else (), cards=absolute(cards))
-    table = ray_score.read_output(out_uri, SUMMARY_COLUMNS + (*CLINICAL_SUMMARY_COLUMNS, *(("card", "card_error") if cards else ())),
+                        uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else (), cards=absolute(cards),
+                        dicom_dir=absolute(dicom_out))
+    table = ray_score.read_output(out_uri, SUMMARY_COLUMNS + (*CLINICAL_SUMMARY_COLUMNS, *(("card", "card_error") if cards else ()),
+                                                              *(score_mod.DICOM_COLUMNS if dicom_out else ())),
                                   options)
     result = score_mod.summary(table)
     print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
@@ -166,6 +182,8 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
           f"{result['registration_doubtful']} registrations doubtful; {time.time() - started:.0f} s → {out_uri}")
     print(columns.describe(table, gate.calibration_of(loaded.training)))
     print(intervals.describe(intervals.calibration_of(loaded.training), loaded.training))  # once: a null-bound bundle too
+    if dicom_out:
+        print(dicom_summary(table, absolute(dicom_out)))
     for row in table[table.status != STATUS_OK].head(10).itertuples():
         print(f"  {row.id}: {row.error}")
     return table
