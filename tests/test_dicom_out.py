@@ -217,10 +217,12 @@ def test_write_outputs_writes_dicom_rows_and_says_why_for_the_others(tmp_path):
             scored_row(id="../escape", uri=str(tmp_path / "scan.dcm"), format="dicom")]
     cards = [card(), card(), card(), None, None, card()]
     out = tmp_path / "out"
-    sr_uids, reasons = dicom_out.write_outputs(pd.DataFrame(rows), cards, str(out), BUNDLE, "3", 0.9)
+    card_errors = [None, None, None, "no card: the image has no bone age", "card failed: boom", None]
+    sr_uids, reasons = dicom_out.write_outputs(pd.DataFrame(rows), cards, str(out), BUNDLE, "3", 0.9,
+                                               card_errors=card_errors)
     assert [r.split(":")[0] if r else None for r in reasons] == [None, None, "not_dicom", "error_row", "no_card",
                                                                   "failed"]
-    assert "not a safe relative file name" in reasons[5]
+    assert "not a safe relative file name" in reasons[5] and reasons[4].endswith(": card failed: boom")
     assert sr_uids[0] == dicom_out.uids(source.SOPInstanceUID, BUNDLE)["sr"] and sr_uids[2:] == [None] * 4
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "a/scan/card.dcm", "a/scan/sr.dcm", "long/card.dcm", "long/sr.dcm"]

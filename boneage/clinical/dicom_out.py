@@ -380,16 +380,18 @@ def _to_bytes(dataset) -> bytes:
 
 
 def write_outputs(table, cards: list, folder: str, bundle_sha256: str, bundle_version: str | None = None,
-                  interval_level: float | None = None, storage_options: Mapping[str, Any] | None = None
-                  ) -> tuple[list, list]:
+                  interval_level: float | None = None, storage_options: Mapping[str, Any] | None = None,
+                  card_errors: list | None = None) -> tuple[list, list]:
     """For each scoring row of `table` (with `uri`, `format`, `id`) and its card (PNG bytes or None, same
     order), the SR and SC at output_uris(FOLDER, id), for rows that came from a DICOM file. Returns
     (SR SOPInstanceUID or None, reason or None) lists: a row without DICOM output says why, and never
-    stops the others."""
+    stops the others. `card_errors` (same order): why a card is missing, repeated in the no_card reason
+    (the table has no card_error column without --cards)."""
     from boneage.data import storage
 
     sr_uids, reasons = [], []
-    for row, card in zip(table.to_dict("records"), cards):
+    card_errors = card_errors if card_errors is not None else [None] * len(cards)
+    for row, card, card_error in zip(table.to_dict("records"), cards, card_errors):
         try:
             source = None
             if why_not(row, {k: "-" for k in _SOURCE_UIDS}) is None and str(row.get("format") or "") == "dicom":
@@ -402,5 +404,6 @@ def write_outputs(table, cards: list, folder: str, bundle_sha256: str, bundle_ve
         except Exception as err:  # noqa: BLE001 - one row's DICOM must not stop the others
             result = DicomResult(reason=f"failed: {type(err).__name__}: {_first_line(err)}")
         sr_uids.append(result.sr_uid)
-        reasons.append(result.reason)
+        reasons.append(f"{result.reason}: {card_error}" if card_error and str(result.reason).startswith("no_card")
+                       else result.reason)
     return sr_uids, reasons

@@ -66,14 +66,17 @@ class BundleScorer:
         out = score.score_rows(batch, self.models)
         out["bundle_sha256"] = self.bundle_sha256  # before the cards: they name the bundle
         pngs: list | None = [] if self.dicom_dir else None  # --dicom-out puts each card into a Secondary Capture
+        card_errors = None
         if self.cards_dir or self.dicom_dir:  # --cards: a PNG per image (boneage.clinical.cards)
-            drawn = cards.write_cards(batch, out, self.models, self.cards_dir, self.storage_options, pngs=pngs)
+            uris, card_errors = cards.write_cards(batch, out, self.models, self.cards_dir, self.storage_options,
+                                                  pngs=pngs)
             if self.cards_dir:
-                out["card"], out["card_error"] = drawn
+                out["card"], out["card_error"] = uris, card_errors
         if self.dicom_dir:  # --dicom-out: an SR and the card's SC per DICOM input (boneage.clinical.dicom_out)
             level = (self.models.interval or {}).get("level")
             out["dicom_sr_uid"], out["dicom_error"] = dicom_out.write_outputs(
-                out, pngs, self.dicom_dir, self.bundle_sha256, self.bundle_version, level, self.storage_options)
+                out, pngs, self.dicom_dir, self.bundle_sha256, self.bundle_version, level, self.storage_options,
+                card_errors)
         out["scored_at"] = self.scored_at
         for column in self.uid_columns:
             out[column] = batch[column].to_numpy() if column in batch else None
