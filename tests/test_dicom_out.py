@@ -77,11 +77,13 @@ def written(result, tmp_path):
     return sr, sc
 
 
-@pytest.mark.parametrize("laterality", ["L", None])
-def test_sr_and_sc_are_valid_dicom(tmp_path, laterality):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sr_and_sc_are_valid_dicom(tmp_path, sparse):
     source = source_dicom()
-    if laterality is None:  # many hand radiographs do not say which hand
-        del source.Laterality
+    if sparse:  # many real headers lack type 2 attributes, and do not say which hand
+        for keyword in ("Laterality", "StudyID", "AccessionNumber", "ReferringPhysicianName", "PatientBirthDate",
+                        "StudyTime", "PatientName"):
+            delattr(source, keyword)
     result = dicom_out.build(scored_row(), source, card(), BUNDLE, "3", interval_level=0.9)
     assert result.reason is None
     for path in written(result, tmp_path):

@@ -151,6 +151,27 @@ def why_not(row: Mapping[str, Any], source) -> str | None:
     return None
 
 
+# Type 2 attributes of the patient and study modules that highdicom copies from the source: a real
+# header often lacks some (StudyID, AccessionNumber, ReferringPhysicianName...); they are then present
+# and empty in the copy, which is what type 2 allows.
+_COPIED_TYPE2 = {"PatientName": None, "PatientID": None, "PatientBirthDate": None, "PatientSex": None,
+                 "StudyDate": None, "StudyTime": None, "StudyID": None, "ReferringPhysicianName": None,
+                 "AccessionNumber": None}
+
+
+def _complete_source(source):
+    """A copy of `source` with every _COPIED_TYPE2 attribute it lacks added empty (the source unchanged)."""
+    import copy
+
+    missing = [k for k in _COPIED_TYPE2 if k not in source]
+    if not missing:
+        return source
+    out = copy.deepcopy(source)
+    for keyword in missing:
+        setattr(out, keyword, None)
+    return out
+
+
 def _measurement(concepts, key: str, value: float, unit: str, **kwargs):
     import highdicom as hd
 
@@ -167,6 +188,7 @@ def structured_report(row: Mapping[str, Any], source, bundle_sha256: str, bundle
     if reason:
         raise ValueError(reason)
     concepts, ids = _concepts(), uids(source.SOPInstanceUID, bundle_sha256)
+    source = _complete_source(source)
     parameters = [f"bundle manifest sha256 {bundle_sha256}"]
     if bundle_version:
         parameters.append(f"bundle version {bundle_version}")
@@ -261,6 +283,7 @@ def secondary_capture(card: bytes | np.ndarray, source, bundle_sha256: str):
     import highdicom as hd
 
     ids = uids(source.SOPInstanceUID, bundle_sha256)
+    source = _complete_source(source)
     laterality = next((str(v) for v in (source.get("ImageLaterality"), source.get("Laterality"))
                        if str(v or "") in ("L", "R")), None)
     sc = hd.sc.SCImage.from_ref_dataset(
