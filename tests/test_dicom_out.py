@@ -299,3 +299,53 @@ def test_boneage_score_dicom_out(tmp_path, ray_local, synthetic_small, capsys):
         assert back["accepted"] == bool(row.accepted)
         sc = pydicom.dcmread(folder / rid / "card.dcm")
         assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.std() > 10  # the drawn card
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    import orthanc_server
+
+    process, server = orthanc_server.start(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        orthanc_server.stop(process)
+
+
+def _client(server, auth=None):
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    session.auth = auth or server["auth"]
+    return DICOMwebClient(url=server["url"], session=session)
+
+
+def test_orthanc_files_the_sr_and_card_into_the_study_and_a_rerun_replaces(orthanc):
+    """A real PACS takes the objects (STOW-RS), files them as a new series of the radiograph's study,
+    serves the SR back (WADO-RS) to the row's numbers, and a rerun's objects (same UIDs) add nothing."""
+    import requests
+
+    source = source_dicom(7)
+    client = _client(orthanc)
+    client.store_instances([source])
+    first = dicom_out.build(scored_row(), source, card(), BUNDLE, "3", 0.9)
+    client.store_instances([first.sr, first.sc])
+    series = client.search_for_series(source.StudyInstanceUID)
+    assert len(series) == 2  # the radiograph's and the result's
+    result = client.search_for_instances(source.StudyInstanceUID, first.sr.SeriesInstanceUID)
+    classes = sorted(pydicom.Dataset.from_json(i).SOPClassUID for i in result)
+    assert classes == sorted([first.sr.SOPClassUID, first.sc.SOPClassUID])
+    back = client.retrieve_instance(source.StudyInstanceUID, first.sr.SeriesInstanceUID, first.sr.SOPInstanceUID)
+    assert dicom_out.read_report(back)["boneage_months"] == scored_row()["boneage_months"]
+    assert str(back.PatientID) == str(source.PatientID)
+
+    again = dicom_out.build(scored_row(), source, card(), BUNDLE, "3", 0.9)  # a rerun
+    client.store_instances([again.sr, again.sc])
+    assert len(client.search_for_instances(source.StudyInstanceUID, first.sr.SeriesInstanceUID)) == 2
+    assert len(client.search_for_series(source.StudyInstanceUID)) == 2
+    instances = requests.get(f"{orthanc['base']}/instances", auth=orthanc["auth"], timeout=10).json()
+    assert len(instances) == 3  # the radiograph, one SR, one SC: nothing duplicated
+
+    with pytest.raises(requests.HTTPError, match="401"):  # authentication is on
+        _client(orthanc, ("boneage", "wrong")).search_for_series(source.StudyInstanceUID)
