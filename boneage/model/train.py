@@ -114,18 +114,24 @@ def _batches(idx: torch.Tensor, batch_size: int):
 
 
 @torch.no_grad()
-def _zone_outputs(model, bank, idx, kind: ModelKind, batch_size, device, bf16, channels_last) -> torch.Tensor:
-    """The network's output (B,) for bank[idx], no augmentation; crops are cut where the bank lives."""
+def _outputs(model, sampler, images, idx, batch_size, device, bf16, channels_last, shape=()) -> torch.Tensor:
+    """The network's output (B, *shape) for sampler(images, idx), no augmentation, in eval mode and in
+    fixed-size batches; inputs are cut where `images` live."""
     device = torch.device(device or next(model.parameters()).device)
-    sampler = ZoneSampler(kind.box, kind.input_size)
-    idx = _as_index(idx, bank.device)
+    idx = _as_index(idx, images.device)
     model.eval()
     out = []
     for chunk, n in _batches(idx, batch_size):
-        x = _to_input(sampler(bank, chunk), device, channels_last)
+        x = _to_input(sampler(images, chunk), device, channels_last)
         with _autocast(device, bf16):
             out.append(model(x).float()[:n])
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+    return torch.cat(out) if out else torch.zeros(0, *shape, device=device)
+
+
+def _zone_outputs(model, bank, idx, kind: ModelKind, batch_size, device, bf16, channels_last) -> torch.Tensor:
+    """The network's output (B,) for bank[idx], no augmentation; crops are cut where the bank lives."""
+    return _outputs(model, ZoneSampler(kind.box, kind.input_size), bank, idx, batch_size, device, bf16,
+                    channels_last)
 
 
 def predict(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16=True,
@@ -140,20 +146,11 @@ def predict_p_male(model, bank, idx, kind: ModelKind, batch_size=256, device=Non
     return torch.sigmoid(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last))
 
 
-@torch.no_grad()
 def predict_keypoints(model, images, idx, batch_size=256, device=None, bf16=True,
                       channels_last=True) -> torch.Tensor:
     """(n, 3, 2) key points, (x, y) in [0, 1] of the image."""
-    device = torch.device(device or next(model.parameters()).device)
-    sampler = keypoint_sampler(out_size=model.input_size)
-    idx = _as_index(idx, images.device)
-    model.eval()
-    out = []
-    for chunk, n in _batches(idx, batch_size):
-        x = _to_input(sampler(images, chunk), device, channels_last)
-        with _autocast(device, bf16):
-            out.append(model(x).float()[:n])
-    return torch.cat(out) if out else torch.zeros(0, 3, 2, device=device)
+    return _outputs(model, keypoint_sampler(out_size=model.input_size), images, idx, batch_size, device, bf16,
+                    channels_last, shape=(3, 2))
 
 
 def model_from_state(state: dict, which="best") -> torch.nn.Module:
