@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from boneage.clinical import columns, gate
-from boneage.validation import cv, ensemble, intervals, sex_calls
+from boneage.validation import age_calibration, cv, ensemble, intervals, sex_calls
 from boneage.model import train
 from boneage.bundle import Bundle, BundleError
 from boneage.model.networks import model_kind
@@ -82,6 +82,8 @@ class BundleModels:
         self.gate = gate.calibration_of(bundle.training)  # the rejection gate's thresholds (boneage.clinical.gate)
         # the bone age's prediction interval (boneage.validation.intervals); None: an older bundle, null bounds
         self.interval = intervals.calibration_of(bundle.training)
+        # the per-sex correction of the bias at the extreme ages (None: an older bundle, uncorrected)
+        self.age_calibration = age_calibration.of_training(bundle.training)
         self.sex_kind = bundle.manifest.get("sex_kind")  # the sex classifier's kind; None: the bundle has none
         # Whether, and beyond which P(male), a predicted sex may replace an unknown one (off: p_low None).
         self.sex_calls = sex_calls.of_bundle(bundle.training, self.sex_kind)
@@ -115,13 +117,15 @@ class BundleModels:
 
     def combine(self, folds: Mapping[str, np.ndarray], sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         """`score` from fold_predictions' {kind: (n, k)}: the kinds' fold means, their ensemble, and the
-        k fold-wise ensembles."""
+        k fold-wise ensembles; the ensembles corrected for the bias at the extremes (age_calibration)."""
         male = np.full(len(next(iter(folds.values()))), sex == "M")
         means = pd.DataFrame({kind: p.mean(axis=1) for kind, p in folds.items()})
         k = min(p.shape[1] for p in folds.values())
         per_fold = np.stack([ensemble.predict(self.record, pd.DataFrame({kind: p[:, f] for kind, p in folds.items()}),
                                               male) for f in range(k)], axis=1)
-        return means, ensemble.predict(self.record, means, male), per_fold
+        bone_age = ensemble.predict(self.record, means, male)
+        return (means, age_calibration.apply(bone_age, sex, self.age_calibration),
+                age_calibration.apply(per_fold, sex, self.age_calibration))
 
 
 def spread(per_fold: np.ndarray) -> np.ndarray:

@@ -127,6 +127,22 @@ def test_the_rule_refuses_a_narrow_method_that_undercovers():
     assert intervals.coverage_tolerance(0.9, 1000) == pytest.approx(1.96 * math.sqrt(0.09 / 1000))
 
 
+def test_the_rule_holds_every_age_band_to_nominal_coverage():
+    # Narrowest and nominal overall, but its 15-19 y band (40 rows) is covered 70%: refused.
+    def report(coverage, width, band_coverage):
+        return {"all": {"n": 1000, "coverage": coverage, "mean_width": width},
+                "by_age_band": {"5-10 y": {"n": 300, "coverage": 0.9}, "15-19 y": {"n": 40, "coverage": band_coverage},
+                                "0-2 y": {"n": 5, "coverage": 0.2}}}  # too few rows to hold it to anything
+
+    comparison = {"global": report(0.9, 30.0, 0.70), "age_band": report(0.9, 32.0, 0.88)}
+    method, why = intervals.choose_method(comparison, 0.9)
+    assert method == "age_band" and "every age band" in why
+    assert intervals.shortfall(comparison["global"], 0.9) > 1.96 >= intervals.shortfall(comparison["age_band"], 0.9)
+    comparison["age_band"]["by_age_band"]["15-19 y"]["coverage"] = 0.75  # neither nominal: the least short
+    method, why = intervals.choose_method(comparison, 0.9)
+    assert method == "age_band" and why.startswith("no method")
+
+
 def test_the_test_splits_coverage_goes_into_training_json_and_the_manifest(tmp_path):
     from boneage import bundle
     from boneage.run.holdout import interval_coverage

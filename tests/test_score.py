@@ -402,3 +402,23 @@ def test_an_unused_dicom_age_leaves_the_age_empty_with_its_reason():
     ages, sources = score.resolve_age(rows)
     assert ages[:2].tolist() == [96.0, 50.0] and np.isnan(ages[2:]).all()
     assert sources == ["dicom_dates", "csv", "dicom_unused: image date before birth date", None]
+
+
+# A correction as the bundle stores it (boneage.validation.age_calibration.fit): per sex, prediction = a + b x label.
+AGE_CALIBRATION = {"method": "linear", "by_sex": {"F": {"a": 20.0, "b": 0.8, "rows": 100},
+                                                  "M": {"rows": 10, "skipped": "too few"}}}
+
+
+def test_the_bundles_age_correction_moves_the_bone_age_and_its_folds(tmp_path, models, registered):
+    write_tiny_bundle(str(tmp_path), training={"images": 0, "age_calibration": AGE_CALIBRATION})
+    corrected = score.BundleModels(load_bundle(str(tmp_path)))
+    rows = registered.assign(male=[False, True, None, None, None])
+    plain, out = score.score_rows(rows, models), score.score_rows(rows, corrected)
+    # A girl: (prediction - 20) / 0.8, and her fold spread scales by 1 / 0.8; a boy: his sex has no fit.
+    assert out.boneage_months[0] == pytest.approx(max((plain.boneage_months[0] - 20) / 0.8, 0), abs=1e-4)
+    assert out.boneage_sd_months[0] == pytest.approx(plain.boneage_sd_months[0] / 0.8, abs=1e-4)
+    assert out.boneage_months[1] == pytest.approx(plain.boneage_months[1], abs=1e-6)
+    # Unknown sex: the girl's estimate corrected, the boy's not; the per-kind means are the models' own.
+    assert out.boneage_if_female_months[2] == pytest.approx((plain.boneage_if_female_months[2] - 20) / 0.8, abs=1e-4)
+    assert out.boneage_if_male_months[2] == pytest.approx(plain.boneage_if_male_months[2], abs=1e-6)
+    assert out[list(KINDS)].equals(plain[list(KINDS)])

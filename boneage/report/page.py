@@ -49,7 +49,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  sex_classifier: Mapping[str, Any] | None = None,
                  gate_flags: pd.DataFrame | None = None, test_gate: pd.DataFrame | None = None,
                  gate_quantile: float = gate.QUANTILE, interval: Mapping[str, Any] | None = None,
-                 grouping: Mapping[str, Any] | None = None,
+                 grouping: Mapping[str, Any] | None = None, age_calibration: Mapping[str, Any] | None = None,
                  title: str = "Bone age: accuracy report") -> str:
     """Write `out_uri`/report.html and its PNGs (local folder or s3://); return the report's URI.
 
@@ -65,7 +65,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     boneage_months, accepted, reject_reason), gated with the shipped thresholds. Anything else missing is
     said in its section. interval: the bundle's interval calibration (training.json "interval"), shown
     with the test split's coverage (test["interval"]). grouping: cv/summary.json's "grouping" (folds by
-    patient or per image), said in the headline."""
+    patient or per image), said in the headline. age_calibration: the bundle's correction of the bias at
+    the extremes (training.json "age_calibration"), with the bias by age band before and after."""
     oof = oof.reset_index(drop=True)
     kinds = [k for k in kinds if k in oof.columns]
     ensemble_oof = {name: np.asarray(p, float) for name, p in ensemble_oof.items()}
@@ -96,6 +97,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                 "months</p>",
                 sections.test_section(test, test_png),
                 sections.interval_section(interval, (test or {}).get("interval")),
+                sections.age_calibration_section(age_calibration),
                 "<h2>Cross-validation (out of fold)</h2><p class='note'>Every image predicted by models that "
                 "never saw its label; no trial chose anything on the fold it scores (its epoch came from a selection "
                 "split of its training folds, or a fixed schedule), and the ensemble's weights (and its Tune "

@@ -162,6 +162,32 @@ def interval_section(interval: Mapping[str, Any] | None, test: Mapping[str, Any]
     return "".join(out)
 
 
+def age_calibration_section(calibration: Mapping[str, Any] | None) -> str:
+    """The correction of the bias at the extreme ages (boneage.validation.age_calibration): the fitted
+    line per sex and the out-of-fold bias and MAE by age band before and after (cross-fitted)."""
+    out = ["<h2>Bias at the extreme ages</h2>"]
+    if not calibration or "before" not in calibration:
+        return "".join(out) + missing("The bundle has no age correction (an older bundle): the bone age is the "
+                                      "ensemble's as it is.")
+    fits = []
+    for sex, fitted in calibration.get("by_sex", {}).items():
+        fits.append(f"{escape(sex)}: prediction = {fitted['a']:.1f} + {fitted['b']:.3f} × true age, inverted"
+                    if "b" in fitted else f"{escape(sex)}: not corrected ({escape(fitted.get('skipped'))})")
+    out.append("<p class='note'>Out of fold the ensemble pulls ages towards the mean. The shipped bone age is "
+               f"corrected per sex ({escape(calibration.get('method'))}; {'; '.join(fits)}), fitted on "
+               "out-of-fold predictions only; below, each fold corrected by the fit on the other folds.</p>")
+    before, after = calibration["before"], calibration["after"]
+    rows = "".join(
+        f'<tr><td class="text">{escape(group)}</td><td>{cell["n"]}</td><td>{number(cell["bias"], 1)}</td>'
+        f'<td>{number(after_cell["bias"], 1)}</td><td>{number(cell["mae"], 2)}</td><td>{number(after_cell["mae"], 2)}</td></tr>'
+        for group, cell, after_cell in [("all", before["all"], after["all"]),
+                                        *((g, c, after["by_sex"][g]) for g, c in before["by_sex"].items()),
+                                        *((g, c, after["by_age_band"][g]) for g, c in before["by_age_band"].items())])
+    out.append('<table><tr><th class="text">group</th><th>n</th><th>bias before</th><th>bias after</th>'
+               f"<th>MAE before</th><th>MAE after</th></tr>{rows}</table>")
+    return "".join(out)
+
+
 def evaluations_note(evaluations: Sequence[Mapping[str, Any]] | None) -> str:
     """How many times the locked test split has been scored (OUTPUT/test/evaluations.jsonl), by which
     bundles: a number seen, then acted on, is no longer a clean estimate."""

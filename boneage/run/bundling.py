@@ -78,10 +78,19 @@ def write_bundle(config: Config) -> str:
     cv_summary = storage.read_json(storage.join_uri(cv_uri, "summary.json"), options)
     ensembles = json.loads(files["ensemble.json"])
     oof = pd.read_parquet(storage.join_uri(cv_uri, "ensemble_oof.parquet"), storage_options=options or None)
+    ensemble_column = f"ensemble_{ensembles['use']}"
+    # The bias at the extreme ages corrected per sex (fitted out of fold); the interval is calibrated on
+    # the corrected predictions, cross-fitted, so it measures the bone age that scoring writes.
+    age_calibration, oof[f"{ensemble_column}_corrected"] = age_correction(oof, ensemble_column,
+                                                                          config.cv.age_calibration)
+    shipped_name = f"ensemble ({ensembles['use']})" + (", age-corrected" if config.cv.age_calibration != "off" else "")
     oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
-                    [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", f"ensemble_{ensembles['use']}")]}
+                    [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", ensemble_column)]}
+    if config.cv.age_calibration != "off":
+        oof_accuracy[shipped_name] = metrics.accuracy_report(oof[f"{ensemble_column}_corrected"], oof["boneage"],
+                                                             oof["male"])
     data = training_data(config, set(folds["id"]))
-    interval = interval_calibration(oof, f"ensemble_{ensembles['use']}", config.cv.interval_level)
+    interval = interval_calibration(oof, f"{ensemble_column}_corrected", config.cv.interval_level)
     training = {
         "data": data,  # synthetic or real, how many, from which label file (names only)
         "images": int(len(folds)), "female": int((~folds["male"]).sum()), "male": int(folds["male"].sum()),
@@ -93,6 +102,7 @@ def write_bundle(config: Config) -> str:
         # Out of fold: every prediction from a model (and ensemble weights) that never saw the image's
         # label; the epoch was chosen on each trial's selection split. The test split's: evaluate_test.
         "oof_accuracy": oof_accuracy,
+        "age_calibration": age_calibration,  # the per-sex correction of the bias at the extremes
         "gate": gate.calibrate(oof, config.cv.kinds),  # the rejection gate's thresholds (boneage.clinical.gate)
         # The bone age's prediction interval, fit on these OOF residuals (boneage.validation.intervals)
         "interval": interval,
@@ -107,14 +117,27 @@ def write_bundle(config: Config) -> str:
         "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
         "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json", "data": data,
-        "accuracy": {"out_of_fold": {"model": f"ensemble ({ensembles['use']})",
-                                     **oof_accuracy[f"ensemble ({ensembles['use']})"]["all"]}},
+        "accuracy": {"out_of_fold": {"model": shipped_name, **oof_accuracy[shipped_name]["all"]}},
         "interval": interval_summary(interval),
     }, options)
     size = sum(len(v) for v in files.values()) / 1e6
     print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB, trained on {data['images']} "
           f"{data['kind']} radiographs ({data['labels_from']}) → {out}")
     return out
+
+
+def age_correction(oof: pd.DataFrame, prediction: str, method: str) -> tuple[dict[str, Any], Any]:
+    """boneage.validation.age_calibration.calibrate on the ensemble's OOF prediction, printed by age band
+    (bias before and after, cross-fitted): (training.json's record, the cross-fitted corrected column)."""
+    from boneage.validation import age_calibration
+
+    fitted, corrected = age_calibration.calibrate(oof, prediction, method)
+    before, after = fitted["before"], fitted["after"]
+    print(f"[bundle] {age_calibration.describe(fitted)}; out of fold (cross-fitted) MAE "
+          f"{before['all']['mae']:.2f} → {after['all']['mae']:.2f}, bias by age band " + ", ".join(
+              f"{band} {cell['bias']:+.1f} → {after['by_age_band'][band]['bias']:+.1f}"
+              for band, cell in before["by_age_band"].items()))
+    return fitted, corrected
 
 
 def interval_calibration(oof: pd.DataFrame, prediction: str, level: float) -> dict[str, Any]:

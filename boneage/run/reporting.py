@@ -33,11 +33,17 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     kinds = list(config.cv.kinds)
     names = list(ensembles["fits"])
     predictions = {m: table[f"ensemble_{m}"].to_numpy(float) for m in names}
-    worst = report_mod.worst_cases(table, predictions[ensembles["use"]], n_worst)["id"].tolist()
+    primary = ensembles["use"]
+    corrected = f"ensemble_{primary}_corrected"  # the shipped bone age: the ensemble corrected at the extremes
+    if corrected in table:
+        primary = f"{primary}, age-corrected"
+        predictions = {primary: table[corrected].to_numpy(float), **predictions}
+    worst = report_mod.worst_cases(table, predictions[primary], n_worst)["id"].tolist()
     images = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, ids=worst)
     trials = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
     test = test or storage.read_json(storage.join_uri(config.output, "test", "metrics.json"), options) or None
     test_table = test_gate = None
+    training = storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options) or {}
     if test:
         test = {**test, "evaluations": read_evaluations(config)}  # how many times the split was scored
         scored = pd.read_parquet(storage.join_uri(config.output, "test", "predictions.parquet"),
@@ -47,7 +53,6 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         test_table = test_table.rename(columns={"boneage_months": "pred"})
         # The gate again with the shipped thresholds (as scoring applied them; an older run's split was
         # scored before its fold spread threshold was added to the bundle).
-        training = storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options)
         test_gate = split[["id", "boneage"]].merge(scored.drop(columns=["boneage"], errors="ignore"), on="id", how="left")
         test_gate["accepted"], test_gate["reject_reason"] = gate.gate(
             test_gate, [k for k in kinds if k in test_gate], gate.calibration_of(training))
@@ -58,10 +63,9 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         storage.join_uri(config.output, "report"), table[["id", "male", "boneage", "fold", *kinds]], kinds,
         ensembles["fits"], predictions, trials=trials,
         preprocess_summary=storage.read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options) or None,
-        worst_images=images, primary=ensembles["use"], n_worst=n_worst, storage_options=options,
+        worst_images=images, primary=primary, n_worst=n_worst, storage_options=options,
         test=test, test_table=test_table, gate_flags=flags[["id", "registration_doubtful", "mask_doubtful"]],
-        test_gate=test_gate,
-        interval=storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options).get("interval"),
+        test_gate=test_gate, interval=training.get("interval"), age_calibration=training.get("age_calibration"),
         sex_classifier=cv_summary.get("sex_classifier"), grouping=cv_summary.get("grouping"))
     print(f"[report] {uri}")
     return uri

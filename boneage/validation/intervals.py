@@ -34,6 +34,8 @@ METHODS = ("global", "sex", "age_band")
 # A predicted-age band calibrates on its own only with at least this many rows (and at least the
 # ceil((n + 1) * level) <= n minimum of the level): below, its quantile is mostly noise.
 MIN_BAND_ROWS = 30
+# The method choice holds a true-age band to nominal coverage only from this many cross-fitted rows.
+MIN_GROUP_ROWS = 10
 
 
 def min_rows(level: float) -> int:
@@ -178,22 +180,31 @@ def coverage_tolerance(level: float, n: int) -> float:
     return 1.96 * math.sqrt(level * (1 - level) / max(n, 1))
 
 
+def shortfall(report: Mapping[str, Any], level: float) -> float:
+    """How far a cross_fitted_coverage report falls short of nominal, in binomial standard errors: the
+    worst of its overall coverage and of every true-age band with at least MIN_GROUP_ROWS rows, each
+    measured as (level - coverage) / SE(level, n). At most 1.96 counts as nominal."""
+    cells = [report["all"], *(c for c in report.get("by_age_band", {}).values() if c["n"] >= MIN_GROUP_ROWS)]
+    return max((level - c["coverage"]) / (coverage_tolerance(level, c["n"]) / 1.96) for c in cells)
+
+
 def choose_method(comparison: Mapping[str, Mapping[str, Any]], level: float) -> tuple[str, str]:
-    """(method, why) from {method: cross_fitted_coverage}: among the methods whose overall coverage is
-    at least level - coverage_tolerance, the narrowest mean width (ties: the earlier in METHODS, the
-    simpler); when none is nominal, the one with the highest coverage."""
+    """(method, why) from {method: cross_fitted_coverage}: among the methods whose coverage is nominal
+    overall AND in every true-age band with at least MIN_GROUP_ROWS rows (each at least level - 1.96
+    binomial SE: `shortfall`), the narrowest mean width (ties: the earlier in METHODS, the simpler);
+    when none is, the one with the smallest shortfall."""
     order = [m for m in METHODS if m in comparison]
     if not order:
         raise ValueError("no interval method to choose from")
     n = max(comparison[m]["all"]["n"] for m in order)
-    floor = level - coverage_tolerance(level, n)
-    nominal = [m for m in order if comparison[m]["all"]["coverage"] >= floor]
+    nominal = [m for m in order if shortfall(comparison[m], level) <= 1.96]
+    rule = (f"cross-fitted coverage at least {level:.0%} - 1.96 binomial SE overall ({n} rows) and in every age band "
+            f"with at least {MIN_GROUP_ROWS} rows")
     if nominal:
         best = min(nominal, key=lambda m: (round(comparison[m]["all"]["mean_width"], 6), order.index(m)))
-        return best, (f"the narrowest mean width among the methods whose cross-fitted coverage is at least "
-                      f"{floor:.3f} (level - 1.96 binomial SE on {n} rows): {', '.join(nominal)}")
-    best = max(order, key=lambda m: (comparison[m]["all"]["coverage"], -order.index(m)))
-    return best, f"no method reached {floor:.3f} cross-fitted coverage: the one with the highest"
+        return best, f"the narrowest mean width among the methods with {rule}: {', '.join(nominal)}"
+    best = min(order, key=lambda m: (shortfall(comparison[m], level), order.index(m)))
+    return best, f"no method had {rule}: the one that fell least short"
 
 
 def calibrate(table: pd.DataFrame, level: float, prediction: str = "prediction",
