@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,7 @@ def main() -> None:
                 requests.get(f"{server['base']}/instances", auth=server["auth"], timeout=30).json())
     finally:
         orthanc_server.stop(process)
+        shutil.rmtree(tmp, ignore_errors=True)
     results["loadavg_1min"] = loads
     print(json.dumps(results, indent=1))
     if options.json:

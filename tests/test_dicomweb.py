@@ -231,6 +231,9 @@ def test_whole_run_faults_are_one_line_and_exit_status_2(orthanc, silent_service
     status, _, err = _score([_input(orthanc), "--bundle", bundle, "--out", str(tmp_path / "o.parquet")], capsys,
                             good, monkeypatch)
     assert status == 2 and "needs --studies FILE" in err
+    status, _, err = _score([str(tmp_path), "--stow", "--bundle", bundle, "--out", str(tmp_path / "o.parquet")],
+                            capsys, good, monkeypatch)
+    assert status == 2 and "go with a DICOMweb input" in err  # --stow sends back where the images came from
 
 
 @pytest.mark.slow
@@ -343,6 +346,15 @@ def test_score_from_orthanc_and_stow_back_then_a_rerun_adds_nothing(orthanc, bun
     assert instance_count() == before  # the same UIDs: Orthanc holds one SR and one SC per image
     assert before == len(images) - 1 + 2 + 2 * len(scored)  # the sources (less the deleted), PDF, SR, results
     assert ray_score.read_output(str(out), ("id", "uri"))["id"].is_unique  # the parts too
+
+
+def test_the_stow_line_counts_what_was_stored_and_what_failed():
+    from boneage.run.scoring import stow_summary
+
+    table = pd.DataFrame({"dicom_stow": [dicom_out.STOWED, "failed: STOW-RS answered HTTP 500", None]})
+    assert stow_summary(table, "http://pacs/dw") == (
+        "[score] STOW-RS to http://pacs/dw: 1/3 rows' SR and card SC stored; 1 failed (a rerun on the same --out "
+        "sends them again), e.g. failed: STOW-RS answered HTTP 500")
 
 
 def test_a_failed_stow_is_not_settled_and_is_sent_again():

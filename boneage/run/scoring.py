@@ -169,7 +169,6 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     from boneage.distributed import ray_env, ray_score
     from boneage.validation import intervals
     from boneage.config import load_config
-
     from boneage.data import dicomweb
     from boneage.errors import UserError
 
