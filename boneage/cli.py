@@ -193,7 +193,11 @@ def _score(args: argparse.Namespace) -> int:
     from boneage.distributed import ray_env
     from boneage.config import RayConfig
 
+    from boneage.data import dicomweb
+
     bundle.read_manifest(args.bundle, args.storage_options)  # a wrong --bundle fails before Ray starts
+    if len(args.input) == 1 and dicomweb.is_dicomweb(args.input[0]):  # so does an unreachable or refusing PACS
+        dicomweb.check(dicomweb.service(args.input[0], args.dicomweb_auth, args.dicomweb_timeout))
     ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose))
     run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
               subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,

@@ -202,6 +202,12 @@ def _query(service: Service, call, *args, **kwargs):
         raise _whole_run_error(service, err) from None
 
 
+def check(service: Service) -> None:
+    """One QIDO-RS request (a study, at most): UserError, one line, when the service cannot be reached,
+    refuses the credentials or does not answer in time. Said before any other work starts."""
+    _query(service, service.client().search_for_studies, limit=1)
+
+
 def list_instances(service: Service, studies: list[str] | None = None, query: Mapping[str, str] | None = None
                    ) -> tuple[list[Instance], list[str], int]:
     """(instances, StudyInstanceUIDs given that the service does not know, instances skipped because they
