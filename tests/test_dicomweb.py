@@ -37,17 +37,6 @@ def silent_service():
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web"
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    import orthanc_server
-
-    process, server = orthanc_server.start(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield server
-    finally:
-        orthanc_server.stop(process)
-
-
 def _service(server, **changes) -> dicomweb.Service:
     user, password = server["auth"]
     return dicomweb.Service(**{"url": server["url"], "username": user, "password": password, **changes})
