@@ -177,6 +177,8 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     if not from_pacs and (studies or qido or stow or dicomweb_auth):
         raise UserError("--studies, --qido, --stow and --dicomweb-auth go with a DICOMweb input "
                         "(dicomweb+http://HOST[:PORT]/PATH)")
+    if from_pacs:
+        id_from = "sop"  # a DICOMweb instance's id is its SOPInstanceUID (and the provenance says so)
     if dicom_out or stow:
         from boneage.clinical import dicom_out as dicom_out_mod
 
