@@ -193,12 +193,18 @@ def _score(args: argparse.Namespace) -> int:
     from boneage.distributed import ray_env
     from boneage.config import RayConfig
 
+    from boneage.data import dicomweb
+
     bundle.read_manifest(args.bundle, args.storage_options)  # a wrong --bundle fails before Ray starts
+    if len(args.input) == 1 and dicomweb.is_dicomweb(args.input[0]):  # so does an unreachable or refusing PACS
+        dicomweb.check(dicomweb.service(args.input[0], args.dicomweb_auth, args.dicomweb_timeout))
     ray_env.init_ray(RayConfig(address=args.address, num_cpus=args.num_cpus, verbose=args.verbose))
     run.score(args.input if len(args.input) > 1 else args.input[0], args.bundle, args.out,
               subjects=args.subjects, storage_options=args.storage_options, actors=args.actors,
               gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, id_from=args.id_from,
-              keep_dicom_uids=args.keep_dicom_uids, cards=args.cards, dicom_out=args.dicom_out)
+              keep_dicom_uids=args.keep_dicom_uids, cards=args.cards, dicom_out=args.dicom_out,
+              studies=args.studies, qido=args.qido, stow=args.stow, dicomweb_auth=args.dicomweb_auth,
+              dicomweb_timeout=args.dicomweb_timeout)
     return 0
 
 
@@ -300,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "finishes, whatever the files. Rows are written as they are scored; a rerun "
                                    "on the same --out scores only the files without a row. Columns and "
                                    "provenance: docs/scoring.md.")
-    p.add_argument("input", nargs="+", help="folder, s3:// prefix, .txt list, or image files (PNG, JPEG, DICOM)")
+    p.add_argument("input", nargs="+", help="folder, s3:// prefix, .txt list, or image files (PNG, JPEG, DICOM); or "
+                                            "a DICOMweb service (a PACS), dicomweb+http(s)://HOST[:PORT]/PATH, with "
+                                            "--studies and/or --qido")
     p.add_argument("--bundle", required=True, help="model bundle folder (OUTPUT/bundle of full_cv), local or s3://")
     p.add_argument("--out", required=True, help="output: a .parquet file (its parts go to OUT.parts/ as they are "
                                                 "scored), or a folder of parquet parts; local or s3://")
@@ -319,6 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(a Structured Report in the source's study) and DIR/<id>/card.dcm (the card "
                                        "as a Secondary Capture; draws the card, seconds per image). Needs the pacs "
                                        "extra; docs/pacs.md")
+    pacs = p.add_argument_group(
+        "DICOMweb input (a PACS; docs/pacs.md)",
+        "Instances are listed with QIDO-RS and retrieved with WADO-RS in the decoding tasks; the row id is the "
+        "SOPInstanceUID. Credentials: BONEAGE_DICOMWEB_USER and BONEAGE_DICOMWEB_PASSWORD, or "
+        "BONEAGE_DICOMWEB_TOKEN (a bearer token), or --dicomweb-auth; never on the command line.")
+    pacs.add_argument("--studies", metavar="FILE", help="the studies to score: StudyInstanceUIDs, one a line")
+    pacs.add_argument("--qido", metavar="QUERY",
+                      help="a QIDO-RS query for the series to score, e.g. 'Modality=CR&BodyPartExamined=HAND&"
+                           "StudyDate=20240101-20240131' (within --studies when both are given)")
+    pacs.add_argument("--stow", action="store_true",
+                      help="send each image's SR and card SC back to the service (STOW-RS); column dicom_stow. "
+                           "Needs the pacs extra")
+    pacs.add_argument("--dicomweb-auth", metavar="FILE",
+                      help='credentials as JSON, {"username": ..., "password": ...} or {"token": ...} '
+                           "(default: the environment variables above)")
+    pacs.add_argument("--dicomweb-timeout", type=float, metavar="SECONDS", default=None,
+                      help="how long one request may wait for the service (default: 30)")
     p.add_argument("--actors", type=int, default=None,
                    help="scoring actors (model copies); default: one per GPU of the cluster, else 1")
     p.add_argument("--gpus-per-actor", type=float, default=None,

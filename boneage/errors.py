@@ -8,15 +8,15 @@ STATUS_ERROR = "error"
 
 # The codes a user may meet in an `error` column, with what they mean.
 ERROR_CODES = {
-    "missing_file": "the file does not exist",
+    "missing_file": "the file (or the DICOMweb study or instance) does not exist",
     "empty_file": "the file has zero bytes",
     "truncated": "the image file ends before its data does",
-    "not_an_image": "the file is not a PNG, JPEG or DICOM image",
+    "not_an_image": "the file is not a PNG, JPEG or DICOM image, or the DICOM object is no image (an SR, a PDF)",
     "corrupt_image": "the file is a PNG or JPEG whose data cannot be decoded (damaged, not cut short)",
     "bad_image": "the image decodes but is unusable (wrong shape, constant, too small)",
     "bad_dicom": "the DICOM file cannot be read or holds no usable pixel data",
     "missing_codec": "the DICOM's compression needs a decoder that is not installed: pip install 'boneage[dicom]'",
-    "read_failed": "the file could not be read (permissions, network)",
+    "read_failed": "the file could not be read (permissions, network; a DICOMweb time-out or server error)",
     "label_missing": "the image has no row in the label table",
     "bad_label": "the bone age is missing, NaN, not a number or outside 0-240 months",
     "unknown_sex": "the sex is missing or not recognised",

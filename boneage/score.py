@@ -52,7 +52,8 @@ PROVENANCE_KEY = b"boneage"
 # Only with --keep-dicom-uids: identifiers, which link a row back to the patient's study.
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 CARD_COLUMNS = ("card", "card_error")  # only with --cards (boneage.clinical.cards)
-DICOM_COLUMNS = ("dicom_sr_uid", "dicom_error")  # only with --dicom-out (boneage.clinical.dicom_out)
+DICOM_COLUMNS = ("dicom_sr_uid", "dicom_error")  # only with --dicom-out or --stow (boneage.clinical.dicom_out)
+STOW_COLUMNS = ("dicom_stow",)  # only with --stow: whether the DICOMweb service took the row's SR and SC
 
 _TYPES = {"sex_unknown": pa.bool_(), "sex_mismatch": pa.bool_(), "registration_doubtful": pa.bool_(), "mask_doubtful": pa.bool_(),
           "accepted": pa.bool_(),
@@ -60,15 +61,15 @@ _TYPES = {"sex_unknown": pa.bool_(), "sex_mismatch": pa.bool_(), "registration_d
           "scored_at": pa.timestamp("us", tz="UTC")}
 _STRINGS = {"id", "uri", "path", "status", "error", "sex", "sex_source", "age_source", "keypoint_source", "format",
             "bundle_sha256", "boneage_interpretation", "sds_note", "reject_reason", *CARD_COLUMNS, *UID_COLUMNS,
-            *DICOM_COLUMNS}
+            *DICOM_COLUMNS, *STOW_COLUMNS}
 
 
 def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = (), cards: bool = False,
-                  dicom: bool = False) -> pa.Schema:
+                  dicom: bool = False, stow: bool = False) -> pa.Schema:
     """The scoring table's schema, written explicitly: a part in which a column happens to be all null
     must still have its type, or the parts would not read back as one table."""
     names = [*OUTPUT_COLUMNS, *kinds, *PROVENANCE_COLUMNS, *uid_columns, *(CARD_COLUMNS if cards else ()),
-             *(DICOM_COLUMNS if dicom else ())]
+             *(DICOM_COLUMNS if dicom or stow else ()), *(STOW_COLUMNS if stow else ())]
     return pa.schema([(n, _TYPES.get(n, pa.string() if n in _STRINGS else pa.float64())) for n in names])
 
 
@@ -338,11 +339,14 @@ def latest_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def settled_uris(table: pd.DataFrame) -> set[str]:
     """The files a resumed run need not score again: those whose latest row (uri, error, scored_at) is
-    not a transient error (errors.TRANSIENT_CODES: the network, not the file)."""
+    not a transient error (errors.TRANSIENT_CODES: the network, not the file), nor a failed STOW-RS
+    (dicom_stow "failed: ...": scored and sent again)."""
     from boneage.errors import TRANSIENT_CODES, error_code
 
     latest = latest_rows(table)
     transient = latest["error"].map(error_code).isin(TRANSIENT_CODES) if "error" in latest else False
+    if "dicom_stow" in latest:
+        transient = transient | latest["dicom_stow"].fillna("").str.startswith("failed")
     return {u for u in latest.loc[~transient, "uri"] if u}
 
 

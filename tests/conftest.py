@@ -67,3 +67,16 @@ def synthetic_small(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
     paths = synth.write_dataset(6, folder, seed=7, size=(512, 384), progress=False)
     return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real PACS for one test module: Orthanc with its DICOMweb plug-in on loopback, authentication on, its
+    own storage (tests/orthanc_server.py): {"url": DICOMweb root, "base": REST root, "auth": (user, password)}."""
+    import orthanc_server
+
+    process, server = orthanc_server.start(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server
+    finally:
+        orthanc_server.stop(process)

@@ -301,17 +301,6 @@ def test_boneage_score_dicom_out(tmp_path, ray_local, synthetic_small, capsys):
         assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.std() > 10  # the drawn card
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    import orthanc_server
-
-    process, server = orthanc_server.start(tmp_path_factory.mktemp("orthanc"))
-    try:
-        yield server
-    finally:
-        orthanc_server.stop(process)
-
-
 def _client(server, auth=None):
     import requests
     from dicomweb_client.api import DICOMwebClient

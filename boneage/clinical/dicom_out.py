@@ -25,11 +25,12 @@ import pandas as pd
 
 import boneage
 from boneage.clinical import gate
+from boneage.data.dicomweb import RESULT_SERIES_DESCRIPTION as SERIES_DESCRIPTION
 
 MANUFACTURER = "boneage"
 # A fixed, high series number: the result series sorts after the acquisition in a viewer's list.
 SERIES_NUMBER = 9901
-SERIES_DESCRIPTION = "boneage: bone age result (not for diagnosis without review)"
+# SERIES_DESCRIPTION: defined with the DICOMweb listing, which leaves this series out of a study's inputs.
 SR_INSTANCE_NUMBER, SC_INSTANCE_NUMBER = 1, 2
 
 # The private coding scheme for concepts no standard terminology has (docs/pacs.md lists them all).
@@ -402,31 +403,75 @@ def _to_bytes(dataset) -> bytes:
     return out.getvalue()
 
 
-def write_outputs(table, cards: list, folder: str, bundle_sha256: str, bundle_version: str | None = None,
-                  interval_level: float | None = None, storage_options: Mapping[str, Any] | None = None,
-                  card_errors: list | None = None) -> tuple[list, list]:
-    """For each scoring row of `table` (with `uri`, `format`, `id`) and its card (PNG bytes or None, same
-    order), the SR and SC at output_uris(FOLDER, id), for rows that came from a DICOM file. Returns
-    (SR SOPInstanceUID or None, reason or None) lists: a row without DICOM output says why, and never
-    stops the others. `card_errors` (same order): why a card is missing, repeated in the no_card reason
-    (the table has no card_error column without --cards)."""
-    from boneage.data import storage
-
-    sr_uids, reasons = [], []
+def make_outputs(table, cards: list, bundle_sha256: str, bundle_version: str | None = None,
+                 interval_level: float | None = None, storage_options: Mapping[str, Any] | None = None,
+                 card_errors: list | None = None, read_header=None) -> list[DicomResult]:
+    """The SR and SC of each scoring row of `table` (with `uri`, `format`, `id`) and its card (PNG bytes
+    or None, same order), for rows that came from a DICOM file, or why there are none. The source header
+    is read again, by `read_header(uri)` (default: read_source_header; a DICOMweb input: its Reader's
+    WADO-RS metadata). `card_errors` (same order): why a card is missing, repeated in the no_card reason
+    (the table has no card_error column without --cards). One row's failure never stops the others."""
+    read_header = read_header or (lambda uri: read_source_header(uri, storage_options))
+    results = []
     card_errors = card_errors if card_errors is not None else [None] * len(cards)
     for row, card, card_error in zip(table.to_dict("records"), cards, card_errors):
         try:
             source = None
             if why_not(row, {k: "-" for k in _SOURCE_UIDS}) is None and str(row.get("format") or "") == "dicom":
-                source = read_source_header(row["uri"], storage_options)  # only where it can be used
+                source = read_header(row["uri"])  # only where it can be used
             result = build(row, source, card, bundle_sha256, bundle_version, interval_level)
-            if result.reason is None:
-                sr_uri, sc_uri = output_uris(folder, row["id"])
-                storage.write_bytes(sr_uri, _to_bytes(result.sr), storage_options)
-                storage.write_bytes(sc_uri, _to_bytes(result.sc), storage_options)
         except Exception as err:  # noqa: BLE001 - one row's DICOM must not stop the others
             result = DicomResult(reason=f"failed: {type(err).__name__}: {_first_line(err)}")
-        sr_uids.append(result.sr_uid)
-        reasons.append(f"{result.reason}: {card_error}" if card_error and str(result.reason).startswith("no_card")
-                       else result.reason)
-    return sr_uids, reasons
+        if card_error and str(result.reason).startswith("no_card"):
+            result = DicomResult(reason=f"{result.reason}: {card_error}")
+        results.append(result)
+    return results
+
+
+def write_files(results: list[DicomResult], ids, folder: str,
+                storage_options: Mapping[str, Any] | None = None) -> list[DicomResult]:
+    """Each result's SR and SC at output_uris(FOLDER, id); a row whose files cannot be written (an unsafe
+    id, a failed write) gets that reason instead."""
+    from boneage.data import storage
+
+    written = []
+    for result, rid in zip(results, ids):
+        if result.reason is None:
+            try:
+                sr_uri, sc_uri = output_uris(folder, rid)
+                storage.write_bytes(sr_uri, _to_bytes(result.sr), storage_options)
+                storage.write_bytes(sc_uri, _to_bytes(result.sc), storage_options)
+            except Exception as err:  # noqa: BLE001 - one row's DICOM must not stop the others
+                result = DicomResult(reason=f"failed: {type(err).__name__}: {_first_line(err)}")
+        written.append(result)
+    return written
+
+
+STOWED = "stored"  # dicom_stow of a row whose SR and SC the service took
+
+
+def stow(results: list[DicomResult], send) -> list[str | None]:
+    """Send each result's SR and SC with `send([sr, sc])` (boneage.data.dicomweb.Reader.store): the
+    `dicom_stow` column, STOWED, "failed: why" (a resumed run scores and sends that row again), or None
+    where there is nothing to send (dicom_error says why)."""
+    sent = []
+    for result in results:
+        if result.reason is not None:
+            sent.append(None)
+            continue
+        try:
+            send([result.sr, result.sc])
+            sent.append(STOWED)
+        except Exception as err:  # noqa: BLE001 - one row's failure must not stop the others
+            sent.append(f"failed: {_first_line(err)}")
+    return sent
+
+
+def write_outputs(table, cards: list, folder: str, bundle_sha256: str, bundle_version: str | None = None,
+                  interval_level: float | None = None, storage_options: Mapping[str, Any] | None = None,
+                  card_errors: list | None = None) -> tuple[list, list]:
+    """make_outputs, then write_files under `folder`. Returns (SR SOPInstanceUID or None, reason or None)
+    lists: a row without DICOM output says why, and never stops the others."""
+    results = write_files(make_outputs(table, cards, bundle_sha256, bundle_version, interval_level, storage_options,
+                                       card_errors), table["id"].tolist(), folder, storage_options)
+    return [r.sr_uid for r in results], [r.reason for r in results]

@@ -25,7 +25,7 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import fsspec
 import numpy as np
@@ -288,9 +288,11 @@ def _describe_unknown(data: bytes) -> str:
         return f"unknown magic bytes {data[:8].hex()}"
 
 
-def read_image(uri: str, storage_options: Mapping[str, Any] | None = None) -> ImageRecord:
-    """Read and decode one image, or raise ItemError. See :func:`decode_image`."""
-    data = read_bytes(uri, storage_options)
+def read_image(uri: str, storage_options: Mapping[str, Any] | None = None,
+               fetch: Callable[[str], bytes] | None = None) -> ImageRecord:
+    """Read and decode one image, or raise ItemError. See :func:`decode_image`. `fetch`: what reads the
+    bytes of `uri` instead of storage (boneage.data.dicomweb.Reader for a DICOMweb instance)."""
+    data = fetch(uri) if fetch is not None else read_bytes(uri, storage_options)
     image, meta = decode_image(data, str(uri))
     return ImageRecord(id=image_id(uri), uri=str(uri), image=image, meta=meta)
 

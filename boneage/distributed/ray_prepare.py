@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -41,11 +41,12 @@ REGISTERED_SCHEMA = pa.schema([
 
 
 class _Analyse:
-    def __init__(self, storage_options: Mapping[str, Any] | None):
+    def __init__(self, storage_options: Mapping[str, Any] | None, fetch: Callable[[str], bytes] | None = None):
         self.storage_options = dict(storage_options or {})
+        self.fetch = fetch  # a DICOMweb input's reader: each instance is retrieved here, in the task
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [prepare.analyse_row(r, self.storage_options) for r in batch.to_dict("records")]
+        rows = [prepare.analyse_row(r, self.storage_options, self.fetch) for r in batch.to_dict("records")]
         for row in rows:
             # Failed rows carry empty arrays, not None: a column must be all tensors for Arrow.
             for key, empty in _EMPTY_ARRAYS.items():
@@ -95,13 +96,15 @@ def analyse_dataset(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
 
 
 def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str | None = None,
-                    keypoint_sha256: str | None = None, extra_columns: tuple[str, ...] = ()) -> ray.data.Dataset:
+                    keypoint_sha256: str | None = None, extra_columns: tuple[str, ...] = (),
+                    fetch: Callable[[str], bytes] | None = None) -> ray.data.Dataset:
     """The lazy Ray Dataset of registered rows, one per manifest row. `keypoint_sha256`: the checksum
     the key point model must have (a bundle's manifest's), checked where it is loaded. `extra_columns`:
-    string columns of the manifest carried along (e.g. DICOM UIDs when asked for)."""
+    string columns of the manifest carried along (e.g. DICOM UIDs when asked for). `fetch`: reads each
+    row's uri in the decoding tasks instead of storage (a DICOMweb input: boneage.data.dicomweb.Reader)."""
     batch = config.preprocess.batch_size
     ds = _from_manifest(manifest, batch).map_batches(
-        _Analyse(config.data.storage_options), batch_size=batch, batch_format="pandas",
+        _Analyse(config.data.storage_options, fetch), batch_size=batch, batch_format="pandas",
         num_cpus=config.preprocess.cpus_per_task)
     if keypoint_model:
         from boneage.distributed.ray_keypoints import KeypointPredictor

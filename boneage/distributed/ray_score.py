@@ -49,14 +49,16 @@ class BundleScorer:
 
     def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, use_gpu: bool,
                  ages: Mapping[str, float], provenance: Mapping[str, Any], uid_columns: tuple[str, ...] = (),
-                 cards_dir: str | None = None, dicom_dir: str | None = None):
+                 cards_dir: str | None = None, dicom_dir: str | None = None, reader=None, stow: bool = False):
         device = ray_env.actor_device(use_gpu, "score")
         self.models = score.BundleModels(load_bundle(bundle_uri, storage_options), device)
         self.ages = dict(ages)
         self.uid_columns = tuple(uid_columns)
         self.schema = score.output_schema(self.models.kinds, self.uid_columns, cards=bool(cards_dir),
-                                          dicom=bool(dicom_dir))
+                                          dicom=bool(dicom_dir), stow=stow)
         self.cards_dir, self.dicom_dir, self.storage_options = cards_dir, dicom_dir, storage_options
+        # A DICOMweb input's reader (boneage.data.dicomweb): the source headers, and STOW-RS with --stow.
+        self.reader, self.stow = reader, stow
         self.bundle_sha256 = provenance["bundle"]["sha256"]
         self.bundle_version = provenance["bundle"].get("version")
         self.scored_at = pd.Timestamp(provenance["scored_at"])
@@ -65,23 +67,35 @@ class BundleScorer:
         batch["age_months"] = batch["id"].map(self.ages)
         out = score.score_rows(batch, self.models)
         out["bundle_sha256"] = self.bundle_sha256  # before the cards: they name the bundle
-        pngs: list | None = [] if self.dicom_dir else None  # --dicom-out puts each card into a Secondary Capture
+        dicom = self.dicom_dir or self.stow
+        pngs: list | None = [] if dicom else None  # --dicom-out / --stow put each card into a Secondary Capture
         card_errors = None
-        if self.cards_dir or self.dicom_dir:  # --cards: a PNG per image (boneage.clinical.cards)
+        if self.cards_dir or dicom:  # --cards: a PNG per image (boneage.clinical.cards)
             uris, card_errors = cards.write_cards(batch, out, self.models, self.cards_dir, self.storage_options,
                                                   pngs=pngs)
             if self.cards_dir:
                 out["card"], out["card_error"] = uris, card_errors
-        if self.dicom_dir:  # --dicom-out: an SR and the card's SC per DICOM input (boneage.clinical.dicom_out)
-            level = (self.models.interval or {}).get("level")
-            out["dicom_sr_uid"], out["dicom_error"] = dicom_out.write_outputs(
-                out, pngs, self.dicom_dir, self.bundle_sha256, self.bundle_version, level, self.storage_options,
-                card_errors)
+        if dicom:  # an SR and the card's SC per DICOM input (boneage.clinical.dicom_out), to files and/or STOW-RS
+            self._dicom(out, pngs, card_errors)
         out["scored_at"] = self.scored_at
         for column in self.uid_columns:
             out[column] = batch[column].to_numpy() if column in batch else None
         out = out.astype(object).where(out.notna(), None)  # NaN -> null, so that bool/int columns convert
         return pa.Table.from_pandas(out[self.schema.names], schema=self.schema, preserve_index=False)
+
+    def _dicom(self, out: pd.DataFrame, pngs: list, card_errors: list | None) -> None:
+        """dicom_sr_uid, dicom_error (and with --stow dicom_stow) of a scored batch: the objects are
+        written under --dicom-out and/or sent to the DICOMweb service the images came from."""
+        level = (self.models.interval or {}).get("level")
+        results = dicom_out.make_outputs(out, pngs, self.bundle_sha256, self.bundle_version, level,
+                                         self.storage_options, card_errors,
+                                         read_header=self.reader.header if self.reader is not None else None)
+        if self.dicom_dir:
+            results = dicom_out.write_files(results, out["id"].tolist(), self.dicom_dir, self.storage_options)
+        if self.stow:
+            out["dicom_stow"] = dicom_out.stow(results, self.reader.store)
+        out["dicom_sr_uid"] = [r.sr_uid for r in results]
+        out["dicom_error"] = [r.reason for r in results]
 
 
 def parts_uri(out_uri: str) -> str:
@@ -107,7 +121,9 @@ def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, 
     for part in _part_files(parts_uri(out_uri), storage_options):
         try:
             with fs.open(part, "rb") as f:
-                table = pq.read_table(f, columns=["uri", "bundle_sha256", "error", "scored_at"])
+                stowed = ["dicom_stow"] if "dicom_stow" in pq.read_schema(f).names else []  # failed: again
+                f.seek(0)
+                table = pq.read_table(f, columns=["uri", "bundle_sha256", "error", "scored_at", *stowed])
         except Exception as err:
             print(f"[score] removing a part that cannot be read (a run cut off while writing it?): {part}: {err}")
             fs.rm(part)
@@ -122,15 +138,16 @@ def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, 
 
 def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: str, provenance: Mapping[str, Any],
               actors: int = 1, gpus_per_actor: float = 0.0, ages: Mapping[str, float] | None = None,
-              uid_columns: tuple[str, ...] = (), cards: str | None = None, dicom_dir: str | None = None
-              ) -> dict[str, Any]:
+              uid_columns: tuple[str, ...] = (), cards: str | None = None, dicom_dir: str | None = None,
+              reader=None, stow: bool = False) -> dict[str, Any]:
     """Score the manifest rows (id, uri, path, status, error, male) that have no row in `out_uri` yet and
     write them as parquet parts as they finish; then, for an `out_uri` ending in .parquet, gather all
     parts into that file. `config`: the bundle's preprocessing and key point settings with this run's
     storage options. `provenance` goes into every part's and the file's parquet metadata. `cards`: a folder
     for a PNG card per image; `dicom_dir`: a folder for an SR and the card's SC per DICOM input
-    (boneage.clinical.dicom_out). Returns
-    {"skipped": rows already there, "scored": rows written now}."""
+    (boneage.clinical.dicom_out). `reader`: a DICOMweb input's boneage.data.dicomweb.Reader, which
+    retrieves each instance in the decoding tasks; `stow`: send each SR and SC back to it (STOW-RS).
+    Returns {"skipped": rows already there, "scored": rows written now}."""
     options = config.data.storage_options
     done = scored_uris(out_uri, provenance["bundle"]["sha256"], options)
     todo = manifest[~manifest["uri"].isin(done)] if done else manifest
@@ -140,13 +157,13 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     if len(todo):
         manifest_record = read_manifest(bundle_uri, options)
         schema = score.output_schema(list(manifest_record["kinds"]), uid_columns, cards=bool(cards),
-                                     dicom=bool(dicom_dir))
+                                     dicom=bool(dicom_dir), stow=stow)
         ds = prepare_dataset(todo, config, keypoint_model_uri(bundle_uri, manifest_record),
-                             keypoint_model_sha256(manifest_record), extra_columns=uid_columns)
+                             keypoint_model_sha256(manifest_record), extra_columns=uid_columns, fetch=reader)
         ds = ds.map_batches(
             BundleScorer,
             fn_constructor_args=(bundle_uri, options, gpus_per_actor > 0, dict(ages or {}), dict(provenance),
-                                 tuple(uid_columns), cards, dicom_dir),
+                                 tuple(uid_columns), cards, dicom_dir, reader, stow),
             compute=ActorPoolStrategy(size=actors),
             batch_size=config.preprocess.batch_size * 4,
             batch_format="pandas",

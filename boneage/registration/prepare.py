@@ -10,7 +10,7 @@ they fill in status/error, and carry a failed row through unchanged."""
 from __future__ import annotations
 
 import io as _bytes_io
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -63,16 +63,18 @@ def _fail(out: dict[str, Any], err: Exception) -> dict[str, Any]:
     return out
 
 
-def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None,
+                fetch: Callable[[str], bytes] | None = None) -> dict[str, Any]:
     """Decode, mask, autocontrast and geometric key points of one manifest row; the clean image and
-    mask travel on (under private keys) to register_row."""
+    mask travel on (under private keys) to register_row. `fetch`: reads the row's uri instead of storage
+    (a DICOMweb instance: boneage.data.dicomweb.Reader)."""
     out = dict(row)
     for col in REGISTERED_COLUMNS:
         out.setdefault(col, None)
     if out["status"] != STATUS_OK:
         return out
     try:
-        record = read_image(out["uri"], storage_options)
+        record = read_image(out["uri"], storage_options, fetch)
         clean, mask, mask_qa = preprocess.preprocess(record.image)
         points, confidence, _ = keypoints_geometric.estimate_keypoints(mask, clean)
         out.update(height=record.height, width=record.width, format=record.meta["format"],

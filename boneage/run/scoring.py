@@ -69,17 +69,19 @@ def measured_accuracy_line(manifest: dict) -> str | None:
 SYNTHETIC_CHECK_SAMPLE = 256
 
 
-def synthetic_warning(manifest: dict, uris: list[str], storage_options: dict | None = None) -> str | None:
+def synthetic_warning(manifest: dict, uris: list[str], storage_options: dict | None = None,
+                      counts: dict | None = None) -> str | None:
     """The banner `score` prints when a bundle trained on synthetic radiographs scores images that are
     not synthetic (not written by `boneage synth`: boneage.data.images.is_synthetic; up to
-    SYNTHETIC_CHECK_SAMPLE of them are read); None otherwise, and for a bundle trained on real images."""
+    SYNTHETIC_CHECK_SAMPLE of them are read, unless `counts` says already); None otherwise, and for a
+    bundle trained on real images."""
     from boneage import bundle as bundle_mod
     from boneage.data.images import count_synthetic
 
     data = bundle_mod.training_data(manifest)
     if data["kind"] != "synthetic":
         return None
-    counts = count_synthetic(uris, storage_options, limit=SYNTHETIC_CHECK_SAMPLE)
+    counts = counts or count_synthetic(uris, storage_options, limit=SYNTHETIC_CHECK_SAMPLE)
     real = counts["checked"] - counts["synthetic"]
     if not real:
         return None
@@ -104,10 +106,50 @@ def dicom_summary(table: pd.DataFrame, folder: str) -> str:
         f"; none for {len(table) - written}: {why}" if why else "")
 
 
+def dicomweb_input(source: str, studies: str | None, qido: str | None, auth_file: str | None,
+                   timeout: float | None, keep_uids: bool, storage_options: dict | None = None):
+    """(manifest, reader) of a DICOMweb input (boneage.data.dicomweb): the instances of the --studies
+    file's studies and/or of the --qido query, listed here (UIDs only); the reader retrieves each one in
+    Ray's decoding tasks. UserError (one line, exit status 2) when the service cannot be reached, refuses
+    the credentials, or has nothing to score."""
+    from boneage.data import dicomweb
+    from boneage.errors import UserError
+
+    if not studies and not qido:
+        raise UserError("a DICOMweb input needs --studies FILE (StudyInstanceUIDs, one a line) and/or --qido QUERY "
+                        "(e.g. 'Modality=CR&StudyDate=20240101-20240131'): boneage does not list a whole PACS")
+    service = dicomweb.service(source, auth_file, timeout)
+    study_uids = dicomweb.read_study_list(absolute(studies), storage_options) if studies else None
+    instances, missing, own = dicomweb.list_instances(service, study_uids, dicomweb.parse_query(qido))
+    asked = " and ".join(([f"--studies {studies}"] if studies else []) + ([f"--qido {qido!r}"] if qido else []))
+    if not instances:
+        if study_uids and len(missing) == len(study_uids):
+            raise UserError(f"the DICOMweb service {service.url} has no study of {asked}"
+                            + (f" (e.g. {missing[0]})" if missing else ""))
+        raise UserError(f"nothing to score: no instance on {service.url} matches {asked}")
+    print(f"[score] DICOMweb {service.url}: {len(instances)} instances in "
+          f"{len({i.study for i in instances})} studies ({asked})"
+          + (f"; {len(missing)} studies not found, each an error row" if missing else "")
+          + (f"; {own} instances of boneage's own result series left out" if own else ""))
+    return dicomweb.manifest_rows(source, instances, missing, keep_uids), dicomweb.Reader(service)
+
+
+def stow_summary(table: pd.DataFrame, url: str) -> str:
+    """--stow's line: how many rows' SR and SC the service took, how many failed (sent again by a rerun)."""
+    stowed = table["dicom_stow"].fillna("")
+    failed = stowed.str.startswith("failed")
+    line = f"[score] STOW-RS to {url}: {int((stowed == 'stored').sum())}/{len(table)} rows' SR and card SC stored"
+    if failed.any():
+        line += f"; {int(failed.sum())} failed (a rerun on the same --out sends them again), e.g. {stowed[failed].iloc[0]}"
+    return line
+
+
 def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str | None = None,
           storage_options: dict | None = None, actors: int | None = None, gpus_per_actor: float | None = None,
           batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
-          resume: bool = True, cards: str | None = None, dicom_out: str | None = None) -> pd.DataFrame:
+          resume: bool = True, cards: str | None = None, dicom_out: str | None = None, studies: str | None = None,
+          qido: str | None = None, stow: bool = False, dicomweb_auth: str | None = None,
+          dicomweb_timeout: float | None = None) -> pd.DataFrame:
     """Score radiographs with a bundle (boneage.distributed.ray_score): one row per input file in `out_uri` (a
     .parquet file, or a folder of parts), with sex and chronological age from `subjects` (CSV) or the
     DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
@@ -116,19 +158,34 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     per image (boneage.clinical.cards); with `dicom_out` (a folder), a DICOM SR and the card as a Secondary
     Capture per image read from a DICOM file (boneage.clinical.dicom_out; docs/pacs.md). `actors` / `gpus_per_actor`: the scoring actors' (and the key point
     model's), never the bundle's training run's; None: from the cluster (scoring_resources). Ray is
-    started by the caller."""
+    started by the caller.
+
+    `images` may be a DICOMweb service, dicomweb+http(s)://HOST[:PORT]/PATH, with `studies` (a file of
+    StudyInstanceUIDs) and/or `qido` (a QIDO-RS query); its credentials come from `dicomweb_auth` (a JSON
+    file) or the environment, never an argument (boneage.data.dicomweb; docs/pacs.md). `stow`: send each
+    SR and card SC back to it with STOW-RS (column dicom_stow)."""
     from boneage import bundle as bundle_mod, score as score_mod
     from boneage.clinical import columns, gate
     from boneage.distributed import ray_env, ray_score
     from boneage.validation import intervals
     from boneage.config import load_config
+    from boneage.data import dicomweb
+    from boneage.errors import UserError
 
     started = time.time()
-    if dicom_out:
+    from_pacs = dicomweb.is_dicomweb(images)
+    if not from_pacs and (studies or qido or stow or dicomweb_auth):
+        raise UserError("--studies, --qido, --stow and --dicomweb-auth go with a DICOMweb input "
+                        "(dicomweb+http://HOST[:PORT]/PATH)")
+    if from_pacs:
+        id_from = "sop"  # a DICOMweb instance's id is its SOPInstanceUID (and the provenance says so)
+    if dicom_out or stow:
         from boneage.clinical import dicom_out as dicom_out_mod
 
         dicom_out_mod.check_installed()  # said before any work: exit status 2
     # Local paths against the caller's working directory: Ray's workers run elsewhere.
+    if isinstance(images, (list, tuple)) and any(dicomweb.is_dicomweb(i) for i in images):
+        raise UserError("a DICOMweb input is scored alone: give one dicomweb+http(s):// URL, no other inputs")
     images = [absolute(i) for i in images] if isinstance(images, (list, tuple)) else absolute(images)
     bundle_uri, out_uri, subjects = absolute(bundle_uri), absolute(out_uri), absolute(subjects)
     options = dict(storage_options or {})
@@ -147,7 +204,12 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     print(f"[score] {actors} scoring actor(s), {gpus_per_actor:g} GPU each (the cluster has {gpus:g} GPUs)")
     if batch_size:
         config.preprocess.batch_size = batch_size
-    manifest = ingest.build_manifest(images, None, options, id_from=id_from, keep_uids=keep_dicom_uids)
+    reader = None
+    if from_pacs:  # ids are the SOPInstanceUIDs; each instance is retrieved in Ray's decoding tasks
+        manifest, reader = dicomweb_input(images, studies, qido, dicomweb_auth, dicomweb_timeout, keep_dicom_uids,
+                                          options)
+    else:
+        manifest = ingest.build_manifest(images, None, options, id_from=id_from, keep_uids=keep_dicom_uids)
     ages: dict[str, float] = {}
     if subjects:
         table, errors = read_subjects(subjects, options)
@@ -165,16 +227,19 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
         from boneage.validation import sex_calls
 
         print(sex_calls.describe(sex_calls.of_bundle(loaded.training, loaded.manifest["sex_kind"])))
-    warning = synthetic_warning(loaded.manifest, manifest.loc[manifest.status == STATUS_OK, "uri"].tolist(), options)
+    readable = manifest.loc[manifest.status == STATUS_OK, "uri"].tolist()
+    warning = synthetic_warning(loaded.manifest, readable, options,  # a PACS's instances: DICOM, never synthetic
+                                {"checked": len(readable), "synthetic": 0} if from_pacs else None)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     manifest = manifest.drop(columns=["age_months"], errors="ignore")
     ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
                         gpus_per_actor=gpus_per_actor, ages=ages,
                         uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else (), cards=absolute(cards),
-                        dicom_dir=absolute(dicom_out))
+                        dicom_dir=absolute(dicom_out), reader=reader, stow=stow)
     table = ray_score.read_output(out_uri, SUMMARY_COLUMNS + (*CLINICAL_SUMMARY_COLUMNS, *(("card", "card_error") if cards else ()),
-                                                              *(score_mod.DICOM_COLUMNS if dicom_out else ())),
+                                                              *(score_mod.DICOM_COLUMNS if dicom_out or stow else ()),
+                                                              *(score_mod.STOW_COLUMNS if stow else ())),
                                   options)
     result = score_mod.summary(table)
     print(f"[score] {result['scored']}/{result['files']} scored, {result['failed']} failed "
@@ -184,6 +249,8 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     print(intervals.describe(intervals.calibration_of(loaded.training), loaded.training))  # once: a null-bound bundle too
     if dicom_out:
         print(dicom_summary(table, absolute(dicom_out)))
+    if stow:
+        print(stow_summary(table, reader.service.url))
     for row in table[table.status != STATUS_OK].head(10).itertuples():
         print(f"  {row.id}: {row.error}")
     return table
