@@ -45,7 +45,8 @@ SERVE_FLAGS = {
         "--max-replicas": "serve.max_replicas", "--cpus-per-replica": "serve.cpus_per_replica",
         "--gpus-per-replica": "serve.gpus_per_replica", "--max-batch-size": "serve.max_batch_size",
         "--max-ongoing-requests": "serve.max_ongoing_requests", "--max-queued-requests": "serve.max_queued_requests",
-        "--max-request-mb": "serve.max_request_mb", "--request-timeout-s": "serve.request_timeout_s"},
+        "--max-request-mb": "serve.max_request_mb", "--request-timeout-s": "serve.request_timeout_s",
+        "--token-file": "serve.token_file"},
 }
 FLAGS = {flag: setting for table in (RUN_FLAGS, CV_FLAGS, TEST_FLAGS, SERVE_FLAGS) for group in table.values()
          for flag, setting in group.items()}  # flag -> setting, e.g. "--folds" -> "cv.k"

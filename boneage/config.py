@@ -296,6 +296,9 @@ class ServeConfig(_Section):
     max_request_mb: float = Field(64.0, gt=0, description="largest request body, in MB (10^6 bytes); a larger "
                                                           "one is refused with 413")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not answered in this time ends with 408")
+    token_file: str | None = Field(None, description="a file holding the bearer token that every route but "
+                                                     "/v1/health then requires; null: the BONEAGE_SERVE_TOKEN "
+                                                     "environment variable, else no token")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ServeConfig":

@@ -10,6 +10,7 @@ import shutil
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -78,9 +79,11 @@ def service(batch_rows, bundle):
     from boneage.distributed import ray_serve
     from boneage.run import serving
 
-    url = serving.serve(bundle, ServeConfig(port=_free_port(), **SETTINGS), wait=False)
+    token = Path(bundle).parent / "token"
+    token.write_text("s3cret-token\n")
+    url = serving.serve(bundle, ServeConfig(port=_free_port(), token_file=str(token), **SETTINGS), wait=False)
     try:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=120, headers={"authorization": "Bearer s3cret-token"}) as client:
             yield client
     finally:
         ray_serve.shutdown()
@@ -137,6 +140,17 @@ def test_model_health_docs_and_card(service, bundle, files):
     card = service.post("/v1/boneage?card=1", content=(files / "1402.png").read_bytes())
     assert card.status_code == 200 and card.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(card.content)).size[0] > 500
+
+
+def test_every_route_but_health_needs_the_token(service, files):
+    url = str(service.base_url)
+    assert httpx.get(f"{url}/v1/health").status_code == 200
+    for method, path in (("POST", "/v1/boneage"), ("GET", "/v1/model"), ("GET", "/docs"), ("GET", "/openapi.json")):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-token"}):
+            answer = httpx.request(method, f"{url}{path}", headers=headers, content=(files / "1402.png").read_bytes()
+                                   if method == "POST" else None)
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == "unauthorized", (path, headers)
+            assert answer.headers["www-authenticate"] == "Bearer"
 
 
 def test_bad_input_is_a_4xx_and_the_replica_goes_on(service, files):

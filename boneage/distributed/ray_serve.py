@@ -12,8 +12,12 @@ docs/serving.md says how to call it."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types (Request) as objects.
 import asyncio
+import hashlib
+import hmac
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
@@ -30,9 +34,10 @@ from boneage.data import storage
 from boneage.data.labels import MAX_AGE_MONTHS, _parse_age, _parse_sex
 from boneage.distributed import ray_env
 from boneage.validation import intervals
-from boneage.errors import STATUS_OK, UserError, error_code
+from boneage.errors import STATUS_OK, MissingInput, UserError, error_code
 
 APP_NAME = "boneage"
+TOKEN_VARIABLE = "BONEAGE_SERVE_TOKEN"
 # The image's media types; the bytes decide which format it is (as in batch scoring, never a name or a type).
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
 MULTIPART = "multipart/form-data"
@@ -41,6 +46,7 @@ SERVICE_CODES = {
     "request_too_large": (413, "the request body is larger than serve.max_request_mb"),
     "unsupported_media_type": (415, "the content type is not an image type or multipart/form-data"),
     "bad_request": (400, "the request cannot be read (a multipart body without an image part, ...)"),
+    "unauthorized": (401, "the service has a token and the request did not give it"),
 }
 # The HTTP status of each batch error code. processing_failed is a bug of ours (500), the rest the image's.
 ERROR_STATUS = {"empty_file": 400, "not_an_image": 415, "missing_codec": 415, "unknown_sex": 422, "bad_label": 422,
@@ -55,6 +61,46 @@ app = FastAPI(
                 "(docs/scoring.md). Errors: {\"error\": {\"code\", \"message\"}} with the batch path's error "
                 "codes (docs/serving.md).",
 )
+
+
+@app.middleware("http")
+async def bearer_token(request: Request, call_next):
+    """With a token (serve.token_file or BONEAGE_SERVE_TOKEN), every route but /v1/health needs
+    `Authorization: Bearer <token>`. The replica holds only the token's SHA-256 (set_token, as it starts)."""
+    expected = _TOKEN["sha256"]
+    if expected and request.url.path != "/v1/health":
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_sha256(token.strip()), expected):
+            return JSONResponse({"error": {"code": "unauthorized", "message": "unauthorized: this service needs "
+                                           "'Authorization: Bearer <token>'"}},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+# This process's token hash. Module state, set through set_token: Serve runs a frozen copy of `app`, and the
+# deployment class travels by value, so neither app.state nor a global read by the class would be this one.
+_TOKEN: dict[str, str | None] = {"sha256": None}
+
+
+def set_token(sha256: str | None) -> None:
+    _TOKEN["sha256"] = sha256
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token: serve.token_file's content, else TOKEN_VARIABLE's value, else None (no token). A
+    token file that is missing or empty is a UserError: the service must not start open by mistake."""
+    if not token_file:
+        return os.environ.get(TOKEN_VARIABLE, "").strip() or None
+    if not Path(token_file).is_file():
+        raise MissingInput(f"serve.token_file {token_file} does not exist")
+    token = Path(token_file).read_text().strip()
+    if not token:
+        raise UserError(f"serve.token_file {token_file} is empty: put the token in it, or give no token file")
+    return token
 
 
 class RequestError(Exception):
@@ -155,8 +201,9 @@ class BoneAgeService:
     model, and the routes. Preparation runs in threads of the replica; scoring in Serve's batches."""
 
     def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, bundle_sha256: str,
-                 settings: Mapping[str, Any]):
+                 settings: Mapping[str, Any], token_hash: str | None = None):
         settings = ServeConfig(**settings)
+        set_token(token_hash)  # the middleware's token in this replica's process (its hash only)
         bundle = load_bundle(bundle_uri, storage_options)  # every file's hash checked (boneage.bundle)
         if bundle.sha256 != bundle_sha256:  # replaced since the service was started: never mix bundles
             raise UserError(f"bundle {bundle_uri} changed since `boneage serve` started (manifest sha256 "
@@ -245,8 +292,9 @@ def application(bundle_uri: str, settings: ServeConfig, storage_options: Mapping
             target_ongoing_requests=settings.target_ongoing_requests)
     else:
         options["num_replicas"] = settings.replicas
+    token = read_token(settings.token_file)
     return BoneAgeService.options(**options).bind(bundle_uri, dict(storage_options or {}), bundle_sha256,
-                                                  settings.model_dump())
+                                                  settings.model_dump(), token_sha256(token) if token else None)
 
 
 def start(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, Any] | None,

@@ -29,6 +29,8 @@ def serve(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, 
                else f"{settings.replicas} replica(s)")
     print(f"[serve] starting {scaling}, {settings.cpus_per_replica:g} CPU and {settings.gpus_per_replica:g} GPU "
           f"each; batches of up to {settings.max_batch_size}", flush=True)
+    token = "a bearer token on every route but /v1/health" if ray_serve.read_token(settings.token_file) else "no token"
+    print(f"[serve] listening on {settings.host}:{settings.port}, {token}", flush=True)
     url = ray_serve.start(bundle_uri, settings, storage_options, loaded.sha256)
     print(f"[serve] answering at {url}/v1/boneage (OpenAPI: {url}/docs); Ctrl-C stops it", flush=True)
     if not wait:
