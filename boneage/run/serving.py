@@ -3,6 +3,7 @@ and kept up until interrupted. docs/serving.md."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any, Mapping
 
@@ -35,6 +36,8 @@ def serve(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, 
     print(f"[serve] answering at {url}/v1/boneage (OpenAPI: {url}/docs); Ctrl-C stops it", flush=True)
     if not wait:
         return url
+    # SIGTERM (docker stop, a process manager) stops it as Ctrl-C does: Serve shut down, not left running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
@@ -43,3 +46,7 @@ def serve(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, 
     finally:
         ray_serve.shutdown()
     return url
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
