@@ -4,6 +4,7 @@ and kept up until interrupted. docs/serving.md."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from typing import Any, Mapping
 
@@ -26,6 +27,10 @@ def serve(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, 
     accuracy = measured_accuracy_line(loaded.manifest)
     if accuracy:
         print(accuracy.replace("[score]", "[serve]"), flush=True)
+    data = bundle_mod.training_data(loaded.manifest)
+    if data["kind"] == "synthetic":  # said once, at start, where batch scoring says it when real images come
+        print(f"WARNING: this bundle was trained on {data['images']} SYNTHETIC hand radiographs (`boneage synth`): "
+              "its bone ages mean nothing for real hands (GET /v1/model: training_data)", file=sys.stderr, flush=True)
     scaling = (f"{settings.replicas}-{settings.max_replicas} replicas (autoscaled)" if settings.max_replicas
                else f"{settings.replicas} replica(s)")
     print(f"[serve] starting {scaling}, {settings.cpus_per_replica:g} CPU and {settings.gpus_per_replica:g} GPU "
