@@ -223,6 +223,7 @@ def _serve(args: argparse.Namespace) -> int:
     from boneage.run import serving
 
     bundle.read_manifest(args.bundle, config.data.storage_options)  # a wrong --bundle fails before Ray starts
+    serving.check_installed()
     ray_env.init_ray(config.ray)
     serving.serve(args.bundle, config.serve, config.data.storage_options)
     return 0

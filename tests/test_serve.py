@@ -202,3 +202,26 @@ def test_a_full_queue_answers_503_with_retry_after(service, files):
     assert set(codes) <= {200, 503} and codes.count(200) >= 3 and 503 in codes, codes
     assert all(a.headers.get("retry-after") == "2" for a in answers if a.status_code == 503)
     assert service.get("/v1/health").status_code == 200
+
+
+def test_a_wrong_bundle_or_setting_is_one_line_and_exit_status_2(tmp_path, capsys):
+    assert cli.main(["serve", "--bundle", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("boneage serve: error: bundle ")
+    assert cli.main(["serve", "--bundle", str(tmp_path), "--replicas", "3", "--max-replicas", "2"]) == 2
+    assert "max_replicas (2) is below replicas (3)" in capsys.readouterr().err
+
+
+def test_the_token_comes_from_the_file_else_the_environment_and_a_bad_file_stops_the_start(tmp_path, monkeypatch):
+    from boneage.distributed import ray_serve
+    from boneage.errors import UserError
+
+    monkeypatch.delenv(ray_serve.TOKEN_VARIABLE, raising=False)
+    assert ray_serve.read_token(None) is None
+    monkeypatch.setenv(ray_serve.TOKEN_VARIABLE, " from-env \n")
+    assert ray_serve.read_token(None) == "from-env"
+    (tmp_path / "token").write_text("from-file\n")
+    assert ray_serve.read_token(str(tmp_path / "token")) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    for bad in ("empty", "missing"):
+        with pytest.raises(UserError):
+            ray_serve.read_token(str(tmp_path / bad))

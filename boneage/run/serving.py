@@ -9,6 +9,16 @@ import time
 from typing import Any, Mapping
 
 from boneage.config import ServeConfig, absolute
+from boneage.errors import UserError
+
+
+def check_installed() -> None:
+    """UserError naming the extra when Ray Serve, FastAPI or python-multipart is missing."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("ray.serve", "fastapi", "multipart") if find_spec(name) is None]
+    if missing:
+        raise UserError(f"boneage serve needs {', '.join(missing)}: pip install 'boneage[serve]'")
 
 
 def serve(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, Any] | None = None,
