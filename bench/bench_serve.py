@@ -103,7 +103,12 @@ def main() -> None:
         try:
             load_round(url, bodies, 1, 1)  # warm-up: the first request of a replica pays for its imports
             for clients in (int(c) for c in args.clients.split(",")):
+                before = httpx.get(f"{url}/v1/health").json()["scored"]
                 measured = {"replicas": replicas, **load_round(url, bodies, clients, max(len(bodies), 2 * clients))}
+                if replicas == 1:  # the one replica's count: how many images a batch of the zone models held
+                    after = httpx.get(f"{url}/v1/health").json()["scored"]
+                    measured["images_per_batch"] = ((after["images"] - before["images"])
+                                                    / max(1, after["batches"] - before["batches"]))
                 # the same image through the service and through `boneage score`: the same bone age
                 measured["max_abs_diff_vs_batch_months"] = max(
                     abs(v - batch[paths[i]]) for i, v in measured.pop("boneage_months").items())

@@ -131,7 +131,9 @@ def test_the_service_answers_the_batch_rows(service, files, batch_rows):
 def test_model_health_docs_and_card(service, bundle, files):
     from boneage.bundle import manifest_sha256
 
-    assert service.get("/v1/health").json() == {"status": "ok", "bundle_sha256": manifest_sha256(bundle)}
+    health = service.get("/v1/health").json()
+    assert health["status"] == "ok" and health["bundle_sha256"] == manifest_sha256(bundle)
+    assert health["scored"]["images"] >= 2 and 1 <= health["scored"]["batches"] <= health["scored"]["images"]
     model = service.get("/v1/model").json()
     assert model["bundle_sha256"] == manifest_sha256(bundle) and model["kinds"] == list(KINDS)
     assert model["folds"] == 2 and model["version"] == 2
@@ -201,7 +203,14 @@ def test_a_full_queue_answers_503_with_retry_after(service, files):
     codes = sorted(a.status_code for a in answers)
     assert set(codes) <= {200, 503} and codes.count(200) >= 3 and 503 in codes, codes
     assert all(a.headers.get("retry-after") == "2" for a in answers if a.status_code == 503)
-    assert service.get("/v1/health").status_code == 200
+    before = service.get("/v1/health").json()["scored"]
+    # two requests at once: scored in one batch when their preparations end within serve.batch_wait_s, else two
+    # (bench/bench_serve.py measures how many images a batch holds under load)
+    with ThreadPoolExecutor(2) as pool:
+        pair = list(pool.map(lambda _: service.post("/v1/boneage", content=good), range(2)))
+    assert [a.status_code for a in pair] == [200, 200]
+    after = service.get("/v1/health").json()["scored"]
+    assert after["images"] - before["images"] == 2 and after["batches"] - before["batches"] in (1, 2)
 
 
 def test_a_wrong_bundle_or_setting_is_one_line_and_exit_status_2(tmp_path, capsys):

@@ -219,13 +219,14 @@ class BoneAgeService:
                                                       self.device)
         self.info = model_info(bundle)
         self.limit = int(settings.max_request_mb * 1_000_000)
+        self.scored = {"images": 0, "batches": 0}  # this replica's: how well requests meet in batches
         self.score_batch.set_max_batch_size(settings.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
 
     @app.get("/v1/health")
     def health(self) -> dict[str, Any]:
-        """The replica is up and its bundle loaded."""
-        return {"status": "ok", "bundle_sha256": self.info["bundle_sha256"]}
+        """The replica is up and its bundle loaded; what it has scored, in how many batches."""
+        return {"status": "ok", "bundle_sha256": self.info["bundle_sha256"], "scored": dict(self.scored)}
 
     @app.get("/v1/model")
     def model(self) -> dict[str, Any]:
@@ -236,6 +237,8 @@ class BoneAgeService:
     async def score_batch(self, items: list[tuple[dict, str | None, float | None]]) -> list[dict[str, Any]]:
         """Prepared images of concurrent requests scored together (every fold model, the ensemble)."""
         prepared, sexes, ages = (list(x) for x in zip(*items))
+        self.scored["images"] += len(items)
+        self.scored["batches"] += 1
         return await asyncio.to_thread(score.score_prepared, prepared, self.models, sexes, ages)
 
     @app.post("/v1/boneage", openapi_extra={"requestBody": {"required": True, "content": {
