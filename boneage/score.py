@@ -387,7 +387,7 @@ def prepare_one(data: bytes, rid: str = "image", keypoint_model: torch.nn.Module
     try:
         image, meta = decode_image(data, rid)
     except Exception as err:
-        return prepare._fail({**dict.fromkeys(prepare.REGISTERED_COLUMNS), **row}, err)
+        return prepare.failed_row(row, err)
     row = prepare.analyse_image(row, image, meta)
     model_points = None
     if keypoint_model is not None and row["status"] == STATUS_OK:

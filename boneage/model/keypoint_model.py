@@ -30,6 +30,6 @@ def predict_pixels(model: torch.nn.Module, inputs: np.ndarray, sizes: np.ndarray
                    device: str | torch.device = "cpu") -> np.ndarray:
     """(n, 3, 2) key points in image pixels from `inputs` (n, 130, 100) uint8, the key point model's
     input (boneage.registration.prepare.keypoint_input) and `sizes` (n, 2): each image's (width, height)."""
-    images = torch.from_numpy(np.ascontiguousarray(np.asarray(inputs, np.uint8)[:, None]))
+    images = torch.from_numpy(np.array(inputs, np.uint8)[:, None])  # a writable copy (PNG decodes are read-only)
     points = train.predict_keypoints(model, images, np.arange(len(images)), device=device).cpu().numpy()
     return points * np.asarray(sizes, float)[:, None, :]

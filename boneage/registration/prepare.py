@@ -68,9 +68,7 @@ def _fail(out: dict[str, Any], err: Exception) -> dict[str, Any]:
 def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Decode, mask, autocontrast and geometric key points of one manifest row; the clean image and
     mask travel on (under private keys) to register_row."""
-    out = dict(row)
-    for col in REGISTERED_COLUMNS:
-        out.setdefault(col, None)
+    out = with_columns(row)
     if out["status"] != STATUS_OK:
         return out
     try:
@@ -80,12 +78,23 @@ def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | Non
     return analyse_image(out, record.image, record.meta)
 
 
-def analyse_image(row: Mapping[str, Any], image: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """analyse_row of an image already decoded (boneage.data.images.decode_image's image and meta): the
-    per-image path (boneage.score.prepare_one) decodes bytes it was given, not a file."""
+def with_columns(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `row` with every REGISTERED_COLUMNS key after its own (None where it has none)."""
     out = dict(row)
     for col in REGISTERED_COLUMNS:
         out.setdefault(col, None)
+    return out
+
+
+def failed_row(row: Mapping[str, Any], err: Exception) -> dict[str, Any]:
+    """`row` as a registered row that failed with `err` (an ItemError's text; anything else: processing_failed)."""
+    return _fail(with_columns(row), err)
+
+
+def analyse_image(row: Mapping[str, Any], image: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """analyse_row of an image already decoded (boneage.data.images.decode_image's image and meta): the
+    per-image path (boneage.score.prepare_one) decodes bytes it was given, not a file."""
+    out = with_columns(row)
     if out["status"] != STATUS_OK:
         return out
     try:
