@@ -87,18 +87,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--replicas", default="1,2")
+    parser.add_argument("--torch-threads", type=int, help="serve.torch_threads of the replicas (default: Ray's)")
     parser.add_argument("--out")
     args = parser.parse_args()
     paths = sorted(str(p) for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".dcm"))[:args.n]
     bodies = [Path(p).read_bytes() for p in paths]
     ray_env.init_ray(RayConfig())
     cpus = ray.cluster_resources().get("CPU", 1)
-    result = {"images": len(paths), "cpus": cpus, "batch": batch_rate(paths, args.bundle), "serve": []}
+    result = {"images": len(paths), "cpus": cpus, "torch_threads": args.torch_threads, "batch": batch_rate(paths, args.bundle), "serve": []}
     batch = result["batch"].pop("boneage_months")
     print(json.dumps(result["batch"]), flush=True)
     for replicas in (int(r) for r in args.replicas.split(",")):
         settings = ServeConfig(port=free_port(), replicas=replicas, cpus_per_replica=cpus / replicas,
-                               max_ongoing_requests=8, max_queued_requests=64)
+                               max_ongoing_requests=8, max_queued_requests=64, torch_threads=args.torch_threads)
         url = serving.serve(args.bundle, settings, wait=False)
         try:
             load_round(url, bodies, 1, 1)  # warm-up: the first request of a replica pays for its imports

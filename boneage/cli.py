@@ -43,7 +43,8 @@ SERVE_FLAGS = {
     "service (boneage serve; docs/serving.md)": {
         "--host": "serve.host", "--port": "serve.port", "--replicas": "serve.replicas",
         "--max-replicas": "serve.max_replicas", "--cpus-per-replica": "serve.cpus_per_replica",
-        "--gpus-per-replica": "serve.gpus_per_replica", "--max-batch-size": "serve.max_batch_size",
+        "--gpus-per-replica": "serve.gpus_per_replica", "--torch-threads": "serve.torch_threads",
+        "--max-batch-size": "serve.max_batch_size",
         "--max-ongoing-requests": "serve.max_ongoing_requests", "--max-queued-requests": "serve.max_queued_requests",
         "--max-request-mb": "serve.max_request_mb", "--request-timeout-s": "serve.request_timeout_s",
         "--token-file": "serve.token_file"},

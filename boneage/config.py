@@ -284,6 +284,8 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each replica reserves")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPU each replica reserves (0: CPU); a fraction packs "
                                                             "replicas on a GPU")
+    torch_threads: int | None = Field(None, ge=1, description="torch's intra-op threads in each replica; null: "
+                                                               "Ray's default, the replica's whole CPUs (docs/serving.md)")
     max_batch_size: int = Field(8, ge=1, description="requests scored together by the zone models (Serve's "
                                                      "dynamic batching)")
     batch_wait_s: float = Field(0.01, ge=0, description="how long a batch waits for more requests before it is "

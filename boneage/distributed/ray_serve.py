@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -208,6 +209,8 @@ class BoneAgeService:
         if bundle.sha256 != bundle_sha256:  # replaced since the service was started: never mix bundles
             raise UserError(f"bundle {bundle_uri} changed since `boneage serve` started (manifest sha256 "
                             f"{str(bundle.sha256)[:12]}, started with {bundle_sha256[:12]})")
+        if settings.torch_threads:  # else Ray's OMP_NUM_THREADS: the replica's whole CPUs
+            torch.set_num_threads(settings.torch_threads)
         self.device = ray_env.actor_device(settings.gpus_per_replica > 0, "serve")
         self.models = score.BundleModels(bundle, self.device)
         self.keypoint_model = None
