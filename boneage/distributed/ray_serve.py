@@ -249,8 +249,8 @@ class BoneAgeService:
         MULTIPART: {"schema": {"type": "object", "properties": {
             "image": {"type": "string", "format": "binary"}, "sex": {"type": "string", "enum": ["F", "M"]},
             "chronological_age_months": {"type": "number"}, "id": {"type": "string"}}}}}}})
-    async def score_image(self, request: Request, card: bool = False, sex: str | None = None,
-                      chronological_age_months: str | None = None, id: str | None = None) -> Response:
+    async def score_image(self, request: Request, card: str | None = None, sex: str | None = None,
+                          chronological_age_months: str | None = None, id: str | None = None) -> Response:
         """Score one radiograph (PNG, JPEG or DICOM: the raw body, or the 'image' part of a multipart form).
         sex (F/M) and chronological_age_months: optional, as query or form fields; else the DICOM header's,
         as in batch scoring. Answers the `boneage score` row as JSON, or with card=1 the card as PNG."""
@@ -266,7 +266,7 @@ class BoneAgeService:
                 raise item_error(row["error"])
             row["bundle_sha256"] = self.info["bundle_sha256"]
             row["scored_at"] = pd.Timestamp(time.time(), unit="s", tz="UTC").isoformat()
-            if str(fields.get("card", card)).lower() in ("1", "true", "yes"):
+            if str(fields.get("card") or "").lower() in ("1", "true", "yes"):  # any other value: the JSON row
                 png = await asyncio.to_thread(self._card, prepared, row)
                 return Response(png, media_type="image/png")
             return JSONResponse(row)
