@@ -39,7 +39,17 @@ TEST_FLAGS = {
         "--test-fraction": "data.test_fraction", "--test-images": "data.test_images",
         "--test-labels": "data.test_labels"},
 }
-FLAGS = {flag: setting for table in (RUN_FLAGS, CV_FLAGS, TEST_FLAGS) for group in table.values()
+SERVE_FLAGS = {
+    "service (boneage serve; docs/serving.md)": {
+        "--host": "serve.host", "--port": "serve.port", "--replicas": "serve.replicas",
+        "--max-replicas": "serve.max_replicas", "--cpus-per-replica": "serve.cpus_per_replica",
+        "--gpus-per-replica": "serve.gpus_per_replica", "--torch-threads": "serve.torch_threads",
+        "--max-batch-size": "serve.max_batch_size",
+        "--max-ongoing-requests": "serve.max_ongoing_requests", "--max-queued-requests": "serve.max_queued_requests",
+        "--max-request-mb": "serve.max_request_mb", "--request-timeout-s": "serve.request_timeout_s",
+        "--token-file": "serve.token_file"},
+}
+FLAGS = {flag: setting for table in (RUN_FLAGS, CV_FLAGS, TEST_FLAGS, SERVE_FLAGS) for group in table.values()
          for flag, setting in group.items()}  # flag -> setting, e.g. "--folds" -> "cv.k"
 SETTING_FLAGS = {setting: flag for flag, setting in FLAGS.items()}  # "cv.k" -> "--folds"
 PRESETS = Path(__file__).resolve().parents[1] / "configs"  # configs/*.yaml in a checkout
@@ -110,6 +120,11 @@ def add_cv_args(parser: argparse.ArgumentParser) -> None:
 def add_test_args(parser: argparse.ArgumentParser) -> None:
     """The locked test split of a full run."""
     _add_flags(parser, TEST_FLAGS)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP service's settings (the rest: YAML's serve section; docs/settings.md)."""
+    _add_flags(parser, SERVE_FLAGS)
 
 
 def _from_flag(flag: str, setting: str, value: Any) -> Any:
@@ -205,6 +220,19 @@ def _score(args: argparse.Namespace) -> int:
               keep_dicom_uids=args.keep_dicom_uids, cards=args.cards, dicom_out=args.dicom_out,
               studies=args.studies, qido=args.qido, stow=args.stow, dicomweb_auth=args.dicomweb_auth,
               dicomweb_timeout=args.dicomweb_timeout)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # a bad setting is said at once, before the heavy imports
+    from boneage import bundle
+    from boneage.distributed import ray_env
+    from boneage.run import serving
+
+    bundle.read_manifest(args.bundle, config.data.storage_options)  # a wrong --bundle fails before Ray starts
+    serving.check_installed()
+    ray_env.init_ray(config.ray)
+    serving.serve(args.bundle, config.serve, config.data.storage_options)
     return 0
 
 
@@ -355,6 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also show Ray's INFO lines and the workers' output")
     p.set_defaults(func=_score)
 
+    p = sub.add_parser("serve", help="a bundle as an HTTP service on Ray Serve: one radiograph in, its bone age out",
+                       description="Serve a bundle over HTTP with Ray Serve: POST /v1/boneage scores one radiograph "
+                                   "(PNG, JPEG or DICOM) with batch scoring's code and answers its `boneage score` "
+                                   "row as JSON (or ?card=1: the card as PNG); GET /v1/health, /v1/model; OpenAPI "
+                                   "at /docs. Runs until Ctrl-C. docs/serving.md.")
+    p.add_argument("--bundle", required=True, help="model bundle folder (OUTPUT/bundle of full_cv), local or s3://")
+    p.add_argument("--config", help="YAML with a serve section (and data.storage_options); flags override it")
+    _add_flags(p, {"run": {"--storage-options": "data.storage_options", "--address": "ray.address",
+                           "--num-cpus": "ray.num_cpus", "--verbose": "ray.verbose"}})
+    add_serve_args(p)
+    p.set_defaults(func=_serve)
+
     p = sub.add_parser("config", help="the configuration a run would use, as YAML; or every setting (--markdown)",
                        description="Print the configuration that a run with these flags would use: the defaults, "
                                    "then --config, then the flags, checked, as YAML (credentials redacted). "
@@ -363,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(p)
     add_cv_args(p)
     add_test_args(p)
+    add_serve_args(p)
     p.add_argument("--markdown", action="store_true",
                    help="print the settings table instead (boneage config --markdown > docs/settings.md)")
     p.set_defaults(func=_config)

@@ -274,12 +274,53 @@ class RayConfig(_Section):
                            "(Ray's log files under /tmp/ray/session_latest/logs keep them either way)")
 
 
+class ServeConfig(_Section):
+    """`boneage serve`: the HTTP service's address, replicas, batching and limits (docs/serving.md)."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP service listens on; 0.0.0.0: every interface "
+                                               "(put TLS and authentication in front: docs/serving.md)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the service")
+    replicas: int = Field(1, ge=1, description="replicas of the scoring service (each holds the bundle's models); "
+                                              "with max_replicas: the autoscaler's lower bound")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling: up to this many replicas as the load "
+                                                             "asks (Ray Serve's autoscaler); null: a fixed number")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="autoscaling: the requests in flight per replica "
+                                                                  "that the autoscaler aims at")
+    cpus_per_replica: float = Field(1.0, gt=0, description="CPUs each replica reserves")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPU each replica reserves (0: CPU); a fraction packs "
+                                                            "replicas on a GPU")
+    torch_threads: int | None = Field(None, ge=1, description="torch's intra-op threads in each replica; null: "
+                                                               "Ray's default, the replica's whole CPUs (docs/serving.md)")
+    max_batch_size: int = Field(8, ge=1, description="requests scored together by the zone models (Serve's "
+                                                     "dynamic batching)")
+    batch_wait_s: float = Field(0.01, ge=0, description="how long a batch waits for more requests before it is "
+                                                        "scored")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests one replica works on at once (preparation "
+                                                           "in threads, scoring in batches)")
+    max_queued_requests: int = Field(16, ge=0, description="requests waiting for a replica; beyond them the "
+                                                           "service answers 503 with Retry-After")
+    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 of a full queue gives")
+    max_request_mb: float = Field(64.0, gt=0, description="largest request body, in MB (10^6 bytes); a larger "
+                                                          "one is refused with 413")
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not answered in this time ends with 408")
+    token_file: str | None = Field(None, description="a file holding the bearer token that every route but "
+                                                     "/v1/health then requires; null: the BONEAGE_SERVE_TOKEN "
+                                                     "environment variable, else no token")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ServeConfig":
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas})")
+        return self
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     keypoints: KeypointConfig = Field(default_factory=KeypointConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     output: str = Field("runs/embedded", description="run folder, local or s3://, for everything the run writes")
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,7 +355,7 @@ def _plain(value: Any) -> Any:
 
 # --- the settings, read back from the models: for the flags, the docs and the error messages ---------
 
-SECTIONS = ("data", "preprocess", "keypoints", "cv", "ray")
+SECTIONS = ("data", "preprocess", "keypoints", "cv", "ray", "serve")
 
 
 def settings() -> dict[str, FieldInfo]:

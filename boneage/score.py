@@ -232,10 +232,11 @@ def resolve_age(rows: pd.DataFrame) -> tuple[np.ndarray, list[str | None]]:
     return ages, sources
 
 
-def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
+def score_rows(rows: pd.DataFrame, models: BundleModels, images: list | None = None) -> pd.DataFrame:
     """The output table (OUTPUT_COLUMNS + one column per kind) for registered rows (the registered
     table's columns, plus optional `male` and `age_months` from the user's CSV). Failed rows keep
-    their status and error and get no bone age."""
+    their status and error and get no bone age. `images`: each row's registered image as an array (or
+    None), in place of decoding its registered_png (the per-image path: score_prepared)."""
     rows = rows.reset_index(drop=True)
     sexes, sex_sources = resolve_sex(rows)
     ages, age_sources = resolve_age(rows)
@@ -248,10 +249,12 @@ def score_rows(rows: pd.DataFrame, models: BundleModels) -> pd.DataFrame:
         out[kind] = np.nan
     out[gate.ZONE_SPREAD] = np.nan
     out["p_male"], out["sex_unsure"], out["sex_mismatch"] = np.nan, False, False
-    ok = (rows["status"] == "ok").to_numpy() & rows["registered_png"].notna().to_numpy()
+    registered = rows["registered_png"].notna().to_numpy() if images is None else np.array([i is not None for i in images])
+    ok = (rows["status"] == "ok").to_numpy() & registered
     if ok.any():
         at = np.flatnonzero(ok)
-        bank = cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist())
+        bank = (cv.decode_bank(rows["registered_png"].iloc[at].tolist(), rows["id"].iloc[at].tolist()) if images is None
+                else torch.from_numpy(np.stack([np.asarray(images[i], np.uint8) for i in at])[:, None]))
         if models.sex_kind is not None:  # P(male) of every image (QA where the sex is known)
             p_male = models.p_male(bank)
             p_low, p_high = models.sex_calls["p_low"], models.sex_calls["p_high"]
@@ -367,3 +370,60 @@ def with_subjects(manifest: pd.DataFrame, subjects: pd.DataFrame | None,
         out.loc[bad, "status"] = "error"
         out.loc[bad, "error"] = str(err)
     return out
+
+
+# -- one image, without Ray: the service's path (boneage.distributed.ray_serve) -----------------------
+# The same stages as batch scoring (decode, boneage.registration.prepare, the key point model, score_rows), on
+# bytes in memory, with the registered image handed on as an array (no PNG encode and decode between them).
+
+# Where a batch row says "csv" (the user's subjects CSV), a scored request says "request": given with it.
+GIVEN_WITH_REQUEST = "request"
+
+
+def prepare_one(data: bytes, rid: str = "image", keypoint_model: torch.nn.Module | None = None,
+                device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One image's registered row (boneage.registration.prepare's columns, status and error) from its
+    bytes (PNG, JPEG or DICOM), its registered image under prepare.REGISTERED_IMAGE. Never raises for a
+    bad image: the row has status 'error' and the batch path's error text. `keypoint_model`: the bundle's
+    (boneage.model.keypoint_model.load), None: geometric key points only (as batch scoring without one)."""
+    from boneage.data.images import decode_image
+    from boneage.errors import STATUS_OK
+    from boneage.model import keypoint_model as keypoint_model_mod
+    from boneage.registration import prepare
+
+    row: dict[str, Any] = {"id": rid, "uri": None, "path": None, "status": STATUS_OK, "error": None}
+    try:
+        image, meta = decode_image(data, rid)
+    except Exception as err:
+        return prepare.failed_row(row, err)
+    row = prepare.analyse_image(row, image, meta)
+    model_points = None
+    if keypoint_model is not None and row["status"] == STATUS_OK:
+        model_points = keypoint_model_mod.predict_pixels(
+            keypoint_model, prepare.decode_png(row["keypoint_input"])[None],
+            np.array([[row["width"], row["height"]]], float), device)[0]
+    return prepare.register_row(row, model_points, encode=False)
+
+
+def score_prepared(prepared: list[Mapping[str, Any]], models: BundleModels, sexes: list[str | None],
+                   ages: list[float | None]) -> list[dict[str, Any]]:
+    """The scoring rows (OUTPUT_COLUMNS + the kinds, NaN as None) of prepare_one's rows, scored together
+    by score_rows; `sexes` ('F', 'M' or None) and `ages` (months or None) as given with each image: its
+    sex_source / age_source then say "request" (else the DICOM header's, or unknown, as in batch scoring)."""
+    from boneage.registration import prepare
+
+    rows = pd.DataFrame([{k: v for k, v in p.items() if k != prepare.REGISTERED_IMAGE} for p in prepared])
+    rows["male"] = [None if s is None else s == "M" for s in sexes]
+    rows["age_months"] = [np.nan if a is None else float(a) for a in ages]
+    out = score_rows(rows, models, images=[p.get(prepare.REGISTERED_IMAGE) for p in prepared])
+    out["sex_source"] = out["sex_source"].replace("csv", GIVEN_WITH_REQUEST)
+    out["age_source"] = out["age_source"].replace("csv", GIVEN_WITH_REQUEST)
+    return [{k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}  # plain Python: JSON
+            for row in out.astype(object).where(out.notna(), None).to_dict("records")]
+
+
+def score_one(models: BundleModels, data: bytes, sex: str | None = None, age_months: float | None = None,
+              rid: str = "image", keypoint_model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """One image's scoring row from its bytes: prepare_one, then score_prepared (the numbers of a
+    `boneage score` row of that file; sex_source / age_source "request" where that row says "csv")."""
+    return score_prepared([prepare_one(data, rid, keypoint_model, models.device)], models, [sex], [age_months])[0]

@@ -52,12 +52,12 @@ def test_every_flag_sets_a_setting_and_the_old_flag_names_stay():
             "--test-labels"} <= set(cli.FLAGS)
     # every flag of a boneage or workflows/ command printed in the README, docs, workflows and CI exists
     parser = cli.build_parser()
-    accepted = {o for p in (_full_cv_parser(), *(_subparser(parser, c) for c in ("score", "synth", "config")))
+    accepted = {o for p in (_full_cv_parser(), *(_subparser(parser, c) for c in ("score", "synth", "config", "serve")))
                 for a in p._actions for o in a.option_strings} | {"--skip-preprocess"}
     used = set()
     for path in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("workflows/*.py"), ROOT / ".ci" / "run"]:
         for command in path.read_text().replace("\\\n", " ").splitlines() if path.is_file() else []:
-            found = re.search(r"\bboneage (synth|preprocess|cv|score|config)\b|workflows/\w+\.py", command)
+            found = re.search(r"\bboneage (synth|preprocess|cv|score|config|serve)\b|workflows/\w+\.py", command)
             if found:  # the flags after the command (not `ray job submit`'s before it)
                 used |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", command[found.start():].split("#")[0]))
     assert used and "--folds" in used and not used - accepted, used - accepted
@@ -75,6 +75,7 @@ def _full_cv_parser():
     cli.add_run_args(parser)
     cli.add_cv_args(parser)
     cli.add_test_args(parser)
+    cli.add_serve_args(parser)
     return parser
 
 
@@ -171,7 +172,7 @@ def test_the_stated_defaults_check_can_fail():
     ("cv: {epochs: -1}\n", "cv.epochs=-1 (bad.yaml): must be >= 1"),
     ("cv: {kinds: [A-xyz]}\n", "cv.kinds[0]='A-xyz' (bad.yaml): must be one of 'A-reg', 'A-cls', 'B-reg', 'B-cls', "
                                "'C-reg' or 'C-cls'"),
-    ("nonsense: 1\n", "nonsense=1 (bad.yaml): unknown setting; known: data, preprocess, keypoints, cv, ray, output"),
+    ("nonsense: 1\n", "nonsense=1 (bad.yaml): unknown setting; known: data, preprocess, keypoints, cv, ray, serve, output"),
     ("cv: {inner_val_fraction: 0.5}\n", "cv.inner_val_fraction=0.5 (bad.yaml): must be in [0, 0.5)"),
     ("cv: {schedule: plateau}\n", "cv: schedule 'plateau' steps on the selection split: set inner_val_fraction > 0"),
     ("keypoints: {epoch: 2}\n", "keypoints.epoch=2 (bad.yaml): unknown setting; did you mean epochs?"),

@@ -3,7 +3,6 @@ prediction as a Ray Data actor pool. The torch work itself is boneage.model.trai
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -16,9 +15,8 @@ from ray.train.torch import TorchTrainer
 from boneage.registration import prepare
 from boneage.distributed import ray_env
 from boneage.data import storage
-from boneage.model import train, weights
+from boneage.model import keypoint_model, train, weights
 from boneage.config import Config
-from boneage.errors import UserError
 from boneage.progress import Progress
 from boneage.distributed.ray_checkpoints import read_state, report_state, resume_state
 
@@ -127,27 +125,19 @@ class KeypointPredictor:
 
     def __init__(self, model_uri: str, storage_options: dict | None = None, use_gpu: bool = False,
                  sha256: str | None = None):
-        data = storage.read_bytes(model_uri, storage_options)
         # A bundle's model is checked against its manifest here too: these actors may run long after,
         # and elsewhere than, the driver's check.
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-            raise UserError(f"key point model {model_uri} does not match its checksum in the bundle's manifest")
-        try:
-            state = weights.load_state(data)  # safetensors, or a tensors-only .pt: never a pickle
-        except weights.UnsafeWeights as err:
-            raise UserError(f"key point model {model_uri} refused: {err}") from None
         self.device = ray_env.actor_device(use_gpu, "keypoints")
-        self.model = train.model_from_state(state).to(self.device)
+        self.model = keypoint_model.load(storage.read_bytes(model_uri, storage_options), model_uri, sha256,
+                                         self.device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         ok = (batch["status"] == "ok").to_numpy() & batch["keypoint_input"].notna().to_numpy()
         predicted = np.full((len(batch), 3, 2), np.nan)
         if ok.any():
-            images = np.stack([prepare.decode_png(b)[None] for b in batch["keypoint_input"][ok]])
-            points = train.predict_keypoints(self.model, torch.from_numpy(images), np.arange(len(images)),
-                                             device=self.device).cpu().numpy()
+            images = np.stack([prepare.decode_png(b) for b in batch["keypoint_input"][ok]])
             size = np.stack([batch["width"][ok].to_numpy(float), batch["height"][ok].to_numpy(float)], 1)
-            predicted[ok] = points * size[:, None, :]
+            predicted[ok] = keypoint_model.predict_pixels(self.model, images, size, self.device)
         for i, column in enumerate(prepare.MODEL_KEYPOINT_COLUMNS):
             batch[column] = predicted.reshape(len(batch), 6)[:, i]
         return batch

@@ -33,6 +33,8 @@ REGISTERED_COLUMNS = (
     "transform", "mirrored", "scale", "thumb_frame_x", "thumb_frame_y", "frame_coverage",
     "registration_doubtful", "keypoint_input", "registered_png",
 )
+# register_row(encode=False)'s registered image: a uint8 (1040, 800) array in place of registered_png.
+REGISTERED_IMAGE = "registered_image"
 # In-flight arrays between analyse_row and register_row (never written out).
 _CLEAN, _MASK, _GEOMETRIC, _GEOMETRIC_CONFIDENCE = "_clean", "_mask", "_geometric", "_geometric_confidence"
 
@@ -68,19 +70,42 @@ def analyse_row(row: Mapping[str, Any], storage_options: Mapping[str, Any] | Non
     """Decode, mask, autocontrast and geometric key points of one manifest row; the clean image and
     mask travel on (under private keys) to register_row. `fetch`: reads the row's uri instead of storage
     (a DICOMweb instance: boneage.data.dicomweb.Reader)."""
-    out = dict(row)
-    for col in REGISTERED_COLUMNS:
-        out.setdefault(col, None)
+    out = with_columns(row)
     if out["status"] != STATUS_OK:
         return out
     try:
         record = read_image(out["uri"], storage_options, fetch)
-        clean, mask, mask_qa = preprocess.preprocess(record.image)
+    except Exception as err:
+        return _fail(out, err)
+    return analyse_image(out, record.image, record.meta)
+
+
+def with_columns(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `row` with every REGISTERED_COLUMNS key after its own (None where it has none)."""
+    out = dict(row)
+    for col in REGISTERED_COLUMNS:
+        out.setdefault(col, None)
+    return out
+
+
+def failed_row(row: Mapping[str, Any], err: Exception) -> dict[str, Any]:
+    """`row` as a registered row that failed with `err` (an ItemError's text; anything else: processing_failed)."""
+    return _fail(with_columns(row), err)
+
+
+def analyse_image(row: Mapping[str, Any], image: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """analyse_row of an image already decoded (boneage.data.images.decode_image's image and meta): the
+    per-image path (boneage.score.prepare_one) decodes bytes it was given, not a file."""
+    out = with_columns(row)
+    if out["status"] != STATUS_OK:
+        return out
+    try:
+        clean, mask, mask_qa = preprocess.preprocess(image)
         points, confidence, _ = keypoints_geometric.estimate_keypoints(mask, clean)
-        out.update(height=record.height, width=record.width, format=record.meta["format"],
+        out.update(height=int(image.shape[0]), width=int(image.shape[1]), format=meta["format"],
                    # DICOM PatientSex and age (from its dates): what scoring falls back on
-                   image_sex=record.meta.get("sex"), image_age_months=record.meta.get("age_months"),
-                   image_age_source=record.meta.get("age_source"),
+                   image_sex=meta.get("sex"), image_age_months=meta.get("age_months"),
+                   image_age_source=meta.get("age_source"),
                    mask_area_fraction=mask_qa["mask_area_fraction"], mask_doubtful=mask_qa["mask_doubtful"],
                    keypoint_input=encode_png(keypoint_input(clean)),
                    **{_CLEAN: clean, _MASK: mask, _GEOMETRIC: np.asarray(points, float),
@@ -100,10 +125,11 @@ AGREE_WITHIN = 0.08
 
 
 def register_row(row: Mapping[str, Any], model_keypoints: np.ndarray | None = None,
-                 agree_within: float = AGREE_WITHIN) -> dict[str, Any]:
+                 agree_within: float = AGREE_WITHIN, encode: bool = True) -> dict[str, Any]:
     """Choose key points (see AGREE_WITHIN; whichever comes first is replaced by the other when only
     the other's registration passes QA), register the clean image into the frame and record which key
-    points were used and how sure they are."""
+    points were used and how sure they are. `encode` False: the registered image stays an array under
+    REGISTERED_IMAGE and registered_png is None (the per-image path scores it at once: no PNG round trip)."""
     out = dict(row)
     if out["status"] != STATUS_OK:
         return out
@@ -127,7 +153,8 @@ def register_row(row: Mapping[str, Any], model_keypoints: np.ndarray | None = No
         qa = register.registration_qa(matrix, points, clean.shape, registered_mask)
         out.update(dict(zip(KEYPOINT_COLUMNS, points.ravel().tolist())),
                    keypoint_source=source, keypoint_confidence=confidence,
-                   transform=matrix[:2].ravel().tolist(), registered_png=encode_png(registered),
+                   transform=matrix[:2].ravel().tolist(), registered_png=encode_png(registered) if encode else None,
+                   **({} if encode else {REGISTERED_IMAGE: registered}),
                    **{k: qa.get(k) for k in ("mirrored", "scale", "thumb_frame_x", "thumb_frame_y",
                                              "frame_coverage", "registration_doubtful")})
     except Exception as err:
