@@ -7,7 +7,8 @@ A bundle of untrained fold models (random weights: the cost does not depend on t
 scale, widths and FC size, every kind x both sexes x k folds, written to a temporary folder and loaded by
 boneage.score.BundleModels as scoring loads it; then, for each setting, the scoring of one sex (every kind's
 k fold models on a bank of `n` registered-size images, and the ensemble) is timed `repeats` times, the
-settings interleaved within each repetition so that a change of machine load hits them alike. Torch runs
+settings interleaved within each repetition (in a rotated order) so that a change of machine load hits
+them alike. Torch runs
 on `--threads` threads (a scoring actor's one CPU by default). Registration and PNG decoding are not
 included (the same with or without TTA; docs/benchmarks.md has their share). Prints JSON: the median
 seconds per image of each setting and its ratio to TTA off, both from this run.
@@ -77,8 +78,9 @@ def main() -> None:
         for name, which, views in settings:  # a warm-up of each: the first call builds caches
             loaded[which].tta_views = views
             loaded[which].score(bank[:1], "F")
-        for _ in range(args.repeats):
-            for name, which, views in settings:
+        for repeat in range(args.repeats):
+            # each repetition starts at another setting: none always runs first or last
+            for name, which, views in settings[repeat % len(settings):] + settings[:repeat % len(settings)]:
                 models = loaded[which]
                 models.tta_views = views  # as a bundle with manifest tta_views = views scores
                 started = time.perf_counter()

@@ -394,3 +394,16 @@ def test_the_summary_and_the_report_say_whether_folds_are_by_patient():
     assert per_image == {"by_patient": False, "images": 114, "patients": 114}
     assert "by patient (46 patients" in grouping_note(by_patient)
     assert "one image per child assumed" in grouping_note(per_image) and grouping_note(None) == ""
+
+
+def test_pooled_models_need_both_sexes_and_test_time_views_come_in_pairs():
+    from pydantic import ValidationError
+
+    assert CVConfig().sex_models == "per_sex" and CVConfig().tta_views == 1  # the defaults: as before
+    assert CVConfig(sex_models="pooled", tta_views=5).tta_views == 5
+    with pytest.raises(ValidationError, match="sexes must be"):
+        CVConfig(sex_models="pooled", sexes=["F"])
+    with pytest.raises(ValidationError, match="odd"):
+        CVConfig(tta_views=4)
+    with pytest.raises(ValidationError):
+        CVConfig(tta_views=11)

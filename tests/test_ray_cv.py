@@ -249,6 +249,7 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
     bundle = load_bundle(f"{output}/bundle")
     assert bundle.manifest["sex_models"] == "pooled" and bundle.manifest["tta_views"] == 3
     assert bundle.manifest["sexes"] == ["F", "M"] and {s for _, s in bundle.models} == {cv.POOLED}
+    assert all(m["sex_input"] and m["sex"] == cv.POOLED for m in bundle.manifest["models"])
     models = score.BundleModels(bundle)
     rows = registered[registered.id.isin(oof.id)].sort_values("id").reset_index(drop=True)
     bank = cv.decode_bank(rows.registered_png.tolist())

@@ -64,6 +64,8 @@ def write_bundle(config: Config) -> str:
         state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
         files[path] = weights.to_bytes(state)
         record = {"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold}
+        if t.has_sex_input:  # a pooled model: scoring passes it the sex (manifest sex_models "pooled")
+            record["sex_input"] = True
         if not t.is_sex_classifier:  # a sex classifier has no bone age error
             record["oof_mae"] = float(oof_mae[t.name])
         models.append(record)
