@@ -307,7 +307,9 @@ def load_bundle(uri: str, storage_options: Mapping[str, Any] | None = None) -> B
         load_weights(uri, manifest["keypoint_model"], data[manifest["keypoint_model"]])  # refused here, not on a worker
     for key in models:
         models[key].sort(key=lambda s: s["fold"])
-    missing = [f"{k}-{s}" for k in manifest["kinds"] for s in manifest["sexes"] if (k, s) not in models]
+    # pooled bundles (manifest sex_models "pooled"; older bundles: per sex) hold one set per kind, sex "all"
+    model_sexes = ["all"] if manifest.get("sex_models") == "pooled" else manifest["sexes"]
+    missing = [f"{k}-{s}" for k in manifest["kinds"] for s in model_sexes if (k, s) not in models]
     if missing:
         raise BundleError(f"bundle {uri} has no fold models for {', '.join(missing)}")
     for name in ("ensemble.json", "config.yaml", "training.json"):

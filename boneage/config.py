@@ -22,13 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from boneage.errors import MissingInput, UserError
-from boneage.model.choices import CLS_LOSSES, MODEL_KIND_NAMES, SCHEDULES, SEX_KIND_NAMES
+from boneage.model.choices import CLS_LOSSES, MODEL_KIND_NAMES, SCHEDULES, SEX_KIND_NAMES, SEX_MODELS
 
 # The choices, from torch-free boneage.model.choices (boneage.model.networks and .train build on them).
 ModelKindName = Literal[MODEL_KIND_NAMES]
 SexKindName = Literal[SEX_KIND_NAMES]
 Schedule = Literal[SCHEDULES]
 ClsLoss = Literal[CLS_LOSSES]
+SexModels = Literal[SEX_MODELS]
 Sex = Literal["F", "M"]
 PositiveInt = Annotated[int, Field(gt=0)]
 Amount = Annotated[float, Field(ge=0)]
@@ -144,6 +145,14 @@ class CVConfig(_Section):
         MODEL_KIND_NAMES, min_length=1, description="the model kinds (zone x head) cross-validated")
     # A per-sex model per kind: 12 model kinds in all.
     sexes: tuple[Sex, ...] = Field(("F", "M"), min_length=1, description="a model per kind for each of these sexes")
+    # "per_sex" (the seed's): a model per kind and sex, each trained on half the images. "pooled": one
+    # model per kind for both sexes, trained on all the training folds' images, with the sex fed in
+    # beside the image features (into the first FC layer, as Deeplasia and the MGH model do): half the
+    # trials and fold models, and twice the images per model, which may win on small data sets (not yet
+    # measured; issue 26). Scoring calls a pooled model with each sex it scores under.
+    sex_models: SexModels = Field(
+        "per_sex", description="'per_sex': a model per kind and sex; 'pooled': one model per kind for both sexes "
+                               "with the sex as an input")
     # The sex classifier (P(male), for images of unknown sex at scoring): a kind of its own on one zone,
     # trained on both sexes pooled in the same folds and Tune run (k more trials); never in the
     # ensemble. None: no sex classifier (an image of unknown sex gets the mean of both sexes' readings).
@@ -253,11 +262,29 @@ class CVConfig(_Section):
     # (Tune retries it max_failures times; a rerun trains whatever has no part).
     local_train: bool | None = Field(
         None, description="train inside the Tune trial's process (Ray Train's local mode); null: for CPU trials")
+    # Test-time augmentation (boneage.model.augment.TTA_VIEWS): each fold model's prediction is the mean
+    # over the first n fixed jitters of the zone crop (the plain crop, zoom +-5 %, shift +-3 % either
+    # way, turn +-4 degrees; all inside the training augmentation; no flips: registered hands face one
+    # way). Used for the scored fold's out-of-fold prediction and, recorded in the bundle, at scoring:
+    # the ensemble, gate and interval are fitted on the predictions that ship. Scoring costs ~n times
+    # the model time (docs/benchmarks.md); 1: off.
+    tta_views: int = Field(
+        1, ge=1, le=9, description="test-time augmentation: mean over this many fixed jitters of each zone crop "
+                                   "(odd: 1 off, 3, 5, 7 or 9), out of fold and at scoring")
 
     @model_validator(mode="after")
     def _plateau_needs_a_selection_split(self) -> CVConfig:
         if self.schedule == "plateau" and self.inner_val_fraction == 0:
             raise ValueError("schedule 'plateau' steps on the selection split: set inner_val_fraction > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _balanced_views_and_pooled_sexes(self) -> CVConfig:
+        if self.tta_views % 2 == 0:
+            raise ValueError(f"tta_views must be odd (1, 3, 5, 7, 9): the views after the plain crop come in "
+                             f"symmetric pairs, got {self.tta_views}")
+        if self.sex_models == "pooled" and set(self.sexes) != {"F", "M"}:
+            raise ValueError("sex_models 'pooled' trains one model on both sexes: sexes must be [F, M]")
         return self
 
     @property

@@ -74,7 +74,9 @@ def output_schema(kinds: list[str], uid_columns: tuple[str, ...] = (), cards: bo
 
 
 class BundleModels:
-    """The bundle's fold models as torch modules on one device, with their zone kinds."""
+    """The bundle's fold models as torch modules on one device, with their zone kinds. A pooled bundle's
+    models (manifest sex_models "pooled") are called with the sex each image is scored under; every
+    model's prediction is averaged over the bundle's test-time views (manifest tta_views)."""
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
@@ -88,16 +90,27 @@ class BundleModels:
         self.sex_kind = bundle.manifest.get("sex_kind")  # the sex classifier's kind; None: the bundle has none
         # Whether, and beyond which P(male), a predicted sex may replace an unknown one (off: p_low None).
         self.sex_calls = sex_calls.of_bundle(bundle.training, self.sex_kind)
+        # Test-time augmentation: each fold model's mean over this many crop jitters, as the bundle's
+        # out-of-fold table was predicted (manifest tta_views; older bundles: 1, none).
+        self.tta_views = int(bundle.manifest.get("tta_views") or 1)
+        # "pooled": one fold model set per kind for both sexes (sex "all"), told the sex it scores under
+        self.sex_models = bundle.manifest.get("sex_models") or "per_sex"
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
         for (kind, sex), states in bundle.models.items():
             self.models[(kind, sex)] = [
                 (train.model_from_state(s).to(self.device), model_kind(s["spec"]["kind"], s["spec"]["input_scale"]))
                 for s in states]
+        if self.sex_models == "pooled":  # the same modules under each sex scoring asks for
+            for kind in self.kinds:
+                for sex in cv.SEXES:
+                    self.models[(kind, sex)] = self.models[(kind, cv.POOLED)]
 
     def kind_predictions(self, bank: torch.Tensor, sex: str, kind: str, idx=None) -> np.ndarray:
         """(len(idx), k) months: the k fold models of `kind` and `sex` on bank[idx] (all by default)."""
         idx = np.arange(len(bank)) if idx is None else np.asarray(idx)
-        return np.stack([train.predict(model, bank, idx, zone, device=self.device).float().cpu().numpy()
+        return np.stack([train.predict(model, bank, idx, zone, device=self.device, views=self.tta_views,
+                                       male=(sex == "M") if getattr(model, "sex_input", False) else None
+                                       ).float().cpu().numpy()
                          for model, zone in self.models[(kind, sex)]], axis=1)
 
     def fold_predictions(self, bank: torch.Tensor, sex: str) -> dict[str, np.ndarray]:
@@ -109,7 +122,8 @@ class BundleModels:
         if self.sex_kind is None:
             return np.full(len(bank), np.nan)
         idx = np.arange(len(bank))
-        return np.mean([train.predict_p_male(model, bank, idx, zone, device=self.device).float().cpu().numpy()
+        return np.mean([train.predict_p_male(model, bank, idx, zone, device=self.device, views=self.tta_views)
+                        .float().cpu().numpy()
                         for model, zone in self.models[(self.sex_kind, cv.POOLED)]], axis=0)
 
     def score(self, bank: torch.Tensor, sex: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:

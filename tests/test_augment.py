@@ -111,3 +111,33 @@ def test_pooling_once_per_bank_cuts_the_same_crops_as_pooling_every_batch():
     gc.collect()
     augment.pooled_bank(other, 4)  # drops the entries of banks that are gone
     assert all(ref() is not None for ref, _ in augment._POOLED.values())
+
+
+def test_test_time_views_are_fixed_jitters_of_the_box_in_balanced_pairs():
+    from boneage.model.augment import TTA_VIEWS, tta_views
+
+    kind = model_kind("B-reg", 0.25)
+    bank = torch.randint(0, 256, (3, 1, 260, 200), dtype=torch.uint8)
+    idx = torch.arange(3)
+    s = ZoneSampler(kind.box, kind.input_size, Augment())
+    plain = s(bank, idx)
+    assert tta_views(1) == (TTA_VIEWS[0],) and len(tta_views(9)) == 9
+    assert torch.equal(s(bank, idx, view=TTA_VIEWS[0]), plain)  # the first view is the plain crop
+    crops = [s(bank, idx, view=v) for v in TTA_VIEWS]
+    for view, crop in zip(TTA_VIEWS[1:], crops[1:]):
+        assert torch.equal(crop, s(bank, idx, view=view))  # deterministic: no generator, same crop
+        assert not torch.allclose(crop, plain)
+        assert view.rotate_deg <= Augment().rotate_deg and abs(view.zoom - 1) <= Augment().zoom
+        assert max(abs(view.shift_x), abs(view.shift_y)) <= Augment().shift
+    for a, b in zip(TTA_VIEWS[1::2], TTA_VIEWS[2::2]):  # each pair is one jitter and its opposite
+        assert (a.rotate_deg, a.shift_x, a.shift_y, a.zoom - 1) == (-b.rotate_deg, -b.shift_x, -b.shift_y, 1 - b.zoom)
+    # A square in the box's middle moves the way the view says: right for +shift_x (the box moves right).
+    x0, y0, bw, bh = kind.box
+    square = bank_with_square(x0 + bw / 2, y0 + bh / 2, 0.1 * bw, (1040, 800))
+    c0 = centroid(s(square, torch.tensor([0]))[0, 0])[1]
+    c1 = centroid(s(square, torch.tensor([0]), view=TTA_VIEWS[3])[0, 0])[1]
+    assert TTA_VIEWS[3].shift_x > 0 and c1 < c0 - 0.5
+    with pytest.raises(ValueError):
+        tta_views(10)
+    with pytest.raises(ValueError, match="inference"):
+        s(bank, idx, torch.Generator().manual_seed(0), train=True, view=TTA_VIEWS[1])

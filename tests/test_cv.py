@@ -129,11 +129,39 @@ def test_sex_classifier_trials():
     assert [t.name for t in trials] == ["A-sex-all-fold0", "A-sex-all-fold1", "A-sex-all-fold2"]
     assert all(cv.parse_trial(t.name) == t and t.male is None and t.is_sex_classifier for t in trials)
     assert cv.sex_trials(None, 3) == [] and not cv.parse_trial("A-reg-F-fold0").is_sex_classifier
-    for bad in ("A-sex-F-fold0", "A-reg-all-fold0"):  # a sex classifier pools both sexes, a zone model never
-        with pytest.raises(ValueError):
-            cv.parse_trial(bad)
+    with pytest.raises(ValueError):  # a sex classifier pools both sexes
+        cv.parse_trial("A-sex-F-fold0")
     with pytest.raises(UserError, match="unknown sex classifier"):
         cv.sex_trials("A-reg", 3)
+    assert not any(t.has_sex_input for t in trials)  # it is not told the sex it predicts
+
+
+def test_pooled_trials_train_one_model_per_kind_and_fold_on_both_sexes():
+    trials = cv.cv_trials(["A-reg", "B-cls"], ["F", "M"], 3, "pooled")
+    assert [t.name for t in trials] == [f"{k}-all-fold{f}" for k in ("A-reg", "B-cls") for f in range(3)]
+    assert all(cv.parse_trial(t.name) == t and t.male is None and t.has_sex_input and not t.is_sex_classifier
+               for t in trials)
+    assert cv.cv_trials(["A-reg"], [], 3, "pooled") == []  # no labelled sex: nothing to train
+    assert not cv.parse_trial("A-reg-F-fold0").has_sex_input
+    with pytest.raises(UserError, match="sex_models"):
+        cv.cv_trials(["A-reg"], ["F", "M"], 3, "both")
+
+
+def test_a_pooled_trials_part_fills_both_sexes_of_its_fold_in_the_oof_table():
+    folds = cv.folds_table(_table(), 3, seed=0)
+    parts = []
+    for fold in range(3):
+        mine = folds[folds.fold == fold]
+        trial = cv.Trial("A-reg", cv.POOLED, fold)
+        table = cv.part_table(trial, mine.id, mine.boneage, mine.boneage + 1.0, {})
+        parts.append((table.to_pandas(), cv.part_record(table)))
+    oof = cv.oof_table(folds, parts, ["A-reg"])
+    assert len(oof) == len(folds) and oof["A-reg"].notna().all()  # one prediction per image, both sexes
+    np.testing.assert_allclose(oof["A-reg"] - oof["boneage"], 1.0)
+    wrong = folds[folds.fold == 1]
+    table = cv.part_table(cv.Trial("A-reg", cv.POOLED, 0), wrong.id, wrong.boneage, wrong.boneage, {})
+    with pytest.raises(ValueError, match="outside its fold"):
+        cv.oof_table(folds, [(table.to_pandas(), cv.part_record(table))], ["A-reg"])
 
 
 def test_p_male_joins_the_oof_table_by_fold():
@@ -366,3 +394,16 @@ def test_the_summary_and_the_report_say_whether_folds_are_by_patient():
     assert per_image == {"by_patient": False, "images": 114, "patients": 114}
     assert "by patient (46 patients" in grouping_note(by_patient)
     assert "one image per child assumed" in grouping_note(per_image) and grouping_note(None) == ""
+
+
+def test_pooled_models_need_both_sexes_and_test_time_views_come_in_pairs():
+    from pydantic import ValidationError
+
+    assert CVConfig().sex_models == "per_sex" and CVConfig().tta_views == 1  # the defaults: as before
+    assert CVConfig(sex_models="pooled", tta_views=5).tta_views == 5
+    with pytest.raises(ValidationError, match="sexes must be"):
+        CVConfig(sex_models="pooled", sexes=["F"])
+    with pytest.raises(ValidationError, match="odd"):
+        CVConfig(tta_views=4)
+    with pytest.raises(ValidationError):
+        CVConfig(tta_views=11)

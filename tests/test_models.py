@@ -70,3 +70,28 @@ def test_the_expectation_is_float32_under_bf16_autocast():
         under_autocast = model.expectation(logits)
     assert under_autocast.dtype == torch.float32
     assert torch.allclose(to_months(under_autocast), to_months(plain), atol=1e-4)
+
+
+def test_a_pooled_net_takes_the_sex_and_a_per_sex_net_refuses_it():
+    """The sex input (cv.sex_models "pooled") changes the output: girl and boy differ for the same image;
+    a per-sex net is the seed's, with no sex input, and its state loads as before."""
+    torch.manual_seed(0)
+    kind = model_kind("B-cls", 0.2)
+    pooled = kind.build(width_mult=0.125, fc=32, sex_input=True).eval()
+    x = torch.randn(4, 1, *kind.input_size)
+    girls, boys = pooled(x, male=torch.zeros(4, dtype=torch.bool)), pooled(x, male=torch.ones(4, dtype=torch.bool))
+    assert girls.shape == boys.shape == (4,) and (girls != boys).all()
+    mixed = pooled(x, male=torch.tensor([False, True, False, True]))
+    assert torch.equal(mixed[0::2], girls[0::2]) and torch.equal(mixed[1::2], boys[1::2])  # per image
+    with pytest.raises(ValueError, match="needs each image's sex"):
+        pooled(x)
+    per_sex = kind.build(width_mult=0.125, fc=32).eval()
+    with pytest.raises(ValueError, match="no sex input"):
+        per_sex(x, male=torch.zeros(4))
+    assert not any(k.startswith("sex_in") for k in per_sex.state_dict())
+    # a spec says which: absent (older specs) is per sex
+    spec = {"kind": "B-cls", "input_scale": 0.2, "width_mult": 0.125, "fc": 32, "dropout": 0.5}
+    assert not build_from_spec(spec).sex_input and build_from_spec({**spec, "sex_input": True}).sex_input
+    build_from_spec({**spec, "sex_input": True}).load_state_dict(pooled.state_dict())
+    with pytest.raises(ValueError, match="sex classifier"):
+        model_kind("A-sex", 0.2).build(width_mult=0.125, fc=32, sex_input=True)

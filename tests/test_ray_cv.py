@@ -207,3 +207,65 @@ def test_a_worker_group_that_did_not_shut_down_leaves_no_placement_group(ray_loc
     ray_local.get(controller.shutdown.remote())
     assert (state(last), state(someone_elses)) == ("REMOVED", "CREATED")
     ray_local.util.remove_placement_group(someone_elses)
+
+
+def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_bundle_that_scores(
+        registered_30, tmp_path):
+    """cv.sex_models "pooled" and cv.tta_views 3 on both sexes: one trial per (kind, fold), an OOF table of
+    the per-sex shape (every image, both sexes, one prediction per kind), and a bundle whose fold model of
+    an image's fold, scored under its sex with the same views, gives back its out-of-fold prediction."""
+    import shutil
+    from pathlib import Path
+
+    from boneage import score
+    from boneage.bundle import load_bundle
+
+    output = str(tmp_path / "run")
+    for stage in ("registered", "qa"):
+        shutil.copytree(f"{registered_30}/{stage}", f"{output}/{stage}")
+    data = Path(registered_30).parent / "synthetic"
+    config = load_config(overrides={
+        "data": {"images": str(data / "images"), "labels": str(data / "labels.csv")},
+        "keypoints": {"source": "geometric"},
+        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F", "M"], "sex_kind": None, "sex_models": "pooled", "tta_views": 3,
+               "input_scale": 0.125, "width_mult": 0.0625, "fc": 32, "epochs": 2, "batch_size": 4,
+               "cpus_per_trial": 0.5},
+        "output": output,
+    })
+    run.cross_validate(config)
+    oof = pd.read_parquet(f"{output}/cv/oof.parquet")
+    registered = pd.read_parquet(f"{output}/registered")
+    n_cv = int(((registered.status == "ok") & registered.boneage.notna()).sum())
+    assert list(oof.columns) == ["id", "male", "boneage", "fold", *KINDS] and len(oof) == n_cv
+    assert oof.male.nunique() == 2 and oof[KINDS].notna().all().all() and oof[KINDS].stack().between(0, 240).all()
+    trials = pd.read_parquet(f"{output}/cv/trials.parquet")
+    assert sorted(trials.trial) == sorted(t.name for t in cv.cv_trials(KINDS, ["F", "M"], 2, "pooled"))
+    assert (trials.n_train + trials.n_val).eq(n_cv).all()  # each trained on both sexes' training folds
+    state = torch.load(f"{output}/cv/models/A-reg-all-fold0.pt", weights_only=False)
+    assert state["spec"]["sex_input"] is True and state["sex"] == cv.POOLED
+
+    run.fit_ensembles(config)
+    run.write_bundle(config)
+    bundle = load_bundle(f"{output}/bundle")
+    assert bundle.manifest["sex_models"] == "pooled" and bundle.manifest["tta_views"] == 3
+    assert bundle.manifest["sexes"] == ["F", "M"] and {s for _, s in bundle.models} == {cv.POOLED}
+    assert all(m["sex_input"] and m["sex"] == cv.POOLED for m in bundle.manifest["models"])
+    models = score.BundleModels(bundle)
+    rows = registered[registered.id.isin(oof.id)].sort_values("id").reset_index(drop=True)
+    bank = cv.decode_bank(rows.registered_png.tolist())
+    truth = oof.set_index("id").loc[rows.id]
+    for sex, male in (("F", False), ("M", True)):
+        mine = np.flatnonzero(truth.male.to_numpy() == male)
+        for kind in KINDS:
+            folds = models.kind_predictions(bank, sex, kind, mine)  # (n, k): fold f's model in column f
+            own = folds[np.arange(len(mine)), truth.fold.to_numpy()[mine]]
+            np.testing.assert_allclose(own, truth[kind].to_numpy()[mine], atol=1e-3)
+    # The sex input matters: the same images under the other sex score differently.
+    assert not np.allclose(models.kind_predictions(bank, "F", "A-reg"), models.kind_predictions(bank, "M", "A-reg"))
+    rows["male"] = rows["male"].astype(object)
+    rows.loc[:3, "male"] = None  # unknown sex: scored under both sex inputs
+    table = score.score_rows(rows, models)
+    assert table.boneage_months.notna().all() and table.boneage_months.between(0, 240).all()
+    unknown = table.sex_unknown.to_numpy()
+    assert unknown[:4].all() and not unknown[4:].any()
+    assert table.loc[unknown, ["boneage_if_female_months", "boneage_if_male_months"]].notna().all().all()

@@ -97,6 +97,14 @@ def test_summary_counts(models, registered):
     assert result["sex_source"] == {"csv": 3, "unknown": 1}
 
 
+def test_an_older_bundle_scores_per_sex_without_test_time_views(models):
+    """A manifest without sex_models / tta_views (bundles before them) loads as per-sex models scored on
+    the plain crop, each sex by its own fold models."""
+    assert models.sex_models == "per_sex" and models.tta_views == 1
+    assert models.models[("A-reg", "F")] is not models.models[("A-reg", "M")]
+    assert not any(getattr(m, "sex_input", False) for fold_models in models.models.values() for m, _ in fold_models)
+
+
 def test_ensemble_weights_are_the_bundles(models):
     preds = pd.DataFrame({"A-reg": [100.0], "B-cls": [120.0]})
     assert ensemble.predict(models.record, preds, [False])[0] == pytest.approx(6 + 25 + 90)

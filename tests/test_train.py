@@ -201,3 +201,53 @@ def test_the_loss_is_computed_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = loss(logits, y)
     assert under_autocast.dtype == torch.float32 and torch.allclose(under_autocast, plain, rtol=1e-6, atol=1e-7)
+
+
+def sexed_toy_bank(n, seed):
+    """toy_bank whose label also depends on the sex: boys' bone age is 30 months above the patch's
+    reading, girls' 30 below; only a model told the sex can get both right."""
+    bank, maturity = toy_bank(n, seed)
+    male = np.random.default_rng(seed).random(n) < 0.5
+    return bank, np.clip(maturity + np.where(male, 30.0, -30.0), 0, 239).astype(np.float32), male
+
+
+def test_a_pooled_model_learns_from_the_sex_input():
+    """One model for both sexes (cv.sex_models "pooled"): trained with each image's sex, it predicts the
+    30-month offsets it was shown, and scores from its state as the run did."""
+    bank, ages, male = sexed_toy_bank(128, seed=3)
+    tr, va = np.arange(96), np.arange(96, 128)
+    kind = model_kind("B-reg", 0.125)
+    res = fit_zone_model(bank, ages, tr, va, kind, small_cfg(epochs=7, lr=3e-3), male=male)
+    assert res.state["spec"]["sex_input"] is True
+    model = model_from_state(res.state)
+    as_given = predict(model, bank, va, kind, male=male).numpy()
+    np.testing.assert_allclose(as_given, res.val_pred, atol=1e-3)
+    as_girls, as_boys = predict(model, bank, va, kind, male=False).numpy(), predict(model, bank, va, kind, male=True).numpy()
+    # The sex moves the prediction the way the labels do (60 months between them here).
+    flipped = predict(model, bank, va, kind, male=~male).numpy()
+    # measured: 50 months apart; MAE 14 months with the given sex, 57 with it flipped
+    assert (as_boys - as_girls).mean() > 20, (as_boys - as_girls)
+    assert np.abs(as_given - ages[va]).mean() < np.abs(flipped - ages[va]).mean() - 15
+    with pytest.raises(ValueError, match="needs each image's sex"):
+        predict(model, bank, va, kind)
+
+
+def test_test_time_augmentation_off_is_bit_identical_and_on_stays_close():
+    """views=1 is exactly the plain prediction; more views average fixed jitters: deterministic,
+    slightly different, still near the plain prediction, for both head kinds and the sex classifier."""
+    bank, ages = toy_bank(64, seed=4)
+    tr, va = np.arange(48), np.arange(48, 64)
+    for name in ("B-cls",):  # the head whose prediction is an expectation: views average expected ages
+        kind = model_kind(name, 0.125)
+        res = fit_zone_model(bank, ages, tr, va, kind, small_cfg(epochs=3))
+        plain = predict(res.model, bank, va, kind).numpy()
+        np.testing.assert_array_equal(predict(res.model, bank, va, kind, views=1).numpy(), plain)
+        np.testing.assert_array_equal(plain, res.val_pred)  # what the run predicted, no TTA
+        tta = predict(res.model, bank, va, kind, views=5).numpy()
+        np.testing.assert_array_equal(tta, predict(res.model, bank, va, kind, views=5).numpy())
+        assert not np.array_equal(tta, plain)
+        assert np.abs(tta - plain).mean() < 10 and ((tta >= 0) & (tta <= 240)).all(), (name, tta - plain)
+    sex_kind = model_kind("A-sex", 0.125)
+    sex_model = sex_kind.build(0.125, 64, 0.0).eval()
+    p = train.predict_p_male(sex_model, bank, va, sex_kind, views=3)
+    assert ((p > 0) & (p < 1)).all() and not torch.equal(p, train.predict_p_male(sex_model, bank, va, sex_kind))

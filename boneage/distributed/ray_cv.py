@@ -1,5 +1,6 @@
 """k-fold CV of the zone models on Ray: a Ray Tune experiment with one trial per (kind, sex, fold),
-each trial fitting a Ray Train TorchTrainer on that sex's registered images; the sex classifier
+each trial fitting a Ray Train TorchTrainer on that sex's registered images (cv.sex_models "pooled":
+one trial per (kind, fold) on both sexes, the sex an input of the network); the sex classifier
 (cv.sex_kind) has one trial per fold on both sexes pooled, in the same experiment.
 
     registered/*.parquet ─► CV/folds.parquet (driver) ─► Tune trials, max_concurrent_trials in parallel
@@ -89,7 +90,7 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     options = loop_config["storage_options"]
     with storage.open_output(loop_config["folds_uri"], "rb", options) as f:
         folds = pq.read_table(f).to_pandas()
-    # A sex classifier's trial reads both sexes (trial.male is None), a bone age trial its own sex.
+    # A sex classifier's or pooled trial reads both sexes (trial.male is None), a per-sex trial its own sex.
     rows = cv.read_trial_rows(loop_config["registered_uri"], folds, trial.male, options)
     bank, ages, male = cv.load_bank(rows)
     fold = rows["fold"].to_numpy()
@@ -114,6 +115,10 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
         report_state({**metrics, "best_select_mae": state["best"]["value"]}, state, meta)
 
     kind = model_kind(trial.kind, loop_config["input_scale"])
+    # Test-time augmentation: the scored fold is predicted as scoring will predict (the bundle records it),
+    # so the ensemble weights, gate and intervals are fitted on the predictions that ship.
+    views = loop_config["tta_views"]
+    sex_input = male if trial.has_sex_input else None  # a pooled model is told each image's sex
     fitting = time.time()
     # Local mode inside a Tune trial has nothing to resume and may not call ray.train.report (Tune's
     # session owns reporting): no per-epoch reports there.
@@ -121,13 +126,13 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
         result = fit_sex_model(bank, male, fit_idx, select_idx, kind, train_cfg, device,
                                None if local else report, resume)
         scored = predict_p_male(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
-                                train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
+                                train_cfg.bf16, train_cfg.channels_last, views=views).cpu().numpy()
     else:
         result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device,
                                 None if local else report, resume,
-                                watch_idx=scored_idx if loop_config["watch_scored_fold"] else None)
+                                watch_idx=scored_idx if loop_config["watch_scored_fold"] else None, male=sex_input)
         scored = predict(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
-                         train_cfg.bf16, train_cfg.channels_last).cpu().numpy()
+                         train_cfg.bf16, train_cfg.channels_last, views=views, male=sex_input).cpu().numpy()
     meta["scored_pred"] = scored.tolist()
     meta["fit_seconds"] = round(time.time() - fitting, 2)  # the training loop and the scored fold's prediction
     if local:
@@ -170,6 +175,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             "trial": trial.name, "input_scale": cvc.input_scale, "threads": cvc.cpus_per_trial,
             "train": cv.train_config(cvc, trial, shared["seed"]).__dict__,
             "inner_val_fraction": cvc.inner_val_fraction, "watch_scored_fold": cvc.watch_scored_fold,
+            "tta_views": cvc.tta_views,
             "folds_uri": paths["folds.parquet"], "registered_uri": shared["registered_uri"],
             "storage_options": options, "local": local,
         },
@@ -349,7 +355,8 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
             folds.to_parquet(f, index=False)
 
     # 2. The trials still to train.
-    trials = cv.cv_trials(cvc.kinds, cv.sexes_present(folds, cvc.sexes), cvc.k) + cv.sex_trials(cvc.sex_kind, cvc.k)
+    trials = (cv.cv_trials(cvc.kinds, cv.sexes_present(folds, cvc.sexes), cvc.k, cvc.sex_models)
+              + cv.sex_trials(cvc.sex_kind, cvc.k))
     done = finished_trials(cv_uri, options)
     pending = cv.pending_trials(trials, done)
     print(f"[cv] {len(folds)} images in {cvc.k} folds; {len(trials)} trials, {len(trials) - len(pending)} "
@@ -357,7 +364,8 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
 
     errors: list[str] = []
     if pending:
-        # 3. One Tune trial per (kind, sex, fold); each builds its own TorchTrainer (Train V2).
+        # 3. One Tune trial per (kind, sex, fold) (pooled: per (kind, fold)); each builds its own
+        # TorchTrainer (Train V2).
         storage_path, storage_filesystem = storage.arrow_location(cv_uri, options)
         cap, now = cvc.max_concurrent_trials, min(fits_now(cvc), len(pending))
         each = f"{cvc.cpus_per_trial:g} CPU, {cvc.gpus_per_trial:g} GPU each"

@@ -36,6 +36,38 @@ class Augment:
 NO_AUGMENT = Augment(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+@dataclass(frozen=True)
+class View:
+    """One fixed geometric jitter of the crop box (test-time augmentation): rotation in degrees, shift
+    as a fraction of the box's width / height, scale factor (> 1 zooms in). Inside the training
+    augmentation's ranges (Augment: +-10 degrees, +-5 %, +-10 %), so every view is a crop the models
+    were trained on."""
+
+    rotate_deg: float = 0.0
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    zoom: float = 1.0
+
+
+# The views of test-time augmentation (cv.tta_views = n uses the first n): the plain crop, then
+# symmetric pairs (zoom in/out, left/right, up/down, turned either way), so that any odd n is balanced.
+# No flips: registered hands all face one way (thumb on the right), a mirrored hand is another anatomy.
+TTA_VIEWS = (
+    View(),
+    View(zoom=1.05), View(zoom=0.95),
+    View(shift_x=0.03), View(shift_x=-0.03),
+    View(shift_y=0.03), View(shift_y=-0.03),
+    View(rotate_deg=4.0), View(rotate_deg=-4.0),
+)
+
+
+def tta_views(n: int) -> tuple[View, ...]:
+    """The first n test-time views (n = 1: the plain crop alone)."""
+    if not 1 <= n <= len(TTA_VIEWS):
+        raise ValueError(f"test-time views must be 1..{len(TTA_VIEWS)}, got {n}")
+    return TTA_VIEWS[:n]
+
+
 # The pooled float bank is pooled once and kept (per bank and factor) instead of per batch: pooling
 # the whole 1040x800 image of every batch was most of a small CPU trial's time (the same crops, 10-60x
 # faster to cut; docs/benchmarks.md). On a GPU, where per-batch pooling is cheap and memory dearer,
@@ -74,13 +106,22 @@ class ZoneSampler:
         self.augment = augment
         self.frame_w, self.frame_h = (float(v) for v in frame_size)
 
-    def theta(self, n: int, device, generator=None, train=False) -> torch.Tensor:
-        """(n, 2, 3) affine maps from output to source normalised coordinates."""
+    def theta(self, n: int, device, generator=None, train=False, view: View | None = None) -> torch.Tensor:
+        """(n, 2, 3) affine maps from output to source normalised coordinates: random in training, the
+        plain box otherwise, or the fixed jitter `view` (test-time augmentation; not with train)."""
+        if view is not None and train:
+            raise ValueError("a fixed view is for inference; training draws its own jitter")
         a = self.augment if train else NO_AUGMENT
         rnd = (lambda: _uniform(n, generator, device)) if train else (lambda: torch.zeros(n, device=device))
-        angle = rnd() * math.radians(a.rotate_deg)
-        zoom = 1 + rnd() * a.zoom
-        tx, ty = rnd() * a.shift * self.bw, rnd() * a.shift * self.bh
+        if view is None:
+            angle = rnd() * math.radians(a.rotate_deg)
+            zoom = 1 + rnd() * a.zoom
+            tx, ty = rnd() * a.shift * self.bw, rnd() * a.shift * self.bh
+        else:
+            def fixed(value: float) -> torch.Tensor:
+                return torch.full((n,), float(value), device=device)
+            angle, zoom = fixed(math.radians(view.rotate_deg)), fixed(view.zoom)
+            tx, ty = fixed(view.shift_x * self.bw), fixed(view.shift_y * self.bh)
         # Rotate and zoom in frame pixels (isotropic), then go to normalised coordinates, which
         # stretch x and y differently.
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
@@ -102,13 +143,14 @@ class ZoneSampler:
         return k
 
     @torch.no_grad()
-    def sample(self, bank: torch.Tensor, idx: torch.Tensor, generator=None, train=False):
-        """Crops of bank[idx] and the thetas used. bank: (N, 1, H, W) uint8 on any device."""
+    def sample(self, bank: torch.Tensor, idx: torch.Tensor, generator=None, train=False, view: View | None = None):
+        """Crops of bank[idx] and the thetas used. bank: (N, 1, H, W) uint8 on any device; view: a fixed
+        test-time jitter of the box (None: the plain box, or a random one in training)."""
         if bank.dtype != torch.uint8 or bank.dim() != 4 or bank.shape[1] != 1:
             raise ValueError(f"bank must be (N, 1, H, W) uint8, got {tuple(bank.shape)} {bank.dtype}")
         idx = idx.to(bank.device)
         n, dev = idx.numel(), bank.device
-        theta = self.theta(n, dev, generator, train)
+        theta = self.theta(n, dev, generator, train, view)
         k = self._pool_factor(*bank.shape[-2:])
         if _cache_pooling(bank, k):
             x = pooled_bank(bank, k)[idx]
@@ -127,8 +169,8 @@ class ZoneSampler:
         # [0, 255] -> [0, 1] -> jitter -> [-1, 1], in one fused expression.
         return x * (gain * (2 / 255)) + (2 * bias - 1), theta
 
-    def __call__(self, bank, idx, generator=None, train=False) -> torch.Tensor:
-        return self.sample(bank, idx, generator, train)[0]
+    def __call__(self, bank, idx, generator=None, train=False, view: View | None = None) -> torch.Tensor:
+        return self.sample(bank, idx, generator, train, view)[0]
 
 
 def points_to_output(theta: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -10,3 +10,4 @@ MODEL_KIND_NAMES = tuple(f"{z}-{h}" for z in ZONES for h in HEADS)  # A-reg, A-c
 SEX_KIND_NAMES = tuple(f"{z}-sex" for z in ZONES)  # the sex classifiers: P(male) from one zone
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")  # plateau watches the validation metric
 CLS_LOSSES = ("mae", "mae+ce", "ce")
+SEX_MODELS = ("per_sex", "pooled")  # a model per kind and sex, or one per kind for both with the sex as an input

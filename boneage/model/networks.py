@@ -86,30 +86,57 @@ class KeypointNet(nn.Module):
         return _fp32(self.out, self.head(self.features(x))).view(-1, 3, 2)
 
 
+# Width of the sex input's embedding (pooled models): the sex (-1 girl, +1 boy) through a small linear
+# layer, concatenated with the flattened image features into the first FC layer, as the MGH model and
+# Deeplasia feed it (a single +-1 among thousands of image features would start out drowned).
+SEX_FEATURES = 16
+
+
 class ZoneNet(nn.Module):
     """Bone age from one zone crop. forward() returns the age scaled to [-1, 1], shape (B,); with the
-    "sex" head, the logit of P(male) instead."""
+    "sex" head, the logit of P(male) instead.
 
-    def __init__(self, input_size, head="reg", width_mult=1.0, fc=2048, dropout=0.5):
+    sex_input=True: one model for both sexes (cv.sex_models "pooled"), which takes each image's sex
+    (`male`) beside the crop; without it the model is one sex's and takes none."""
+
+    def __init__(self, input_size, head="reg", width_mult=1.0, fc=2048, dropout=0.5, sex_input=False):
         super().__init__()
         head = {"regression": "reg", "classification": "cls"}.get(head, head)
         if head not in (*HEADS, "sex"):
             raise ValueError(f"head must be one of {(*HEADS, 'sex')}, got {head!r}")
-        self.input_size, self.head_kind = tuple(input_size), head
+        if sex_input and head == "sex":
+            raise ValueError("a sex classifier cannot take the sex as an input")
+        self.input_size, self.head_kind, self.sex_input = tuple(input_size), head, bool(sex_input)
         self.features = _trunk(_scale_widths((32, 64, 128, 128, 256, 384), width_mult))
         n = _flat_features(self.features, self.input_size)
+        # The same layers (and state_dict keys) with or without the sex input: only the first FC
+        # layer's input grows by SEX_FEATURES.
         self.fc = nn.Sequential(
-            nn.Flatten(), nn.Linear(n, fc), nn.ELU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(fc, fc), nn.ELU(inplace=True), nn.Dropout(dropout),
+            nn.Flatten(), nn.Linear(n + (SEX_FEATURES if sex_input else 0), fc), nn.ELU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(fc, fc), nn.ELU(inplace=True), nn.Dropout(dropout),
         )
+        if sex_input:
+            self.sex_in = nn.Linear(1, SEX_FEATURES)
         self.out = nn.Linear(fc, N_CLASSES if head == "cls" else 1)
         # Class k stands for k months, on the same [-1, 1] scale as the regression target.
         self.register_buffer("class_ages", to_scaled(torch.arange(N_CLASSES, dtype=torch.float32)))
 
-    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+    def _hidden(self, x: torch.Tensor, male: torch.Tensor | None) -> torch.Tensor:
+        if not self.sex_input:
+            if male is not None:
+                raise ValueError("this model is one sex's (no sex input): do not pass `male`")
+            return self.fc(self.features(x))
+        if male is None:
+            raise ValueError("a pooled model (sex input) needs each image's sex: pass `male`")
+        flat = self.fc[0](self.features(x))
+        sex = self.sex_in(male.to(device=flat.device, dtype=torch.float32).view(-1, 1) * 2 - 1)
+        return self.fc[1:](torch.cat([flat, sex.to(flat.dtype)], dim=1))
+
+    def forward(self, x: torch.Tensor, logits: bool = False, male: torch.Tensor | None = None) -> torch.Tensor:
         """The scaled age; with logits=True a classification head returns its (B, 240) logits
-        (training uses them for its distribution loss; `expectation` turns them into the age)."""
-        z = _fp32(self.out, self.fc(self.features(x)))
+        (training uses them for its distribution loss; `expectation` turns them into the age).
+        male: (B,) bool or 0/1, each image's sex; required by a pooled model, refused by a per-sex one."""
+        z = _fp32(self.out, self._hidden(x, male))
         if self.head_kind != "cls":
             return z.squeeze(1)
         return z if logits else self.expectation(z)
@@ -152,8 +179,8 @@ class ModelKind:
     def scaled(self, input_scale: float) -> ModelKind:
         return replace(self, input_scale=float(input_scale))
 
-    def build(self, width_mult=1.0, fc=2048, dropout=0.5) -> ZoneNet:
-        return ZoneNet(self.input_size, self.head, width_mult=width_mult, fc=fc, dropout=dropout)
+    def build(self, width_mult=1.0, fc=2048, dropout=0.5, sex_input=False) -> ZoneNet:
+        return ZoneNet(self.input_size, self.head, width_mult=width_mult, fc=fc, dropout=dropout, sex_input=sex_input)
 
 
 MODEL_KINDS = {f"{z}-{h}": ModelKind(f"{z}-{h}", ZONES[z], h) for z in ZONES for h in HEADS}
@@ -175,4 +202,5 @@ def build_from_spec(spec: dict) -> nn.Module:
     if spec["kind"] == "keypoints":
         return KeypointNet(tuple(spec["input_size"]), spec["width_mult"], spec["fc"])
     kind = model_kind(spec["kind"], spec["input_scale"])
-    return kind.build(spec["width_mult"], spec["fc"], spec["dropout"])
+    # sex_input: a pooled model (absent from older specs: per-sex models)
+    return kind.build(spec["width_mult"], spec["fc"], spec["dropout"], spec.get("sex_input", False))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from boneage.model.choices import CLS_LOSSES, SCHEDULES
-from boneage.model.augment import Augment, ZoneSampler, keypoint_sampler, points_to_output
+from boneage.model.augment import Augment, ZoneSampler, keypoint_sampler, points_to_output, tta_views
 from boneage.registration.frame import FRAME_H, FRAME_W
 from boneage.model.networks import KeypointNet, ModelKind, build_from_spec, expected_age, to_months, to_scaled
 
@@ -113,37 +113,71 @@ def _batches(idx: torch.Tensor, batch_size: int):
 # -- inference ------------------------------------------------------------------------------------
 
 
+def _per_image(male, n_images: int, device) -> torch.Tensor | None:
+    """`male` (None, one bool for every image, or one per image of the bank) as a (n_images,) tensor on
+    `device`, or None."""
+    if male is None:
+        return None
+    if isinstance(male, (bool, np.bool_)):
+        return torch.full((n_images,), bool(male), device=device)
+    male = torch.as_tensor(np.asarray(male, dtype=bool) if not isinstance(male, torch.Tensor) else male,
+                           device=device)
+    if male.shape != (n_images,):
+        raise ValueError(f"male must be one bool or one per image ({n_images}), got shape {tuple(male.shape)}")
+    return male
+
+
 @torch.no_grad()
-def _outputs(model, sampler, images, idx, batch_size, device, bf16, channels_last, shape=()) -> torch.Tensor:
-    """The network's output (B, *shape) for sampler(images, idx), no augmentation, in eval mode and in
-    fixed-size batches; inputs are cut where `images` live."""
+def _outputs(model, sampler, images, idx, batch_size, device, bf16, channels_last, shape=(), views=1,
+             male=None) -> torch.Tensor:
+    """The network's output (B, *shape) for sampler(images, idx), in eval mode and in fixed-size batches;
+    inputs are cut where `images` live. views: test-time augmentation, the mean output over the first
+    `views` fixed jitters of the crop (augment.TTA_VIEWS; 1: the plain crop, as without TTA). male: the
+    images' sex for a pooled model (one bool, or one per image of `images`); None for any other."""
     device = torch.device(device or next(model.parameters()).device)
     idx = _as_index(idx, images.device)
+    male = _per_image(male, len(images), images.device)
+    jitters = tta_views(views)
     model.eval()
     out = []
     for chunk, n in _batches(idx, batch_size):
-        x = _to_input(sampler(images, chunk), device, channels_last)
-        with _autocast(device, bf16):
-            out.append(model(x).float()[:n])
+        kwargs = {} if male is None else {"male": male[chunk].to(device)}
+        if views == 1:  # the plain crop, exactly as without test-time augmentation
+            x = _to_input(sampler(images, chunk), device, channels_last)
+            with _autocast(device, bf16):
+                out.append(model(x, **kwargs).float()[:n])
+            continue
+        total = None
+        for view in jitters:
+            x = _to_input(sampler(images, chunk, view=view), device, channels_last)
+            with _autocast(device, bf16):
+                y = model(x, **kwargs).float()[:n]
+            total = y if total is None else total + y
+        out.append(total / len(jitters))
     return torch.cat(out) if out else torch.zeros(0, *shape, device=device)
 
 
-def _zone_outputs(model, bank, idx, kind: ModelKind, batch_size, device, bf16, channels_last) -> torch.Tensor:
-    """The network's output (B,) for bank[idx], no augmentation; crops are cut where the bank lives."""
+def _zone_outputs(model, bank, idx, kind: ModelKind, batch_size, device, bf16, channels_last, views=1,
+                  male=None) -> torch.Tensor:
+    """The network's output (B,) for bank[idx]; crops are cut where the bank lives."""
     return _outputs(model, ZoneSampler(kind.box, kind.input_size), bank, idx, batch_size, device, bf16,
-                    channels_last)
+                    channels_last, views=views, male=male)
 
 
 def predict(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16=True,
-            channels_last=True) -> torch.Tensor:
-    """Bone age in months for bank[idx], no augmentation; crops are cut where the bank lives."""
-    return to_months(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last))
+            channels_last=True, views=1, male=None) -> torch.Tensor:
+    """Bone age in months for bank[idx]; crops are cut where the bank lives. views: test-time
+    augmentation (mean over that many fixed jitters of the crop; 1: none). male: the sex input of a
+    pooled model (one bool, or one per image of the bank); None for a per-sex model. A classification
+    head's views are averaged as expected ages (linear in months), not as logits."""
+    return to_months(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last, views, male))
 
 
 def predict_p_male(model, bank, idx, kind: ModelKind, batch_size=256, device=None, bf16=True,
-                   channels_last=True) -> torch.Tensor:
-    """P(male) for bank[idx] from a sex classifier (a "sex" head), no augmentation."""
-    return torch.sigmoid(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last))
+                   channels_last=True, views=1) -> torch.Tensor:
+    """P(male) for bank[idx] from a sex classifier (a "sex" head); with views > 1 the sigmoid of the
+    views' mean logit."""
+    return torch.sigmoid(_zone_outputs(model, bank, idx, kind, batch_size, device, bf16, channels_last, views))
 
 
 def predict_keypoints(model, images, idx, batch_size=256, device=None, bf16=True,
@@ -194,7 +228,7 @@ def _clone(sd: dict) -> dict:
 
 
 def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, metric, train_scale,
-         report, resume_state, forward_kwargs=None) -> FitResult:
+         report, resume_state, forward_kwargs=None, batch_inputs=None) -> FitResult:
     """The loop both model families share.
 
     make_batch(idx, gen) -> (x, y); loss_fn(pred, y) -> scalar; evaluate(run) -> (metrics, preds);
@@ -202,7 +236,8 @@ def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, met
     evaluation has no `metric` (no selection split: a fixed schedule), nothing is chosen: the last
     epoch is the result, and neither early stopping nor plateau steps apply.
     `train_scale` turns the mean training loss into the reported `train_loss`; `forward_kwargs` go
-    to the model's forward in training steps only (e.g. logits=True for a classification head).
+    to the model's forward in training steps only (e.g. logits=True for a classification head);
+    `batch_inputs(idx)` -> more of them for that batch's images (a pooled model's `male`).
     """
     model, run = _prepare(model, cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -239,9 +274,11 @@ def _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, met
         perm = train_idx[torch.randperm(train_idx.numel(), generator=gen, device=device)]
         loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
         for s in range(steps):
-            x, y = make_batch(perm[s * bs : (s + 1) * bs], gen)
+            batch = perm[s * bs : (s + 1) * bs]
+            x, y = make_batch(batch, gen)
+            kwargs = {**(forward_kwargs or {}), **(batch_inputs(batch) if batch_inputs else {})}
             with _autocast(device, cfg.bf16):
-                pred = run(_to_input(x, device, cfg.channels_last), **(forward_kwargs or {}))
+                pred = run(_to_input(x, device, cfg.channels_last), **kwargs)
             loss = loss_fn(pred.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -290,22 +327,27 @@ def _seeded(cfg: TrainConfig, device):
 
 def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainConfig, device="cpu",
                    report: Callable | None = None, resume_state: dict | None = None,
-                   watch_idx=None) -> FitResult:
+                   watch_idx=None, male=None) -> FitResult:
     """Train one zone model on bank[train_idx] (uint8 (N, 1, H, W), moved to `device` once).
 
     ages: (N,) months. val_idx: the selection split, whose MAE picks the best epoch and drives early
     stopping; empty for a fixed schedule (the last epoch is the model). Returns the chosen model and
     its predictions for val_idx (months). watch_idx (a diagnostic, e.g. the scored fold): its MAE is
-    recorded every epoch as `watch_mae` and never chooses anything.
+    recorded every epoch as `watch_mae` and never chooses anything. male: (N,) bool, each image's sex:
+    a pooled model (cv.sex_models "pooled"), one network for both sexes with the sex as an input;
+    None: the images are one sex's and the model takes no sex.
     """
     device = torch.device(device)
     bank = bank.to(device)
     ages = torch.as_tensor(np.asarray(ages), dtype=torch.float32, device=device)
     train_idx, val_idx = _as_index(train_idx, device), _as_index(val_idx, device)
     watch_idx = None if watch_idx is None else _as_index(watch_idx, device)
+    sex = _per_image(male, len(bank), device)
     fc = cfg.fc or 2048
     spec = {"kind": kind.name, "input_scale": kind.input_scale, "width_mult": cfg.width_mult,
             "fc": fc, "dropout": cfg.dropout}
+    if sex is not None:
+        spec["sex_input"] = True  # per-sex specs stay as they were (older bundles read alike)
     sampler = ZoneSampler(kind.box, kind.input_size, cfg.augment or Augment())
 
     def make_batch(idx, gen):
@@ -317,22 +359,23 @@ def fit_zone_model(bank, ages, train_idx, val_idx, kind: ModelKind, cfg: TrainCo
     def evaluate(run):
         metrics, pred = {}, None
         if val_idx.numel():
-            pred = predict(run, bank, val_idx, kind, cfg.eval_batch_size, device, cfg.bf16, cfg.channels_last)
+            pred = predict(run, bank, val_idx, kind, cfg.eval_batch_size, device, cfg.bf16, cfg.channels_last,
+                           male=sex)
             metrics["val_mae"] = (pred - ages[val_idx]).abs().mean().item()
         if watch_idx is not None and watch_idx.numel():
             watched = predict(run, bank, watch_idx, kind, cfg.eval_batch_size, device, cfg.bf16,
-                              cfg.channels_last)
+                              cfg.channels_last, male=sex)
             metrics["watch_mae"] = (watched - ages[watch_idx]).abs().mean().item()
         return metrics, pred
 
     with _seeded(cfg, device):
         torch.manual_seed(cfg.seed)
-        model = kind.build(cfg.width_mult, fc, cfg.dropout)
+        model = kind.build(cfg.width_mult, fc, cfg.dropout, sex_input=sex is not None)
         loss_fn, kwargs = mae, None
         if kind.head == "cls" and cfg.cls_loss != "mae":
             loss_fn, kwargs = class_loss(model, cfg), {"logits": True}
         res = _fit(model, spec, cfg, device, train_idx, make_batch, loss_fn, evaluate, "val_mae", 120.0,
-                   report, resume_state, kwargs)
+                   report, resume_state, kwargs, None if sex is None else (lambda idx: {"male": sex[idx]}))
     res.val_idx = val_idx.cpu().numpy()
     return res
 

@@ -219,7 +219,8 @@ def mae_section(table: pd.DataFrame, png: str) -> str:
         body.append(f'<tr class="{escape(row["role"])}"><td class="text">{escape(row["model"])}</td>'
                     f'<td class="text">{escape(row["role"])}</td>{"".join(cells)}</tr>')
     return (f"<h2>Out-of-fold MAE (months)</h2>"
-            f"<p class='note'>Each kind: its sex's model of that kind, scored on the fold it did not train on. "
+            f"<p class='note'>Each kind: its sex's model of that kind (cv.sex_models pooled: the model of both "
+            f"sexes, given the image's sex), scored on the fold it did not train on. "
             f"Ensembles: weights refit without the scored fold (cross-validated over the OOF table). "
             f"Bold: lowest in the column. Age bands by true bone age.</p>"
             f'<table><tr><th class="text">model</th><th class="text">role</th>{head}</tr>{"".join(body)}</table>'

@@ -47,7 +47,8 @@ def write_bundle(config: Config) -> str:
     options = config.data.storage_options
     cv_uri = storage.join_uri(config.output, "cv")
     folds = pd.read_parquet(storage.join_uri(cv_uri, "folds.parquet"), storage_options=options or None)
-    trials = cv.cv_trials(config.cv.kinds, cv.sexes_present(folds, config.cv.sexes), config.cv.k)
+    sexes = cv.sexes_present(folds, config.cv.sexes)  # the sexes scoring serves
+    trials = cv.cv_trials(config.cv.kinds, sexes, config.cv.k, config.cv.sex_models)
     files: dict[str, bytes] = {}
     models = []
     records = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
@@ -63,6 +64,8 @@ def write_bundle(config: Config) -> str:
         state = weights.load_state(storage.read_bytes(storage.join_uri(cv_uri, "models", t.name + ".pt"), options))
         files[path] = weights.to_bytes(state)
         record = {"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold}
+        if t.has_sex_input:  # a pooled model: scoring passes it the sex (manifest sex_models "pooled")
+            record["sex_input"] = True
         if not t.is_sex_classifier:  # a sex classifier has no bone age error
             record["oof_mae"] = float(oof_mae[t.name])
         models.append(record)
@@ -113,7 +116,10 @@ def write_bundle(config: Config) -> str:
     files["training.json"] = json.dumps(training, indent=2).encode()
     out = storage.join_uri(config.output, "bundle")
     bundle.write_bundle(out, files, models, {
-        "kinds": list(config.cv.kinds), "sexes": sorted({t.sex for t in trials}), "folds": config.cv.k,
+        "kinds": list(config.cv.kinds), "sexes": sorted(sexes), "folds": config.cv.k,
+        # "pooled": each kind's fold models are listed with sex "all" and take the sex as an input;
+        # tta_views: scoring averages each fold model over that many crop jitters, as the OOF table did
+        "sex_models": config.cv.sex_models, "tta_views": config.cv.tta_views,
         "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
         "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json", "data": data,

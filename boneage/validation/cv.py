@@ -2,7 +2,9 @@
 one sex, and the out-of-fold tables. boneage.distributed.ray_cv runs the trials on Ray Tune + Ray Train.
 
 A trial is one (model kind, sex, fold): kind `A-reg` trained on the females of every fold but 0 and
-scored on the females of fold 0 is trial `A-reg-F-fold0`. Every finished trial leaves its out-of-fold
+scored on the females of fold 0 is trial `A-reg-F-fold0`. With cv.sex_models "pooled" a bone age kind
+has one trial per fold on both sexes, the sex an input of the network (`A-reg-all-fold0`), as the sex
+classifier always has (`A-sex-all-fold0`); the out-of-fold table is the same either way. Every finished trial leaves its out-of-fold
 predictions in CV/parts/<trial>.parquet (its record in the file's metadata); the experiment's tables
 are assembled from those parts, so a rerun trains only the trials that have none.
 """
@@ -26,11 +28,12 @@ from boneage.data import storage
 from boneage.config import CVConfig
 from boneage.errors import STATUS_OK, UserError
 from boneage.registration.frame import STORE_H, STORE_W
+from boneage.model.choices import SEX_MODELS
 from boneage.model.networks import MODEL_KINDS, SEX_KINDS
 from boneage.model.train import TrainConfig
 
 SEXES = ("F", "M")
-POOLED = "all"  # the sex of a sex classifier's trials: trained on both sexes pooled
+POOLED = "all"  # the sex of a pooled trial (a sex classifier's, or any with cv.sex_models "pooled")
 TRIAL_META_KEY = b"boneage_trial"  # parquet metadata key of a part's trial record
 
 
@@ -177,7 +180,7 @@ def folds_table(table: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
 @dataclass(frozen=True, order=True)
 class Trial:
     kind: str  # 'A-reg', ... (a key of models.MODEL_KINDS), or a sex classifier 'A-sex' (SEX_KINDS)
-    sex: str  # 'F' or 'M'; POOLED for a sex classifier
+    sex: str  # 'F' or 'M'; POOLED for a sex classifier, or a pooled bone age model (sex input)
     fold: int
 
     @property
@@ -186,12 +189,17 @@ class Trial:
 
     @property
     def male(self) -> bool | None:
-        """The sex of the images it trains on (None: both, a sex classifier)."""
+        """The sex of the images it trains on (None: both, a sex classifier or a pooled model)."""
         return None if self.sex == POOLED else self.sex == "M"
 
     @property
     def is_sex_classifier(self) -> bool:
         return self.kind in SEX_KINDS
+
+    @property
+    def has_sex_input(self) -> bool:
+        """A bone age model for both sexes, which takes the sex as an input (cv.sex_models "pooled")."""
+        return self.sex == POOLED and not self.is_sex_classifier
 
 
 _TRIAL_NAME = re.compile(r"^(?P<kind>[A-Z]+-[a-z]+)-(?P<sex>[FM]|all)-fold(?P<fold>\d+)$")
@@ -200,13 +208,18 @@ _TRIAL_NAME = re.compile(r"^(?P<kind>[A-Z]+-[a-z]+)-(?P<sex>[FM]|all)-fold(?P<fo
 def parse_trial(name: str) -> Trial:
     m = _TRIAL_NAME.match(name)
     sex_kind = m is not None and m["kind"] in SEX_KINDS
-    if not m or (m["kind"] not in MODEL_KINDS and not sex_kind) or sex_kind != (m["sex"] == POOLED):
-        raise ValueError(f"not a trial name: {name!r} (expected e.g. 'A-reg-F-fold0' or 'A-sex-all-fold0')")
+    # a sex classifier is always pooled; a bone age kind per sex or pooled
+    if not m or (m["kind"] not in MODEL_KINDS and not sex_kind) or (sex_kind and m["sex"] != POOLED):
+        raise ValueError(f"not a trial name: {name!r} (expected e.g. 'A-reg-F-fold0', 'A-reg-all-fold0' or "
+                         "'A-sex-all-fold0')")
     return Trial(m["kind"], m["sex"], int(m["fold"]))
 
 
-def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int) -> list[Trial]:
-    """Every (kind, sex, fold), in a stable order: kind, then sex, then fold."""
+def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int, sex_models: str = "per_sex") -> list[Trial]:
+    """Every (kind, sex, fold), in a stable order: kind, then sex, then fold. sex_models "pooled": one
+    trial per (kind, fold) on the images of all `sexes`, named with sex POOLED."""
+    if sex_models not in SEX_MODELS:
+        raise UserError(f"cv.sex_models must be one of {SEX_MODELS}, got {sex_models!r}")
     kinds, sexes = list(kinds), list(sexes)
     for kind in kinds:
         if kind not in MODEL_KINDS:
@@ -214,6 +227,8 @@ def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int) -> list[Trial]
     for sex in sexes:
         if sex not in SEXES:
             raise UserError(f"sex must be one of {SEXES}, got {sex!r}")
+    if sex_models == "pooled":
+        return [Trial(kind, POOLED, fold) for kind in kinds for fold in range(k)] if sexes else []
     return [Trial(kind, sex, fold) for kind in kinds for sex in sexes for fold in range(k)]
 
 
@@ -323,8 +338,9 @@ def read_part(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
 def oof_table(folds: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], kinds: Sequence[str]) -> pd.DataFrame:
     """One row per CV image (id, male, boneage, fold) and one column per model kind holding the
-    image's out-of-fold prediction by its sex's model of that kind (NaN where the trial has not
-    finished). Raises if a part predicts an image outside its trial's fold and sex."""
+    image's out-of-fold prediction by its sex's model of that kind, or the pooled model of that kind
+    given its sex (NaN where the trial has not finished). Raises if a part predicts an image outside
+    its trial's fold and sex."""
     out = folds[["id", "male", "boneage", "fold"]].sort_values("id", kind="stable").reset_index(drop=True)
     position = pd.Series(np.arange(len(out)), index=out["id"])
     columns = {kind: np.full(len(out), np.nan) for kind in kinds}
@@ -336,7 +352,9 @@ def oof_table(folds: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], k
         if np.isnan(at.astype(float)).any():
             raise ValueError(f"part {trial.name} predicts images that are not in the folds")
         at = at.astype(int)
-        wrong = (out["fold"].to_numpy()[at] != trial.fold) | (out["male"].to_numpy()[at] != trial.male)
+        wrong = out["fold"].to_numpy()[at] != trial.fold
+        if trial.male is not None:  # a pooled trial scores both sexes of its fold
+            wrong |= out["male"].to_numpy()[at] != trial.male
         if wrong.any():
             raise ValueError(f"part {trial.name} predicts images outside its fold and sex "
                              f"(e.g. {pred['id'].iloc[int(np.flatnonzero(wrong)[0])]})")
