@@ -252,9 +252,10 @@ class CVConfig(_Section):
                                           "residuals)")
     # The per-sex correction of the ensemble's bias at the extreme ages (boneage.validation.age_calibration),
     # fitted on out-of-fold predictions only; the interval is then calibrated on the corrected predictions.
-    age_calibration: Literal["linear", "off"] = Field(
-        "linear", description="per-sex monotone correction of the bone age for the pull towards the mean age "
-                              "(fitted out of fold: prediction regressed on label, inverted); off: none")
+    age_calibration: Literal["auto", "linear", "off"] = Field(
+        "auto", description="per-sex monotone correction of the bone age for the pull towards the mean age "
+                            "(fitted out of fold: prediction regressed on label, inverted); auto: only when it "
+                            "does not raise the out-of-fold MAE by more than 2%; off: none")
     # Ray Train's local mode (ScalingConfig(num_workers=0)): the training function runs inside the Tune
     # trial's own process, without Train's controller and worker actors, whose start-up was most of a
     # small CPU trial's time. None: local for CPU trials (gpus_per_trial == 0), a Train worker for GPU

@@ -74,3 +74,17 @@ def test_the_bundle_record_round_trips():
     assert age_calibration.of_training({"age_calibration": fitted})["by_sex"] == fitted["by_sex"]
     assert age_calibration.of_training({}) is None
     assert "prediction =" in age_calibration.describe(fitted)
+
+
+def test_auto_ships_the_correction_only_when_it_does_not_cost_accuracy():
+    # Strong shrinkage, little noise: correcting wins overall, auto applies it.
+    fitted, corrected = age_calibration.calibrate(shrunk_oof(slope=0.6, noise=3.0), "ensemble_tune", "auto")
+    assert fitted["applied"] and fitted["after"]["all"]["mae"] < fitted["before"]["all"]["mae"]
+    # Mild shrinkage under much noise: the 1/b scaled noise costs more than the bias removed: left off.
+    table = shrunk_oof(slope=0.85, noise=25.0)
+    fitted, corrected = age_calibration.calibrate(table, "ensemble_tune", "auto")
+    assert not fitted["applied"] and "not applied" in fitted["why"]
+    assert fitted["after"]["all"]["mae"] > fitted["before"]["all"]["mae"] * 1.02
+    np.testing.assert_array_equal(corrected, table["ensemble_tune"].to_numpy())
+    assert age_calibration.apply(np.array([50.0]), "F", age_calibration.of_training({"age_calibration": fitted}))[0] == 50.0
+    assert "not applied" in age_calibration.describe(fitted)

@@ -173,9 +173,14 @@ def age_calibration_section(calibration: Mapping[str, Any] | None) -> str:
     for sex, fitted in calibration.get("by_sex", {}).items():
         fits.append(f"{escape(sex)}: prediction = {fitted['a']:.1f} + {fitted['b']:.3f} × true age, inverted"
                     if "b" in fitted else f"{escape(sex)}: not corrected ({escape(fitted.get('skipped'))})")
-    out.append("<p class='note'>Out of fold the ensemble pulls ages towards the mean. The shipped bone age is "
-               f"corrected per sex ({escape(calibration.get('method'))}; {'; '.join(fits)}), fitted on "
-               "out-of-fold predictions only; below, each fold corrected by the fit on the other folds.</p>")
+    if calibration.get("applied", True):
+        out.append("<p class='note'>Out of fold the ensemble pulls ages towards the mean. The shipped bone age is "
+                   f"corrected per sex ({escape(calibration.get('method'))}; {'; '.join(fits)}), fitted on "
+                   "out-of-fold predictions only; below, each fold corrected by the fit on the other folds.</p>")
+    else:
+        out.append("<p class='note'>Out of fold the ensemble pulls ages towards the mean. The shipped bone age is "
+                   f"<b>not corrected</b>: {escape(calibration.get('why', 'cv.age_calibration is off'))}. Below, what "
+                   "the correction would have done (each fold corrected by the fit on the other folds).</p>")
     before, after = calibration["before"], calibration["after"]
     rows = "".join(
         f'<tr><td class="text">{escape(group)}</td><td>{cell["n"]}</td><td>{number(cell["bias"], 1)}</td>'

@@ -86,10 +86,10 @@ def write_bundle(config: Config) -> str:
     # the corrected predictions, cross-fitted, so it measures the bone age that scoring writes.
     age_calibration, oof[f"{ensemble_column}_corrected"] = age_correction(oof, ensemble_column,
                                                                           config.cv.age_calibration)
-    shipped_name = f"ensemble ({ensembles['use']})" + (", age-corrected" if config.cv.age_calibration != "off" else "")
+    shipped_name = f"ensemble ({ensembles['use']})" + (", age-corrected" if age_calibration["applied"] else "")
     oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
                     [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", ensemble_column)]}
-    if config.cv.age_calibration != "off":
+    if age_calibration["applied"]:
         oof_accuracy[shipped_name] = metrics.accuracy_report(oof[f"{ensemble_column}_corrected"], oof["boneage"],
                                                              oof["male"])
     data = training_data(config, set(folds["id"]))
@@ -139,7 +139,7 @@ def age_correction(oof: pd.DataFrame, prediction: str, method: str) -> tuple[dic
 
     fitted, corrected = age_calibration.calibrate(oof, prediction, method)
     before, after = fitted["before"], fitted["after"]
-    print(f"[bundle] {age_calibration.describe(fitted)}; out of fold (cross-fitted) MAE "
+    print(f"[bundle] {age_calibration.describe(fitted)}; out of fold (cross-fitted, if applied) MAE "
           f"{before['all']['mae']:.2f} → {after['all']['mae']:.2f}, bias by age band " + ", ".join(
               f"{band} {cell['bias']:+.1f} → {after['by_age_band'][band]['bias']:+.1f}"
               for band, cell in before["by_age_band"].items()))
