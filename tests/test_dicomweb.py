@@ -1,7 +1,8 @@
 """DICOMweb in and out (boneage.data.dicomweb, `boneage score dicomweb+http://...`) against a real Orthanc
 on loopback (authentication on, its own storage): listing with QIDO-RS, retrieval with WADO-RS in Ray's
 tasks, STOW-RS of the SR and card SC, and the faults (unreachable, wrong credentials, unknown study, an
-instance gone mid-run, non-image objects, a slow service, a rerun after a cut-off run)."""
+instance gone mid-run, non-image objects, a slow service, a rerun after a cut-off run and after a real
+SIGKILL halfway)."""
 
 from __future__ import annotations
 
@@ -353,3 +354,99 @@ def test_a_failed_stow_is_not_settled_and_is_sent_again():
                           "scored_at": pd.to_datetime(["2026-01-01"] * 3, utc=True),
                           "dicom_stow": [dicom_out.STOWED, "failed: the service refused 1 of 2 objects", None]})
     assert score.settled_uris(table) == {"a", "c"}
+
+
+@pytest.mark.slow
+def test_a_run_killed_halfway_and_rerun_gives_each_instance_once_and_one_sr_and_sc(orthanc, bundle, tmp_path,
+                                                                                   ray_local):
+    """`boneage score dicomweb+... --stow` as a real process, SIGKILLed (its whole process group) once its
+    first parquet part is written and before its last, then rerun to the end: every instance has one row
+    in the table and one in the raw parts (rows written by the killed run are settled, never scored again),
+    the rerun scores and sends only the others, and Orthanc holds exactly one SR and one SC per instance.
+    Rows scored and sent by the killed run but not yet written are sent again with the same UIDs, which
+    Orthanc keeps once (docs/pacs.md). Both runs join the session's Ray instance (--address): killing the
+    driver ends its job's actors and tasks, as when a submitted job's driver dies."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+
+    import orthanc_server
+    from boneage.distributed import ray_score
+
+    client = _service(orthanc).client()
+    studies = [generate_uid() for _ in range(5)]
+    images = [hand(name, study, sex=sex) for study in studies
+              for name, sex in (("1675.png", "M"), ("1563.png", "F"), ("1675.png", "F"), ("1563.png", "M"))]
+    client.store_instances(images)
+    listed = tmp_path / "studies.txt"
+    listed.write_text("\n".join(studies) + "\n")
+    out = tmp_path / "predictions.parquet"
+    parts = tmp_path / "predictions.parquet.parts"
+    # --batch-size 2: the scorer takes 8 images a batch, so the 20 instances are written as several parts
+    command = [sys.executable, "-m", "boneage.cli", "score", _input(orthanc), "--studies", str(listed),
+               "--bundle", bundle, "--out", str(out), "--stow", "--batch-size", "2",
+               "--address", ray_local.get_runtime_context().gcs_address]
+    env = {**{k: v for k, v in os.environ.items() if k not in (dicomweb.TOKEN_ENV, "RAY_ADDRESS")},
+           dicomweb.USER_ENV: orthanc_server.USER, dicomweb.PASSWORD_ENV: orthanc_server.PASSWORD}
+
+    def written_rows() -> pd.DataFrame:  # the rows of every complete part (one being written cannot be read)
+        tables = []
+        for part in parts.glob("*.parquet"):
+            try:
+                tables.append(pq.read_table(part, columns=["id", "uri", "dicom_stow", "scored_at"]).to_pandas())
+            except Exception:  # noqa: BLE001 - cut off mid-write: the rerun removes it
+                continue
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["id"])
+
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as sink:
+        run = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while len(written_rows()) == 0:
+                assert run.poll() is None, f"the run ended before writing a part: {log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.02)
+        finally:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    # Ray ends the dead driver's actors and tasks (a write among them) on its own: once their CPUs are
+    # free again, no part can appear any more.
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, ray_local.available_resources()
+        time.sleep(0.2)
+    first = written_rows()
+    # Halfway: the scorer's batches are 8 images, a few seconds apart on 2 cores; the poll is 20 ms.
+    assert 0 < len(first) < len(images), (len(first), log.read_text()[-3000:])
+    assert not out.exists()  # the killed run never gathered its parts
+
+    again = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"[score] {len(first)} files already have a row" in again.stdout, again.stdout
+    assert f"STOW-RS to {orthanc['url']}: {len(images)}/{len(images)} rows' SR and card SC stored" in again.stdout
+
+    sources = {ds.SOPInstanceUID: ds for ds in images}
+    table = ray_score.read_output(str(out), ("id", "uri", "status", "dicom_stow", "dicom_sr_uid", "bundle_sha256",
+                                             "scored_at")).set_index("id")
+    assert sorted(table.index) == sorted(sources) and (table.status == "ok").all()
+    assert (table.dicom_stow == dicom_out.STOWED).all()
+    raw = written_rows()  # every part of both runs: nothing scored, so nothing sent, twice
+    assert raw["id"].is_unique and sorted(raw["id"]) == sorted(sources)
+    killed = first.set_index("id")
+    assert (table.loc[killed.index, "scored_at"] == killed.scored_at).all()  # the killed run's rows kept
+    rerun = table.drop(index=killed.index)
+    assert (rerun.scored_at > killed.scored_at.max()).all() and len(rerun) == len(images) - len(first)
+
+    for rid, row in table.iterrows():
+        uids = dicom_out.uids(rid, row.bundle_sha256)
+        found = client.search_for_instances(sources[rid].StudyInstanceUID, uids["series"])
+        assert sorted(pydicom.Dataset.from_json(i).SOPInstanceUID for i in found) == sorted(
+            [row.dicom_sr_uid, uids["sc"]]), rid
+    for study in studies:  # 4 sources, and an SR and an SC for each: nothing else
+        assert len(client.search_for_instances(study)) == 4 * 3
