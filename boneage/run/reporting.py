@@ -24,6 +24,7 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     the preprocessing summary and the worst cases' registered images."""
     from boneage.clinical import gate
     from boneage.distributed import ray_prepare
+    from boneage.validation import age_calibration
     from boneage import report as report_mod
 
     options = config.data.storage_options
@@ -34,16 +35,17 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     names = list(ensembles["fits"])
     predictions = {m: table[f"ensemble_{m}"].to_numpy(float) for m in names}
     primary = ensembles["use"]
-    corrected = f"ensemble_{primary}_corrected"  # the shipped bone age: the ensemble corrected at the extremes
-    if corrected in table:
+    training = storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options) or {}
+    corrected = training.get("age_calibration") or {}
+    if corrected.get("applied"):  # the shipped bone age: the ensemble corrected at the extremes, cross-fitted
         primary = f"{primary}, age-corrected"
-        predictions = {primary: table[corrected].to_numpy(float), **predictions}
+        predictions = {primary: age_calibration.cross_fitted(table, corrected["prediction"], corrected["method"]),
+                       **predictions}
     worst = report_mod.worst_cases(table, predictions[primary], n_worst)["id"].tolist()
     images = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, ids=worst)
     trials = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
     test = test or storage.read_json(storage.join_uri(config.output, "test", "metrics.json"), options) or None
     test_table = test_gate = None
-    training = storage.read_json(storage.join_uri(config.output, "bundle", "training.json"), options) or {}
     if test:
         test = {**test, "evaluations": read_evaluations(config)}  # how many times the split was scored
         scored = pd.read_parquet(storage.join_uri(config.output, "test", "predictions.parquet"),
