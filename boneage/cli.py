@@ -46,7 +46,8 @@ SERVE_FLAGS = {
         "--gpus-per-replica": "serve.gpus_per_replica", "--torch-threads": "serve.torch_threads",
         "--max-batch-size": "serve.max_batch_size",
         "--max-ongoing-requests": "serve.max_ongoing_requests", "--max-queued-requests": "serve.max_queued_requests",
-        "--max-request-mb": "serve.max_request_mb", "--request-timeout-s": "serve.request_timeout_s",
+        "--max-request-mb": "serve.max_request_mb", "--max-pixels-mpx": "serve.max_pixels_mpx",
+        "--request-timeout-s": "serve.request_timeout_s",
         "--token-file": "serve.token_file"},
 }
 FLAGS = {flag: setting for table in (RUN_FLAGS, CV_FLAGS, TEST_FLAGS, SERVE_FLAGS) for group in table.values()
@@ -219,7 +220,7 @@ def _score(args: argparse.Namespace) -> int:
               gpus_per_actor=args.gpus_per_actor, batch_size=args.batch_size, id_from=args.id_from,
               keep_dicom_uids=args.keep_dicom_uids, cards=args.cards, dicom_out=args.dicom_out,
               studies=args.studies, qido=args.qido, stow=args.stow, dicomweb_auth=args.dicomweb_auth,
-              dicomweb_timeout=args.dicomweb_timeout)
+              dicomweb_timeout=args.dicomweb_timeout, pipeline=args.pipeline)
     return 0
 
 
@@ -373,11 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     pacs.add_argument("--dicomweb-timeout", type=float, metavar="SECONDS", default=None,
                       help="how long one request may wait for the service (default: 30)")
     p.add_argument("--actors", type=int, default=None,
-                   help="scoring actors (model copies); default: one per GPU of the cluster, else 1")
+                   help="scoring actors (model copies); default: one per GPU of the cluster, else one per CPU "
+                        "core (lean pipeline) or 1 (staged)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPU per scoring actor (0: CPU); default: 1 where the cluster has GPUs, else 0. "
                         "Never the bundle's training settings: a GPU-trained bundle scores on a CPU machine")
     p.add_argument("--batch-size", type=int, help="images per preprocessing task (default: the bundle's)")
+    p.add_argument("--pipeline", choices=("auto", "lean", "staged"), default="auto",
+                   help="lean: every stage of a batch of images in one scoring actor per CPU core (no image "
+                        "crosses between processes); staged: preparation in CPU tasks over the cluster, "
+                        "then the scoring actors (the way to feed GPUs). Default auto: staged where the "
+                        "scoring actors have GPUs, else lean. Both give the same rows")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs for a local Ray (default: all)")
     p.add_argument("--verbose", action="store_true", help="also show Ray's INFO lines and the workers' output")

@@ -330,6 +330,10 @@ class ServeConfig(_Section):
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 of a full queue gives")
     max_request_mb: float = Field(64.0, gt=0, description="largest request body, in MB (10^6 bytes); a larger "
                                                           "one is refused with 413")
+    # A hand radiograph is 2-15 Mpx (a 43x35 cm plate at 0.1 mm is 15 Mpx); a bigger header is refused
+    # before anything is decoded, far below PIL's decompression-bomb limit (about 179 Mpx).
+    max_pixels_mpx: float = Field(40.0, gt=0, description="largest image accepted, in million pixels, from its "
+                                                          "header; a larger one is refused with 422 bad_image")
     request_timeout_s: float = Field(60.0, gt=0, description="a request not answered in this time ends with 408")
     token_file: str | None = Field(None, description="a file holding the bearer token that every route but "
                                                      "/v1/health then requires; null: the BONEAGE_SERVE_TOKEN "

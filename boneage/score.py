@@ -395,28 +395,41 @@ GIVEN_WITH_REQUEST = "request"
 
 
 def prepare_one(data: bytes, rid: str = "image", keypoint_model: torch.nn.Module | None = None,
-                device: str | torch.device = "cpu") -> dict[str, Any]:
+                device: str | torch.device = "cpu", max_pixels: int | None = None) -> dict[str, Any]:
     """One image's registered row (boneage.registration.prepare's columns, status and error) from its
     bytes (PNG, JPEG or DICOM), its registered image under prepare.REGISTERED_IMAGE. Never raises for a
     bad image: the row has status 'error' and the batch path's error text. `keypoint_model`: the bundle's
-    (boneage.model.keypoint_model.load), None: geometric key points only (as batch scoring without one)."""
+    (boneage.model.keypoint_model.load), None: geometric key points only (as batch scoring without one).
+    `max_pixels`: a larger image is a bad_image row, refused from its header (the service's serve.max_pixels)."""
     from boneage.data.images import decode_image
     from boneage.errors import STATUS_OK
-    from boneage.model import keypoint_model as keypoint_model_mod
     from boneage.registration import prepare
 
     row: dict[str, Any] = {"id": rid, "uri": None, "path": None, "status": STATUS_OK, "error": None}
     try:
-        image, meta = decode_image(data, rid)
+        image, meta = decode_image(data, rid, max_pixels)
     except Exception as err:
         return prepare.failed_row(row, err)
-    row = prepare.analyse_image(row, image, meta)
-    model_points = None
-    if keypoint_model is not None and row["status"] == STATUS_OK:
-        model_points = keypoint_model_mod.predict_pixels(
-            keypoint_model, prepare.decode_png(row["keypoint_input"])[None],
-            np.array([[row["width"], row["height"]]], float), device)[0]
-    return prepare.register_row(row, model_points, encode=False)
+    return register_analysed([prepare.analyse_image(row, image, meta)], keypoint_model, device)[0]
+
+
+def register_analysed(analysed: list[dict[str, Any]], keypoint_model: torch.nn.Module | None = None,
+                      device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """prepare.register_row (encode=False) of analysed rows (prepare.analyse_row / analyse_image), the key
+    point model run once on all of them: the registered images stay arrays (prepare.REGISTERED_IMAGE)."""
+    from boneage.errors import STATUS_OK
+    from boneage.model import keypoint_model as keypoint_model_mod
+    from boneage.registration import prepare
+
+    points: list[np.ndarray | None] = [None] * len(analysed)
+    ok = [i for i, row in enumerate(analysed) if row["status"] == STATUS_OK and row.get("keypoint_input") is not None]
+    if keypoint_model is not None and ok:
+        predicted = keypoint_model_mod.predict_pixels(
+            keypoint_model, np.stack([prepare.decode_png(analysed[i]["keypoint_input"]) for i in ok]),
+            np.array([[analysed[i]["width"], analysed[i]["height"]] for i in ok], float), device)
+        for i, p in zip(ok, predicted):
+            points[i] = p
+    return [prepare.register_row(row, p, encode=False) for row, p in zip(analysed, points)]
 
 
 def score_prepared(prepared: list[Mapping[str, Any]], models: BundleModels, sexes: list[str | None],

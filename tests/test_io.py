@@ -593,3 +593,15 @@ def test_labels_with_a_patient_column_give_hashed_groups(tmp_path):
     assert df.group[3] == patient_group("B-2")
     assert patient_group("A-17").startswith("g") and len(patient_group("A-17")) == 17
     assert "A-17" not in "".join(map(str, df.group)) and patient_group("A-17") != patient_group("A-18")
+
+
+def test_a_pixel_limit_refuses_from_the_header_before_decoding():
+    """decode_image(max_pixels=): PNG and DICOM larger than the limit are bad_image, smaller ones decode."""
+    pixels = np.tile(np.arange(200, dtype=np.uint16) * 100, (300, 1))  # 300 x 200 = 60,000 px
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    for data in (buffer.getvalue(), dicom_bytes(pixels)):
+        with pytest.raises(ItemError) as refused:
+            images.decode_image(data, "big", max_pixels=59_999)
+        assert refused.value.code == "bad_image" and "200x300 px" in str(refused.value)
+        assert images.decode_image(data, "fits", max_pixels=60_000)[0].shape == (300, 200)

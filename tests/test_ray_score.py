@@ -91,6 +91,39 @@ def test_mixed_folder_one_row_per_file(tmp_path, ray_local, synthetic_small, cap
     assert "Doe" not in text and "20100115" not in text
 
 
+def test_the_lean_pipeline_gives_the_staged_pipelines_rows_and_cards(tmp_path, ray_local, synthetic_small):
+    """Issue 25, item 0: the lean path (every stage of a batch in one actor, no PNG round trip) against
+    the staged one (CPU tasks, the registered image as PNG between them) on good and bad files, with a
+    key point model, subjects and cards: the same rows, floats within what another batching of float32
+    sums moves, and the same cards."""
+    images = mixed_folder(tmp_path / "images", synthetic_small)
+    bundle = tmp_path / "bundle"
+    write_tiny_bundle(str(bundle), keypoint_model=True)
+    subjects = tmp_path / "subjects.csv"
+    subjects.write_text("id,sex,age_months\n1402,F,30\n1,M,\n2,X,\n")
+    tables = {}
+    for pipeline in ("staged", "lean"):
+        out = tmp_path / f"{pipeline}.parquet"
+        assert cli.main(["score", str(images), "--bundle", str(bundle), "--out", str(out), "--subjects", str(subjects),
+                         "--cards", str(tmp_path / f"cards-{pipeline}"), "--pipeline", pipeline,
+                         "--batch-size", "3"]) == 0
+        tables[pipeline] = pd.read_parquet(out).set_index("id").sort_index()
+    staged, lean = tables["staged"], tables["lean"]
+    assert list(staged.columns) == list(lean.columns) and list(staged.index) == list(lean.index)
+    assert (staged.status == "ok").sum() >= 6 and (staged.keypoint_source == "model").any()  # the model was used
+    for column in staged.columns.drop(["scored_at", "card"]):
+        a, b = staged[column], lean[column]
+        if pd.api.types.is_float_dtype(a):
+            assert (a.isna() == b.isna()).all() and np.allclose(a.fillna(0), b.fillna(0), rtol=0, atol=1e-3), column
+        elif column == "transform":
+            assert all((x is None) == (y is None) and (x is None or np.allclose(x, y)) for x, y in zip(a, b))
+        else:
+            assert a.astype(str).tolist() == b.astype(str).tolist(), column
+    for rid in staged.index[staged.card.notna()]:
+        drawn = [np.asarray(Image.open(tables[p].loc[rid, "card"])) for p in ("staged", "lean")]
+        assert drawn[0].shape == drawn[1].shape and (drawn[0] != drawn[1]).any(axis=-1).mean() < 0.005, rid
+
+
 def test_a_missing_bundle_is_a_clear_error(tmp_path, capsys, synthetic_small):
     assert cli.main(["score", synthetic_small["images"], "--bundle", str(tmp_path / "nowhere"),
                      "--out", str(tmp_path / "p.parquet")]) == 2

@@ -251,6 +251,18 @@ def test_predicted_sex_at_the_bundles_thresholds():
 
 
 
+def test_auto_scores_lean_on_cpu_and_staged_on_gpus():
+    from boneage.errors import UserError
+    from boneage.run.scoring import scoring_pipeline
+
+    assert scoring_pipeline("auto", None, cluster_gpus=0) == "lean"
+    assert scoring_pipeline("auto", None, cluster_gpus=4) == "staged"
+    assert scoring_pipeline("auto", 0.0, cluster_gpus=4) == "lean"  # CPU actors asked for on a GPU cluster
+    assert scoring_pipeline("staged", None, cluster_gpus=0) == "staged"
+    with pytest.raises(UserError, match="--pipeline lean scores on CPU"):
+        scoring_pipeline("lean", 1.0, cluster_gpus=4)
+
+
 def test_scoring_resources_are_the_scorers_not_the_bundles():
     from pathlib import Path
 
@@ -261,6 +273,10 @@ def test_scoring_resources_are_the_scorers_not_the_bundles():
     assert scoring_resources(None, None, cluster_gpus=4) == (4, 1.0)  # one actor per GPU
     assert scoring_resources(None, 0.5, cluster_gpus=2) == (4, 0.5)
     assert scoring_resources(3, 0.0, cluster_gpus=8) == (3, 0.0)  # what the user asks for
+    # the lean pipeline (CPU): one actor per core, a parquet write still fitting beside them
+    assert scoring_resources(None, None, 0, "lean", cluster_cpus=2, cpus_per_write=0.1) == (2, 0.0)
+    assert scoring_resources(None, None, 0, "lean", cluster_cpus=1, cpus_per_write=0.1) == (1, 0.0)
+    assert scoring_resources(None, None, 0, "lean", cluster_cpus=16, cpus_per_write=0.1) == (17, 0.0)
     # A bundle trained with configs/rsna.yaml (GPU key point actors) scored on a CPU machine.
     trained = load_config(Path(__file__).resolve().parents[1] / "configs" / "rsna.yaml")
     assert trained.keypoints.gpus_per_actor > 0 and trained.keypoints.use_gpu

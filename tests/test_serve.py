@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 # Two requests at once and one waiting: more than that is answered 503 (the bounded queue).
 SETTINGS = dict(cpus_per_replica=0.5, max_ongoing_requests=2, max_queued_requests=1, retry_after_s=2,
-                max_request_mb=4, max_batch_size=4)
+                max_request_mb=4, max_batch_size=4, max_pixels_mpx=20)
 # Columns that differ by design between a request and a batch row: where the file was, and that the sex and
 # age came with the request rather than a subjects CSV ("request" for "csv").
 NOT_COMPARED = {"uri", "path", "sex_source", "age_source"}
@@ -168,6 +168,8 @@ def test_bad_input_is_a_4xx_and_the_replica_goes_on(service, files):
         "decompression bomb": (bomb.getvalue(), "image/png", {}, 422, "bad_image"),
         "DICOM without pixels": (no_pixels, "application/dicom", {}, 422, "bad_dicom"),
         "10x10 image": (_png(np.arange(100, dtype=np.uint8).reshape(10, 10)), "image/png", {}, 422, "bad_image"),
+        "25 Mpx claim, over serve.max_pixels_mpx": (_claiming(_png(np.arange(100, dtype=np.uint8).reshape(10, 10)),
+                                                              5000, 5000), "image/png", {}, 422, "bad_image"),
         "400 Mpx claim": (_claiming(_png(np.arange(100, dtype=np.uint8).reshape(10, 10)), 20000, 20000),
                           "image/png", {}, 422, "bad_image"),
         "wrong content type": (good, "text/plain", {}, 415, "unsupported_media_type"),
@@ -184,6 +186,8 @@ def test_bad_input_is_a_4xx_and_the_replica_goes_on(service, files):
         assert answer.status_code == status, (name, answer.status_code, answer.text)
         error = answer.json()["error"]
         assert error["code"] == code and error["message"], (name, error)
+        if "max_pixels_mpx" in name:
+            assert "25 Mpx) is more than the 20 Mpx this service accepts" in error["message"], error
     scored = service.post("/v1/boneage", content=good, headers={"content-type": "image/png"})
     assert scored.status_code == 200 and scored.json()["boneage_months"] > 0
     from ray import serve
@@ -245,3 +249,22 @@ def test_the_token_comes_from_the_file_else_the_environment_and_a_bad_file_stops
     for bad in ("empty", "missing"):
         with pytest.raises(UserError):
             ray_serve.read_token(str(tmp_path / bad))
+
+
+def test_a_request_past_the_time_out_is_a_json_408_and_the_service_goes_on(service, files, bundle):
+    """Last in the module (it restarts Serve): a time-out shorter than a card takes is the replica's JSON
+    408 `timeout`; the replica stays healthy."""
+    from ray import serve
+
+    from boneage.distributed import ray_serve
+    from boneage.run import serving
+
+    ray_serve.shutdown()
+    url = serving.serve(bundle, ServeConfig(port=_free_port(), **{**SETTINGS, "request_timeout_s": 0.01}), wait=False)
+    answer = httpx.post(f"{url}/v1/boneage?card=1", content=(files / "1402.png").read_bytes(),
+                        headers={"content-type": "image/png"}, timeout=60)
+    assert answer.status_code == 408, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "timeout" and "serve.request_timeout_s (0.01 s)" in error["message"]
+    status = serve.status().applications["boneage"].deployments["BoneAge"]
+    assert status.status == "HEALTHY" and status.replica_states == {"RUNNING": 1}

@@ -29,12 +29,26 @@ def fold_state(kind: str, sex: str, fold: int) -> dict:
             "sex": sex, "fold": fold}
 
 
+def keypoint_state() -> dict:
+    """An untrained key point model, small: its points are noise, but they take the model's whole path."""
+    from boneage.model import train
+    from boneage.registration.frame import FRAME_H, FRAME_W
+
+    torch.manual_seed(7)
+    spec = {"kind": "keypoints", "input_size": (FRAME_H // 16, FRAME_W // 16), "width_mult": 0.0625, "fc": 16}
+    return {"spec": spec, "best": {"model": train.build_from_spec(spec).state_dict()}, "metrics": {}}
+
+
 def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: str | None = None,
-                      training: dict | None = None, sex_prediction: dict | None = None) -> dict:
+                      training: dict | None = None, sex_prediction: dict | None = None,
+                      keypoint_model: bool = False) -> dict:
     """sex_kind (e.g. "A-sex"): also a sex classifier's fold models. training: training.json's content
     (default {"images": 0}: no gate or interval calibration, as an older bundle); sex_prediction: its
-    record of when a predicted sex may be used (boneage.validation.sex_calls; None: an older bundle)."""
+    record of when a predicted sex may be used (boneage.validation.sex_calls; None: an older bundle);
+    keypoint_model: also an (untrained) key point model."""
     files, models = {}, []
+    if keypoint_model:
+        files["keypoints.safetensors"] = weights.to_bytes(keypoint_state())
     for fold in range(FOLDS) if sex_kind else ():
         path = f"models/{sex_kind}-all-fold{fold}.safetensors"
         files[path] = weights.to_bytes(fold_state(sex_kind, "all", fold))
@@ -55,4 +69,5 @@ def write_tiny_bundle(uri: str, storage_options: dict | None = None, sex_kind: s
         training["sex_prediction"] = sex_prediction
     files["training.json"] = json.dumps(training).encode()
     return bundle.write_bundle(uri, files, models, {"kinds": list(KINDS), "sexes": ["F", "M"], "folds": FOLDS,
-                                                    "keypoint_model": None, "sex_kind": sex_kind}, storage_options)
+                                                    "keypoint_model": "keypoints.safetensors" if keypoint_model else None,
+                                                    "sex_kind": sex_kind}, storage_options)

@@ -243,16 +243,17 @@ def safe_id(rid: str) -> str:
 
 def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str | None,
                 storage_options: Mapping[str, Any] | None = None, patch: int = PATCH,
-                pngs: list | None = None) -> tuple[list, list]:
+                pngs: list | None = None, images: list | None = None) -> tuple[list, list]:
     """A card per scored row, at card_uri(FOLDER, id). `rows`: the registered rows (registered_png), `table`:
-    their scoring rows, in the same order. Returns (card URI or None, error or None) lists: a card that
+    their scoring rows, in the same order; `images`: each row's registered image as an array (or None), in
+    place of decoding its registered_png (the lean path, boneage.score.register_analysed). Returns (card URI or None, error or None) lists: a card that
     cannot be drawn is an error for its row, not for the run. With `pngs` (a list), each row's PNG bytes
     (or None) are appended to it (for --dicom-out); `folder` None then draws without writing a file."""
     uris, errors = [], []
     interval = getattr(models, "interval", None)  # the bundle's interval calibration: its level for the text
-    for source, row in zip(rows.to_dict("records"), table.to_dict("records")):
+    for i, (source, row) in enumerate(zip(rows.to_dict("records"), table.to_dict("records"))):
         row["interval_level"] = interval["level"] if interval else None
-        png = source.get("registered_png")
+        png = source.get("registered_png") if images is None else images[i]
         if pd.isna(row.get("boneage_months")) or png is None:
             if pngs is not None:
                 pngs.append(None)
@@ -262,7 +263,7 @@ def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str | N
         drawn = None
         try:
             uri = card_uri(folder, row["id"]) if folder is not None else None
-            image = prepare.decode_png(png)
+            image = prepare.decode_png(png) if images is None else png
             heat = ensemble_occlusion(models, row.get("sex"), image, patch)
             drawn = card_png(image, row, heat, patch, source)
             if uri is not None:

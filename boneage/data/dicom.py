@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from boneage.errors import ItemError, short
-from boneage.data.pixels import percentile_window
+from boneage.data.pixels import check_pixel_count, percentile_window
 from boneage.data.storage import filesystem
 
 # What to install when a compressed DICOM has no decoder (pyproject.toml's `dicom` extra).
@@ -64,9 +64,10 @@ def _check_decoder(ds, name: str) -> None:
                                          f"installed: {CODEC_EXTRA}")
 
 
-def decode_dicom(data: bytes, name: str, meta: dict) -> np.ndarray:
+def decode_dicom(data: bytes, name: str, meta: dict, max_pixels: int | None = None) -> np.ndarray:
     """uint8 HxW of a DICOM file's first frame with bone bright, filling `meta` (see
-    boneage.data.images.META_KEYS); ItemError for a bad file."""
+    boneage.data.images.META_KEYS); ItemError for a bad file, or one whose Rows x Columns is above
+    `max_pixels` (checked before its pixels are decoded)."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
@@ -87,6 +88,8 @@ def decode_dicom(data: bytes, name: str, meta: dict) -> np.ndarray:
     except Exception:
         pass
 
+    if max_pixels is not None:
+        check_pixel_count(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels, name)
     _check_decoder(ds, name)
     try:
         with warnings.catch_warnings():

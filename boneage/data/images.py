@@ -33,7 +33,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from boneage.config import absolute
 from boneage.errors import ItemError, MissingInput, UserError, short
-from boneage.data.pixels import percentile_window
+from boneage.data.pixels import check_pixel_count, percentile_window
 from boneage.data.storage import filesystem, is_absolute, is_local, join_uri, read_bytes, with_protocol
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
@@ -297,8 +297,10 @@ def read_image(uri: str, storage_options: Mapping[str, Any] | None = None,
     return ImageRecord(id=image_id(uri), uri=str(uri), image=image, meta=meta)
 
 
-def decode_image(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode PNG, JPEG or DICOM bytes to (uint8 HxW array, meta) or raise ItemError.
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode PNG, JPEG or DICOM bytes to (uint8 HxW array, meta) or raise ItemError. `max_pixels`: an
+    image whose header says it has more pixels is a bad_image before anything is decoded (the service's
+    limit, serve.max_pixels; None: only PIL's decompression-bomb limit).
 
     The type comes from the magic bytes, never from ``name`` (used in messages only).
 
@@ -323,14 +325,14 @@ def decode_image(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     if kind == "dicom":
         from boneage.data import dicom  # imported here: only DICOM inputs pay for pydicom
 
-        image = dicom.decode_dicom(data, name, meta)
+        image = dicom.decode_dicom(data, name, meta, max_pixels)
     else:
-        image = _decode_pil(data, name, kind, meta)
+        image = _decode_pil(data, name, kind, meta, max_pixels)
     check_usable(image, name)
     return image, meta
 
 
-def _decode_pil(data: bytes, name: str, kind: str, meta: dict) -> np.ndarray:
+def _decode_pil(data: bytes, name: str, kind: str, meta: dict, max_pixels: int | None = None) -> np.ndarray:
     # PIL decodes lazily and, with LOAD_TRUNCATED_IMAGES, silently pads a short file with grey.
     # Nobody in boneage sets it; we refuse to decode if someone else in the process did.
     if ImageFile.LOAD_TRUNCATED_IMAGES:
@@ -341,6 +343,7 @@ def _decode_pil(data: bytes, name: str, kind: str, meta: dict) -> np.ndarray:
         raise ItemError("truncated", f"{name}: PNG has no IEND chunk")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_pixel_count(*im.size, max_pixels, name)  # from the header: nothing decoded yet
             im.load()  # force decoding now, so errors surface here, not in a later stage
             if kind == "jpeg":
                 im = ImageOps.exif_transpose(im)

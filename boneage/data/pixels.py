@@ -1,9 +1,12 @@
 """Pixel values to 8 bit: the percentile window that both image files (16-bit PNG) and DICOM (without a
-VOI window of their own) are mapped through, so every source reaches the pipeline on one scale."""
+VOI window of their own) are mapped through, so every source reaches the pipeline on one scale; and the
+pixel-count limit both decoders check from the header (check_pixel_count)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from boneage.errors import ItemError
 
 # 16-bit PNGs and DICOMs without a VOI window are mapped to uint8 linearly between these
 # percentiles of their values: a plain min-max would let a few dead pixels or a burned-in
@@ -37,3 +40,10 @@ def percentile_window(arr: np.ndarray, lo_pct: float | None = None, hi_pct: floa
         return np.zeros(arr.shape, np.uint8)  # constant; check_usable rejects it
     scaled = (arr.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
     return np.clip(np.nan_to_num(scaled), 0, 255).round().astype(np.uint8)
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    """bad_image when a header's width x height is above `max_pixels` (None: no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ItemError("bad_image", f"{name}: {width}x{height} px ({width * height / 1e6:.0f} Mpx) is more than "
+                                     f"the {max_pixels / 1e6:g} Mpx this service accepts (serve.max_pixels_mpx)")

@@ -37,6 +37,11 @@ def init_ray(config: RayConfig) -> None:
           f"{resources.get('GPU', 0):g} GPUs", flush=True)
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the cluster Ray is connected to."""
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
 def cluster_gpus() -> float:
     """The GPUs of the cluster Ray is connected to (logical ones included: the autoscaling twin's)."""
     return float(ray.cluster_resources().get("GPU", 0))

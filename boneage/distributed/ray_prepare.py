@@ -80,7 +80,7 @@ def _analysed_without_arrays(batch: pd.DataFrame) -> pd.DataFrame:
     return batch.drop(columns=[prepare._CLEAN, prepare._MASK], errors="ignore")
 
 
-def _from_manifest(manifest: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
+def from_manifest(manifest: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
     records = manifest.astype(object).where(manifest.notna(), None).to_dict("records")
     # Enough blocks that every CPU of the cluster gets work, few enough that each block is a batch.
     blocks = max(1, min(len(records), math.ceil(len(records) / batch_size)))
@@ -89,7 +89,7 @@ def _from_manifest(manifest: pd.DataFrame, batch_size: int) -> ray.data.Dataset:
 
 def analyse_dataset(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
     """Analyse (decode, mask, geometric key points, key point model input) without registering."""
-    ds = _from_manifest(manifest, config.preprocess.batch_size)
+    ds = from_manifest(manifest, config.preprocess.batch_size)
     ds = ds.map_batches(_Analyse(config.data.storage_options), batch_size=config.preprocess.batch_size,
                         batch_format="pandas", num_cpus=config.preprocess.cpus_per_task)
     return ds.map_batches(_analysed_without_arrays, batch_format="pandas").to_pandas()
@@ -103,7 +103,7 @@ def prepare_dataset(manifest: pd.DataFrame, config: Config, keypoint_model: str 
     string columns of the manifest carried along (e.g. DICOM UIDs when asked for). `fetch`: reads each
     row's uri in the decoding tasks instead of storage (a DICOMweb input: boneage.data.dicomweb.Reader)."""
     batch = config.preprocess.batch_size
-    ds = _from_manifest(manifest, batch).map_batches(
+    ds = from_manifest(manifest, batch).map_batches(
         _Analyse(config.data.storage_options, fetch), batch_size=batch, batch_format="pandas",
         num_cpus=config.preprocess.cpus_per_task)
     if keypoint_model:

@@ -1,9 +1,11 @@
 """Batch scoring on Ray Data: a folder (or list, or s3:// prefix) of radiographs in, parquet out, written
-as it goes.
+as it goes. Two pipelines give the same rows (`boneage score --pipeline`; auto: lean on CPU, staged on GPUs):
 
-    manifest ─► decode, mask, key points (CPU tasks) ─► key point model (actor pool) ─► register (CPU tasks)
-             ─► BundleScorer (actor pool, GPU when asked): every fold model, the ensemble
-             ─► write_parquet: one part per block, as blocks finish
+    lean:   manifest ─► LeanScorer (actor pool, one per CPU core): decode, mask, key points, key point
+                        model, register, every fold model, the ensemble, in one process per batch
+                     ─► write_parquet: one part per block, as blocks finish
+    staged: manifest ─► decode, mask, key points (CPU tasks) ─► key point model (actor pool) ─► register
+                        (CPU tasks) ─► BundleScorer (actor pool, GPU when asked) ─► write_parquet
 
 The preparation stages are boneage.distributed.ray_prepare's, with the bundle's key point model; the scoring is
 boneage.score. Every input file gives exactly one row: a file that cannot be read or registered keeps
@@ -38,7 +40,9 @@ from boneage.data import storage
 from boneage.bundle import keypoint_model_sha256, keypoint_model_uri, load_bundle, read_manifest
 from boneage.config import Config
 from boneage.errors import UserError
-from boneage.distributed.ray_prepare import prepare_dataset
+from boneage.distributed.ray_prepare import from_manifest, prepare_dataset
+from boneage.model import keypoint_model
+from boneage.registration import prepare
 
 PARTS_SUFFIX = ".parts"
 
@@ -64,15 +68,20 @@ class BundleScorer:
         self.scored_at = pd.Timestamp(provenance["scored_at"])
 
     def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        return self._score(batch)
+
+    def _score(self, batch: pd.DataFrame, images: list | None = None) -> pa.Table:
+        """The output table of registered rows; `images`: their registered images as arrays (the lean
+        path) in place of their registered_png."""
         batch["age_months"] = batch["id"].map(self.ages)
-        out = score.score_rows(batch, self.models)
+        out = score.score_rows(batch, self.models, images=images)
         out["bundle_sha256"] = self.bundle_sha256  # before the cards: they name the bundle
         dicom = self.dicom_dir or self.stow
         pngs: list | None = [] if dicom else None  # --dicom-out / --stow put each card into a Secondary Capture
         card_errors = None
         if self.cards_dir or dicom:  # --cards: a PNG per image (boneage.clinical.cards)
             uris, card_errors = cards.write_cards(batch, out, self.models, self.cards_dir, self.storage_options,
-                                                  pngs=pngs)
+                                                  pngs=pngs, images=images)
             if self.cards_dir:
                 out["card"], out["card_error"] = uris, card_errors
         if dicom:  # an SR and the card's SC per DICOM input (boneage.clinical.dicom_out), to files and/or STOW-RS
@@ -139,7 +148,7 @@ def scored_uris(out_uri: str, bundle_sha256: str, storage_options: Mapping[str, 
 def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: str, provenance: Mapping[str, Any],
               actors: int = 1, gpus_per_actor: float = 0.0, ages: Mapping[str, float] | None = None,
               uid_columns: tuple[str, ...] = (), cards: str | None = None, dicom_dir: str | None = None,
-              reader=None, stow: bool = False) -> dict[str, Any]:
+              reader=None, stow: bool = False, pipeline: str = "staged") -> dict[str, Any]:
     """Score the manifest rows (id, uri, path, status, error, male) that have no row in `out_uri` yet and
     write them as parquet parts as they finish; then, for an `out_uri` ending in .parquet, gather all
     parts into that file. `config`: the bundle's preprocessing and key point settings with this run's
@@ -147,6 +156,8 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     for a PNG card per image; `dicom_dir`: a folder for an SR and the card's SC per DICOM input
     (boneage.clinical.dicom_out). `reader`: a DICOMweb input's boneage.data.dicomweb.Reader, which
     retrieves each instance in the decoding tasks; `stow`: send each SR and SC back to it (STOW-RS).
+    `pipeline`: "lean", every stage of a batch in one of `actors` LeanScorer actors (CPU), or "staged",
+    preparation in CPU tasks and scoring in `actors` BundleScorer actors (with `gpus_per_actor` each).
     Returns {"skipped": rows already there, "scored": rows written now}."""
     options = config.data.storage_options
     done = scored_uris(out_uri, provenance["bundle"]["sha256"], options)
@@ -158,18 +169,25 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
         manifest_record = read_manifest(bundle_uri, options)
         schema = score.output_schema(list(manifest_record["kinds"]), uid_columns, cards=bool(cards),
                                      dicom=bool(dicom_dir), stow=stow)
-        ds = prepare_dataset(todo, config, keypoint_model_uri(bundle_uri, manifest_record),
-                             keypoint_model_sha256(manifest_record), extra_columns=uid_columns, fetch=reader)
-        ds = ds.map_batches(
-            BundleScorer,
-            fn_constructor_args=(bundle_uri, options, gpus_per_actor > 0, dict(ages or {}), dict(provenance),
-                                 tuple(uid_columns), cards, dicom_dir, reader, stow),
-            compute=ActorPoolStrategy(size=actors),
-            batch_size=config.preprocess.batch_size * 4,
-            batch_format="pandas",
-            num_gpus=gpus_per_actor,
-            num_cpus=config.preprocess.cpus_per_actor,  # see PreprocessConfig
-        )
+        scorer_args = (dict(ages or {}), dict(provenance), tuple(uid_columns), cards, dicom_dir, reader, stow)
+        keypoints = (keypoint_model_uri(bundle_uri, manifest_record), keypoint_model_sha256(manifest_record))
+        if pipeline == "lean":
+            batch = config.preprocess.batch_size
+            ds = from_manifest(todo, batch).map_batches(
+                LeanScorer, fn_constructor_args=(bundle_uri, options, *keypoints, *scorer_args),
+                compute=ActorPoolStrategy(size=actors), batch_size=batch, batch_format="pandas",
+                num_cpus=LEAN_CPUS_PER_ACTOR)
+        else:
+            ds = prepare_dataset(todo, config, *keypoints, extra_columns=uid_columns, fetch=reader)
+            ds = ds.map_batches(
+                BundleScorer,
+                fn_constructor_args=(bundle_uri, options, gpus_per_actor > 0, *scorer_args),
+                compute=ActorPoolStrategy(size=actors),
+                batch_size=config.preprocess.batch_size * 4,
+                batch_format="pandas",
+                num_gpus=gpus_per_actor,
+                num_cpus=config.preprocess.cpus_per_actor,  # see PreprocessConfig
+            )
         path, filesystem = storage.arrow_location(parts_uri(out_uri), options)
         # APPEND (Ray Data's default) with this run's own file prefix: the parts of earlier runs stay.
         ds.write_parquet(path, filesystem=filesystem, mode=ray.data.SaveMode.APPEND,
@@ -179,6 +197,40 @@ def run_score(manifest: pd.DataFrame, bundle_uri: str, config: Config, out_uri: 
     if out_uri.lower().endswith(".parquet"):
         gather(out_uri, provenance, options)
     return {"skipped": int(len(manifest) - len(todo)), "scored": int(len(todo))}
+
+
+class LeanScorer(BundleScorer):
+    """Ray Data actor of the lean path (issue 25): a batch of manifest rows is decoded, analysed, put
+    through the key point model, registered and scored in this one process, with the functions of the
+    per-image path (boneage.score.register_analysed, as `boneage serve`): no registered image is
+    PNG-encoded and decoded again, no block of full-size arrays crosses the object store between stages,
+    and each actor keeps one core busy (LEAN_CPUS_PER_ACTOR) where the staged pipeline's half-CPU actors
+    and whole-CPU tasks left cores idle."""
+
+    def __init__(self, bundle_uri: str, storage_options: Mapping[str, Any] | None, keypoint_uri: str | None,
+                 keypoint_sha256: str | None, *scorer_args):
+        super().__init__(bundle_uri, storage_options, False, *scorer_args)
+        self.keypoint_model = None
+        if keypoint_uri:  # checked against the bundle's manifest here too, as KeypointPredictor does
+            self.keypoint_model = keypoint_model.load(storage.read_bytes(keypoint_uri, storage_options),
+                                                      keypoint_uri, keypoint_sha256, self.models.device)
+
+    def __call__(self, batch: pd.DataFrame) -> pa.Table:
+        # a DICOMweb input's reader (self.reader) retrieves each instance here
+        analysed = [prepare.analyse_row(row, self.storage_options, self.reader) for row in batch.to_dict("records")]
+        registered = score.register_analysed(analysed, self.keypoint_model, self.models.device)
+        images = [row.pop(prepare.REGISTERED_IMAGE, None) for row in registered]
+        return self._score(pd.DataFrame(registered), images)
+
+
+# Each lean actor's CPUs: one core's work, less a tenth so that the parquet writes (cpus_per_write) still
+# fit beside one actor per core. Ray gives an actor of under 2 CPUs one torch thread (OMP_NUM_THREADS).
+LEAN_CPUS_PER_ACTOR = 0.9
+
+
+def lean_actors(cluster_cpus: float, cpus_per_write: float) -> int:
+    """Lean actors that fill a cluster of `cluster_cpus` CPUs and leave room for a parquet write."""
+    return max(1, int((cluster_cpus - cpus_per_write) // LEAN_CPUS_PER_ACTOR))
 
 
 class _RunFiles(ray.data.datasource.FilenameProvider):

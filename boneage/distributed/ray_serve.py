@@ -48,7 +48,11 @@ SERVICE_CODES = {
     "unsupported_media_type": (415, "the content type is not an image type or multipart/form-data"),
     "bad_request": (400, "the request cannot be read (a multipart body without an image part, ...)"),
     "unauthorized": (401, "the service has a token and the request did not give it"),
+    "timeout": (408, "the request was not answered within serve.request_timeout_s"),
 }
+# Serve's proxy ends a request PROXY_GRACE_S after serve.request_timeout_s (plain text 408): only one that
+# never reached a replica meets it; one in a replica gets the replica's JSON 408 first.
+PROXY_GRACE_S = 2.0
 # The HTTP status of each batch error code. processing_failed is a bug of ours (500), the rest the image's.
 ERROR_STATUS = {"empty_file": 400, "not_an_image": 415, "missing_codec": 415, "unknown_sex": 422, "bad_label": 422,
                 "processing_failed": 500}
@@ -222,6 +226,8 @@ class BoneAgeService:
                                                       self.device)
         self.info = model_info(bundle)
         self.limit = int(settings.max_request_mb * 1_000_000)
+        self.max_pixels = int(settings.max_pixels_mpx * 1_000_000)
+        self.timeout_s = settings.request_timeout_s
         self.scored = {"images": 0, "batches": 0}  # this replica's: how well requests meet in batches
         self.score_batch.set_max_batch_size(settings.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(settings.batch_wait_s)
@@ -254,11 +260,20 @@ class BoneAgeService:
         """Score one radiograph (PNG, JPEG or DICOM: the raw body, or the 'image' part of a multipart form).
         sex (F/M) and chronological_age_months: optional, as query or form fields; else the DICOM header's,
         as in batch scoring. Answers the `boneage score` row as JSON, or with card=1 the card as PNG."""
+        try:  # the replica's own time-out: a JSON 408 (Serve's proxy, PROXY_GRACE_S later, answers plain text)
+            return await asyncio.wait_for(self._answer(request), self.timeout_s)
+        except asyncio.TimeoutError:
+            return RequestError("timeout", f"timeout: not answered within serve.request_timeout_s "
+                                           f"({self.timeout_s:g} s); the service is busy or the image is large: "
+                                           f"retry later").response()
+
+    async def _answer(self, request: Request) -> Response:
         try:
             data, fields = await image_and_fields(request, self.limit)
             subject_sex, age = subject_fields(fields)
             rid = str(fields.get("id") or f"request-{uuid.uuid4().hex[:12]}")[:200]
-            prepared = await asyncio.to_thread(score.prepare_one, data, rid, self.keypoint_model, self.device)
+            prepared = await asyncio.to_thread(score.prepare_one, data, rid, self.keypoint_model, self.device,
+                                             self.max_pixels)
             if prepared["status"] != STATUS_OK:
                 raise item_error(prepared["error"])
             row = await self.score_batch((prepared, subject_sex, age))
@@ -308,7 +323,7 @@ def start(bundle_uri: str, settings: ServeConfig, storage_options: Mapping[str, 
     """Start Serve's HTTP proxy (host, port, time-out) and the application on the connected Ray; returns
     its base URL once every replica is up."""
     serve.start(http_options=HTTPOptions(host=settings.host, port=settings.port,
-                                         request_timeout_s=settings.request_timeout_s))
+                                         request_timeout_s=settings.request_timeout_s + PROXY_GRACE_S))
     serve.run(application(bundle_uri, settings, storage_options, bundle_sha256), name=APP_NAME, route_prefix="/")
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     return f"http://{host}:{settings.port}"

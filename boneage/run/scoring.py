@@ -23,14 +23,37 @@ SUMMARY_COLUMNS = ("id", "uri", "status", "error", "sex_source", "registration_d
 CLINICAL_SUMMARY_COLUMNS = ("accepted", "reject_reason", "boneage_interpretation", "sds_note", "sex_mismatch")
 
 
-def scoring_resources(actors: int | None, gpus_per_actor: float | None, cluster_gpus: float) -> tuple[int, float]:
+def scoring_resources(actors: int | None, gpus_per_actor: float | None, cluster_gpus: float,
+                      pipeline: str = "staged", cluster_cpus: float = 1.0,
+                      cpus_per_write: float = 0.1) -> tuple[int, float]:
     """(actors, GPUs per actor) of a scoring run: what the user gave, else from the cluster: one actor
-    per GPU where there are GPUs, one CPU actor where there are none."""
+    per GPU where there are GPUs; on CPU, one lean actor per core (ray_score.lean_actors), or one
+    staged scoring actor."""
+    from boneage.distributed.ray_score import lean_actors
+
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if cluster_gpus >= 1 else 0.0
+        gpus_per_actor = 1.0 if cluster_gpus >= 1 and pipeline != "lean" else 0.0
     if actors is None:
-        actors = max(1, int(cluster_gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
+        if gpus_per_actor > 0:
+            actors = max(1, int(cluster_gpus // gpus_per_actor))
+        else:
+            actors = lean_actors(cluster_cpus, cpus_per_write) if pipeline == "lean" else 1
     return int(actors), float(gpus_per_actor)
+
+
+def scoring_pipeline(pipeline: str, gpus_per_actor: float | None, cluster_gpus: float) -> str:
+    """"lean" or "staged" for `pipeline` ("auto", "lean" or "staged"; boneage.distributed.ray_score.run_score).
+    auto: staged where the scoring actors have GPUs (preparation then runs in CPU tasks over the whole
+    cluster, feeding the GPUs), else lean (every stage of a batch in one actor per core: docs/benchmarks.md,
+    "The lean scoring path")."""
+    from boneage.errors import UserError
+
+    on_gpu = gpus_per_actor > 0 if gpus_per_actor is not None else cluster_gpus >= 1
+    if pipeline == "auto":
+        return "staged" if on_gpu else "lean"
+    if pipeline == "lean" and gpus_per_actor:
+        raise UserError("--pipeline lean scores on CPU: leave --gpus-per-actor out (or 0), or use --pipeline staged")
+    return pipeline
 
 
 def scoring_config(config: Config, actors: int, gpus_per_actor: float) -> Config:
@@ -149,7 +172,7 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
           batch_size: int | None = None, id_from: str = "path", keep_dicom_uids: bool = False,
           resume: bool = True, cards: str | None = None, dicom_out: str | None = None, studies: str | None = None,
           qido: str | None = None, stow: bool = False, dicomweb_auth: str | None = None,
-          dicomweb_timeout: float | None = None) -> pd.DataFrame:
+          dicomweb_timeout: float | None = None, pipeline: str = "auto") -> pd.DataFrame:
     """Score radiographs with a bundle (boneage.distributed.ray_score): one row per input file in `out_uri` (a
     .parquet file, or a folder of parts), with sex and chronological age from `subjects` (CSV) or the
     DICOM header. Bad files are rows with status 'error'; the summary is printed. A rerun on the same
@@ -163,7 +186,7 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     `images` may be a DICOMweb service, dicomweb+http(s)://HOST[:PORT]/PATH, with `studies` (a file of
     StudyInstanceUIDs) and/or `qido` (a QIDO-RS query); its credentials come from `dicomweb_auth` (a JSON
     file) or the environment, never an argument (boneage.data.dicomweb; docs/pacs.md). `stow`: send each
-    SR and card SC back to it with STOW-RS (column dicom_stow)."""
+    SR and card SC back to it with STOW-RS (column dicom_stow). `pipeline`: scoring_pipeline's."""
     from boneage import bundle as bundle_mod, score as score_mod
     from boneage.clinical import columns, gate
     from boneage.distributed import ray_env, ray_score
@@ -199,9 +222,12 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     config = load_config(None, {"preprocess": trained.get("preprocess", {}), "keypoints": trained.get("keypoints", {}),
                                 "data": {"storage_options": options}})
     gpus = ray_env.cluster_gpus()
-    actors, gpus_per_actor = scoring_resources(actors, gpus_per_actor, gpus)
+    pipeline = scoring_pipeline(pipeline, gpus_per_actor, gpus)
+    actors, gpus_per_actor = scoring_resources(actors, gpus_per_actor, gpus, pipeline, ray_env.cluster_cpus(),
+                                               config.preprocess.cpus_per_write)
     config = scoring_config(config, actors, gpus_per_actor)
-    print(f"[score] {actors} scoring actor(s), {gpus_per_actor:g} GPU each (the cluster has {gpus:g} GPUs)")
+    print(f"[score] {pipeline} pipeline: {actors} scoring actor(s), {gpus_per_actor:g} GPU each (the cluster has "
+          f"{gpus:g} GPUs)")
     if batch_size:
         config.preprocess.batch_size = batch_size
     reader = None
@@ -236,7 +262,7 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
     ray_score.run_score(manifest, bundle_uri, config, out_uri, provenance, actors=actors,
                         gpus_per_actor=gpus_per_actor, ages=ages,
                         uid_columns=ingest.UID_COLUMNS if keep_dicom_uids else (), cards=absolute(cards),
-                        dicom_dir=absolute(dicom_out), reader=reader, stow=stow)
+                        dicom_dir=absolute(dicom_out), reader=reader, stow=stow, pipeline=pipeline)
     table = ray_score.read_output(out_uri, SUMMARY_COLUMNS + (*CLINICAL_SUMMARY_COLUMNS, *(("card", "card_error") if cards else ()),
                                                               *(score_mod.DICOM_COLUMNS if dicom_out or stow else ()),
                                                               *(score_mod.STOW_COLUMNS if stow else ())),
