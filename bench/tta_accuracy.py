@@ -56,7 +56,7 @@ def main() -> None:
             for sex in ("F", "M") if models.sex_models != "pooled" else (None,):
                 for f, (model, zone) in enumerate(models.models[(kind, sex or "M")]):
                     mine = np.flatnonzero((rows["fold"].to_numpy() == f) & (sex is None or male == (sex == "M")))
-                    sex_input = male[mine] if getattr(model, "sex_input", False) else None
+                    sex_input = male if getattr(model, "sex_input", False) else None  # one per bank image
                     table.loc[mine, kind] = train.predict(model, bank, mine, zone, views=views,
                                                           male=sex_input).float().numpy()
         tables[views] = table
