@@ -183,3 +183,31 @@ def test_full_cv_checks_its_settings_before_any_work(tmp_path, capsys):
                                            "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and f"--images {tmp_path / 'nowhere'} does not exist" in err
+
+
+def test_the_report_of_a_bundle_that_applied_the_age_correction_heads_with_the_corrected_prediction(
+        embedded_run, tmp_path, monkeypatch):
+    """A run whose bundle applied the age correction (training.json age_calibration.applied): the report's
+    primary prediction is the ensemble corrected cross-fitted, named so, with its MAE in the headline (the
+    branch was dead once: such a report showed the uncorrected ensemble)."""
+    import shutil
+
+    import numpy as np
+
+    from boneage.config import load_config
+    from boneage.run import reporting
+    from boneage.validation import age_calibration
+
+    monkeypatch.setattr(age_calibration, "MIN_ROWS", 4)  # the tiny run's ~13 rows per sex: corrected anyway
+    run = tmp_path / "run"
+    shutil.copytree(embedded_run, run)
+    table = pd.read_parquet(run / "cv" / "ensemble_oof.parquet")
+    use = json.loads((run / "cv" / "ensemble.json").read_text())["use"]
+    record, corrected = age_calibration.calibrate(table, f"ensemble_{use}", "linear")
+    training = json.loads((run / "bundle" / "training.json").read_text())
+    (run / "bundle" / "training.json").write_text(json.dumps({**training, "age_calibration": record}))
+    reporting.report(load_config(run / "config.yaml", {"output": str(run)}))
+    html = (run / "report" / "report.html").read_text()
+    assert f"Ensemble {use}, age-corrected, out of fold, every metric" in html
+    mae = float(np.mean(np.abs(corrected - table["boneage"].to_numpy(float))))
+    assert f"{mae:.2f}" in html.split("Cross-validation (out of fold)")[1]
