@@ -1,0 +1,100 @@
+"""Input scale and width on real images, fold 0 first (issue 26, item 4): one zone kind of a finished run
+retrained on the run's own folds with other (cv.input_scale, cv.width_mult), scored on fold 0, without Ray
+(boneage.model.train.fit_zone_model, as a CV trial runs it). The run's other settings (epochs, schedule,
+pooled or per sex, seed) are kept; its own setting is run too, as the reference in the same process.
+
+    python bench/fold0_sweep.py runs/rsna-dev-pooled --kind A-cls --settings 0.25:0.125,0.33:0.125,0.25:0.25 \
+        --json bench/results/fold0_sweep_rsna_dev_pooled.json
+
+Per setting: fold 0's MAE (its ~238 images; no label of fold 0 chooses anything: a fixed schedule, the last
+epoch), the fit's seconds on this machine (--threads torch threads), and a paired bootstrap interval of
+the MAE difference to the run's setting. Only CV rows, never the locked test split. Prints JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from boneage.config import load_config
+from boneage.model.networks import model_kind
+from boneage.model.train import fit_zone_model, predict
+from boneage.validation import cv
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, rounds: int = 2000) -> list[float]:
+    rng = np.random.default_rng(0)
+    d = np.abs(a) - np.abs(b)
+    means = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(rounds)]
+    return [round(float(np.percentile(means, 2.5)), 2), round(float(np.percentile(means, 97.5)), 2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run")
+    parser.add_argument("--kind", default="A-cls")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--settings", default="0.25:0.125,0.33:0.125,0.25:0.25",
+                        help="input_scale:width_mult pairs; the run's own is added first if missing")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    # the CV's own settings (cv/config.yaml; a run started from another's registration may keep that run's
+    # config.yaml at the top)
+    config = load_config(run / "cv" / "config.yaml" if (run / "cv" / "config.yaml").exists() else run / "config.yaml")
+    cvc = config.cv
+    pooled = cvc.sex_models == "pooled"
+    folds = pd.read_parquet(run / "cv" / "folds.parquet")
+    rows = cv.read_trial_rows(str(run / "registered"), folds, None)
+    bank, ages, male = cv.load_bank(rows)
+    fold = rows["fold"].to_numpy()
+    trials = [cv.Trial(args.kind, cv.POOLED, args.fold)] if pooled else [
+        cv.Trial(args.kind, sex, args.fold) for sex in ("F", "M")]
+    own = (cvc.input_scale, cvc.width_mult)
+    settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
+    settings = [own] + [s for s in settings if s != own]
+    errors, results = {}, []
+    for scale, width in settings:
+        setting_cv = cvc.model_copy(update={"input_scale": scale, "width_mult": width})
+        kind = model_kind(args.kind, scale)
+        pred = np.full(len(rows), np.nan)
+        started = time.time()
+        for trial in trials:
+            mine = np.ones(len(rows), bool) if trial.male is None else male == trial.male
+            train_cfg = cv.train_config(setting_cv, trial, config.data.seed)
+            fit_idx, select_idx = cv.inner_split(ages, np.flatnonzero(mine & (fold != trial.fold)),
+                                                 setting_cv.inner_val_fraction, train_cfg.seed)
+            scored = np.flatnonzero(mine & (fold == trial.fold))
+            sex_input = male if pooled else None
+            result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, male=sex_input)
+            pred[scored] = predict(result.model, bank, scored, kind, male=sex_input).numpy()
+        scored = np.flatnonzero(fold == args.fold)
+        errors[(scale, width)] = pred[scored] - ages[scored]
+        record = {"kind": args.kind, "fold": args.fold, "input_scale": scale, "width_mult": width,
+                  "pooled": pooled, "epochs": cvc.epochs, "images": int(len(scored)),
+                  "mae": round(float(np.mean(np.abs(errors[(scale, width)]))), 2),
+                  "fit_seconds": round(time.time() - started, 1), "threads": args.threads}
+        if (scale, width) != own:
+            diff = np.mean(np.abs(errors[(scale, width)])) - np.mean(np.abs(errors[own]))
+            record["vs_run_setting"] = {"difference": round(float(diff), 2),
+                                        "interval": paired_interval(errors[(scale, width)], errors[own])}
+        print(json.dumps(record), flush=True)
+        results.append(record)
+    logged = pd.read_parquet(run / "cv" / "oof.parquet").set_index("id").loc[rows["id"]]
+    reference = {"run_oof_mae_of_this_kind_on_the_fold": round(float(np.mean(np.abs(
+        logged[args.kind].to_numpy()[fold == args.fold] - ages[fold == args.fold]))), 2)}
+    print(json.dumps(reference))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"run": str(run), "settings": results, **reference}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
