@@ -25,14 +25,7 @@ import torch
 from boneage.config import load_config
 from boneage.model.networks import model_kind
 from boneage.model.train import fit_zone_model, predict
-from boneage.validation import cv
-
-
-def paired_interval(a: np.ndarray, b: np.ndarray, rounds: int = 2000) -> list[float]:
-    rng = np.random.default_rng(0)
-    d = np.abs(a) - np.abs(b)
-    means = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(rounds)]
-    return [round(float(np.percentile(means, 2.5)), 2), round(float(np.percentile(means, 97.5)), 2)]
+from boneage.validation import cv, metrics
 
 
 def main() -> None:
@@ -83,9 +76,9 @@ def main() -> None:
                   "mae": round(float(np.mean(np.abs(errors[(scale, width)]))), 2),
                   "fit_seconds": round(time.time() - started, 1), "threads": args.threads}
         if (scale, width) != own:
-            diff = np.mean(np.abs(errors[(scale, width)])) - np.mean(np.abs(errors[own]))
-            record["vs_run_setting"] = {"difference": round(float(diff), 2),
-                                        "interval": paired_interval(errors[(scale, width)], errors[own])}
+            paired = metrics.paired_mae_difference(errors[(scale, width)], errors[own])
+            record["vs_run_setting"] = {"difference": round(paired["difference"], 2),
+                                        "interval": [round(x, 2) for x in paired["interval"]]}
         print(json.dumps(record), flush=True)
         results.append(record)
     logged = pd.read_parquet(run / "cv" / "oof.parquet").set_index("id").loc[rows["id"]]

@@ -22,15 +22,7 @@ import torch
 from boneage import score
 from boneage.bundle import load_bundle
 from boneage.model import train
-from boneage.validation import cv, ensemble
-
-
-def paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0, rounds: int = 2000) -> list[float]:
-    """95% bootstrap interval of mean(|a|) - mean(|b|) over the same rows."""
-    rng = np.random.default_rng(seed)
-    d = np.abs(a) - np.abs(b)
-    means = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(rounds)]
-    return [round(float(np.percentile(means, 2.5)), 2), round(float(np.percentile(means, 97.5)), 2)]
+from boneage.validation import cv, ensemble, metrics
 
 
 def main() -> None:
@@ -73,8 +65,8 @@ def main() -> None:
         result["mae"][f"{views}_views"] = {k: round(float(np.mean(np.abs(v))), 2) for k, v in per.items()}
     for views in views_list[1:]:
         result["paired_vs_1_view"][f"{views}_views"] = {
-            k: {"difference": round(float(np.mean(np.abs(errors[views][k])) - np.mean(np.abs(errors[1][k]))), 2),
-                "interval": paired_interval(errors[views][k], errors[1][k])} for k in errors[1]}
+            k: {key: np.round(value, 2).tolist() for key, value in metrics.paired_mae_difference(errors[views][k], errors[1][k]).items()}
+            for k in errors[1]}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

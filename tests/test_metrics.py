@@ -59,3 +59,15 @@ def test_roc_auc_and_sex_accuracy_by_hand():
     report = sex_report(p, male, [10.0, 30.0, 100.0, 100.0, 100.0])
     assert report["all"] == acc and set(report["by_age_band"]) == {"0-2 y", "2-5 y", "5-10 y"}
     assert report["by_age_band"]["5-10 y"]["n"] == 2
+
+
+def test_the_paired_mae_difference_and_its_interval():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(0, 10, 400)
+    better = reference * 0.8  # every row's error 20% smaller
+    paired = metrics.paired_mae_difference(better, reference)
+    expected = np.mean(np.abs(better)) - np.mean(np.abs(reference))
+    assert paired["difference"] == pytest.approx(expected) and paired["interval"][0] < expected < paired["interval"][1]
+    assert paired["interval"][1] < 0  # drawn together, the rows' spread does not hide a sure gain
+    same = metrics.paired_mae_difference(reference, reference)
+    assert same["difference"] == 0 and same["interval"] == [0, 0]

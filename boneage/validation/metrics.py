@@ -56,6 +56,17 @@ def accuracy(pred: np.ndarray, truth: np.ndarray, n_boot: int = 0, seed: int = 0
     return out
 
 
+def paired_mae_difference(errors: np.ndarray, reference: np.ndarray, n_boot: int = 2000, seed: int = 0
+                          ) -> dict[str, Any]:
+    """MAE(errors) − MAE(reference) over the same rows (two predictions of one set of images), with the
+    95% bootstrap interval of that difference, the rows drawn together: a comparison of two recipes or
+    settings that the rows' own spread does not blur."""
+    diff = np.abs(np.asarray(errors, float)) - np.abs(np.asarray(reference, float))
+    draws = diff[np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    return {"difference": float(diff.mean()), "interval": [float(np.percentile(draws, 2.5)),
+                                                           float(np.percentile(draws, 97.5))]}
+
+
 def accuracy_report(pred: np.ndarray, truth: np.ndarray, male: np.ndarray, n_boot: int = 0,
                     seed: int = 0) -> dict[str, Any]:
     """{"all": accuracy, "by_sex": {"F", "M"}, "by_age_band": {label: accuracy}} (empty groups left
