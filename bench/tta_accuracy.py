@@ -65,7 +65,8 @@ def main() -> None:
         result["mae"][f"{views}_views"] = {k: round(float(np.mean(np.abs(v))), 2) for k, v in per.items()}
     for views in views_list[1:]:
         result["paired_vs_1_view"][f"{views}_views"] = {
-            k: {key: np.round(value, 2).tolist() for key, value in metrics.paired_mae_difference(errors[views][k], errors[1][k]).items()}
+            k: {key: np.round(value, 2).tolist()
+                for key, value in metrics.paired_mae_difference(errors[views][k], errors[1][k]).items()}
             for k in errors[1]}
     text = json.dumps(result, indent=2)
     print(text)
