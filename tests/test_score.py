@@ -354,6 +354,12 @@ def test_every_scored_row_gets_the_bundles_interval(models_with_interval, regist
     assert out.boneage_upper_months[2] == pytest.approx(max(female + 10, male + 15))
     assert out.boneage_lower_months[2] == pytest.approx(max(min(female - 10, male - 15), 0.0))
     assert np.isnan(out.boneage_lower_months[4]) and np.isnan(out.boneage_upper_months[4])  # the failed row
+    # Several images of unknown sex in one batch (each sex's interval around that sex's estimate, per image;
+    # the per-sex method once took the sex given for all of them as one row's, and the batch failed)
+    several = score.score_rows(rows.assign(male=None), models_with_interval)
+    for i in np.flatnonzero(several.boneage_months.notna()):
+        female, male = several.boneage_if_female_months[i], several.boneage_if_male_months[i]
+        assert several.boneage_upper_months[i] == pytest.approx(max(female + 10, male + 15))
     # The SDS's interval is the bone age interval's, on the same scale.
     known = out.boneage_sds.notna()
     assert known.any()

@@ -103,9 +103,12 @@ def fit_interval(table: pd.DataFrame, level: float, method: str, prediction: str
 
 
 def half_width(pred, sex, calibration: Mapping[str, Any]) -> np.ndarray:
-    """The interval's half-width (months) of each prediction: NaN where the prediction is NaN."""
+    """The interval's half-width (months) of each prediction: NaN where the prediction is NaN. `sex`: one
+    per prediction ('F', 'M' or None), or one for all of them."""
     p = np.asarray(pred, dtype=float).reshape(-1)
     sex = np.asarray(sex, dtype=object).reshape(-1) if sex is not None else np.full(len(p), None, dtype=object)
+    if sex.size == 1:  # one sex for every prediction (scoring an unknown-sex image as each sex in turn)
+        sex = np.full(len(p), sex[0], dtype=object)
     table = calibration["half_width"]
     h = np.full(len(p), float(table["all"]))
     if calibration["method"] == "sex":
