@@ -400,7 +400,7 @@ def prepare_one(data: bytes, rid: str = "image", keypoint_model: torch.nn.Module
     bytes (PNG, JPEG or DICOM), its registered image under prepare.REGISTERED_IMAGE. Never raises for a
     bad image: the row has status 'error' and the batch path's error text. `keypoint_model`: the bundle's
     (boneage.model.keypoint_model.load), None: geometric key points only (as batch scoring without one).
-    `max_pixels`: a larger image is a bad_image row, refused from its header (the service's serve.max_pixels)."""
+    `max_pixels`: a larger image is a bad_image row, refused from its header (the service's serve.max_pixels_mpx)."""
     from boneage.data.images import decode_image
     from boneage.errors import STATUS_OK
     from boneage.registration import prepare
