@@ -247,8 +247,9 @@ def write_cards(rows: pd.DataFrame, table: pd.DataFrame, models, folder: str | N
     """A card per scored row, at card_uri(FOLDER, id). `rows`: the registered rows (registered_png), `table`:
     their scoring rows, in the same order; `images`: each row's registered image as an array (or None), in
     place of decoding its registered_png (the lean path, boneage.score.register_analysed). Returns (card URI
-    or None, error or None) lists: a card that cannot be drawn is an error for its row, not for the run. With `pngs` (a list), each row's PNG bytes
-    (or None) are appended to it (for --dicom-out); `folder` None then draws without writing a file."""
+    or None, error or None) lists: a card that cannot be drawn is an error for its row, not for the run.
+    With `pngs` (a list), each row's PNG bytes (or None) are appended to it (for --dicom-out); `folder`
+    None then draws without writing a file."""
     uris, errors = [], []
     interval = getattr(models, "interval", None)  # the bundle's interval calibration: its level for the text
     for i, (source, row) in enumerate(zip(rows.to_dict("records"), table.to_dict("records"))):
