@@ -300,7 +300,7 @@ def read_image(uri: str, storage_options: Mapping[str, Any] | None = None,
 def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode PNG, JPEG or DICOM bytes to (uint8 HxW array, meta) or raise ItemError. `max_pixels`: an
     image whose header says it has more pixels is a bad_image before anything is decoded (the service's
-    limit, serve.max_pixels; None: only PIL's decompression-bomb limit).
+    limit, serve.max_pixels_mpx; None: only PIL's decompression-bomb limit).
 
     The type comes from the magic bytes, never from ``name`` (used in messages only).
 
