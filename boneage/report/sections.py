@@ -171,12 +171,18 @@ def age_calibration_section(calibration: Mapping[str, Any] | None) -> str:
                                       "ensemble's as it is.")
     fits = []
     for sex, fitted in calibration.get("by_sex", {}).items():
-        fits.append(f"{escape(sex)}: prediction = {fitted['a']:.1f} + {fitted['b']:.3f} × true age, inverted"
+        line = fitted.get("line", fitted)  # (the full line; a partial correction ships a blend of it)
+        fits.append(f"{escape(sex)}: prediction = {line['a']:.1f} + {line['b']:.3f} × true age, inverted"
                     if "b" in fitted else f"{escape(sex)}: not corrected ({escape(fitted.get('skipped'))})")
+    strength = calibration.get("strength", 1.0)
     if calibration.get("applied", True):
         out.append("<p class='note'>Out of fold the ensemble pulls ages towards the mean. The shipped bone age is "
-                   f"corrected per sex ({escape(calibration.get('method'))}; {'; '.join(fits)}), fitted on "
-                   "out-of-fold predictions only; below, each fold corrected by the fit on the other folds.</p>")
+                   f"corrected per sex ({escape(calibration.get('method'))}; {'; '.join(fits)}), "
+                   + (f"at strength {strength:g}: the bone age moves {strength:.0%} of the way from the ensemble's "
+                      "to the inverted line's, " if strength < 1 else "")
+                   + "fitted on out-of-fold predictions only; below, each fold corrected by the fit on the other "
+                   "folds" + (" at the strength chosen on the other folds" if "tried" in calibration else "")
+                   + ".</p>")
     else:
         out.append("<p class='note'>Out of fold the ensemble pulls ages towards the mean. The shipped bone age is "
                    f"<b>not corrected</b>: {escape(calibration.get('why', 'cv.age_calibration is off'))}. Below, what "
@@ -190,6 +196,14 @@ def age_calibration_section(calibration: Mapping[str, Any] | None) -> str:
                                         *((g, c, after["by_age_band"][g]) for g, c in before["by_age_band"].items())])
     out.append('<table><tr><th class="text">group</th><th>n</th><th>bias before</th><th>bias after</th>'
                f"<th>MAE before</th><th>MAE after</th></tr>{rows}</table>")
+    if calibration.get("tried"):
+        tried = "".join(f'<tr><td>{t["strength"]:g}</td><td>{number(t["mae"], 2)}</td>'
+                        f'<td>{number(t["worst_band_bias"], 1)}</td></tr>' for t in calibration["tried"])
+        out.append(f"<p class='note'>How auto chose the strength: the weakest whose largest bias in an age band of "
+                   f"30+ images is within ±{calibration.get('bias_target', 0):g} months, among those raising the MAE "
+                   f"by at most {calibration.get('max_mae_increase', 0):.0%}. Measured on every out-of-fold row "
+                   "(the labels that chose; the table above is the honest, nested estimate).</p>"
+                   "<table><tr><th>strength</th><th>MAE</th><th>largest band bias</th></tr>" + tried + "</table>")
     return "".join(out)
 
 

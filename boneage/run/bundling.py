@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from boneage.config import Config
+from boneage.config import Config, CVConfig
 from boneage.data import storage
 from boneage.errors import RunError
 from boneage.model import weights
@@ -84,8 +84,7 @@ def write_bundle(config: Config) -> str:
     ensemble_column = f"ensemble_{ensembles['use']}"
     # The bias at the extreme ages corrected per sex (fitted out of fold); the interval is calibrated on
     # the corrected predictions, cross-fitted, so it measures the bone age that scoring writes.
-    age_calibration, oof[f"{ensemble_column}_corrected"] = age_correction(oof, ensemble_column,
-                                                                          config.cv.age_calibration)
+    age_calibration, oof[f"{ensemble_column}_corrected"] = age_correction(oof, ensemble_column, config.cv)
     shipped_name = f"ensemble ({ensembles['use']})" + (", age-corrected" if age_calibration["applied"] else "")
     oof_accuracy = {name: metrics.accuracy_report(oof[column], oof["boneage"], oof["male"]) for name, column in
                     [*((k, k) for k in config.cv.kinds), (f"ensemble ({ensembles['use']})", ensemble_column)]}
@@ -132,12 +131,13 @@ def write_bundle(config: Config) -> str:
     return out
 
 
-def age_correction(oof: pd.DataFrame, prediction: str, method: str) -> tuple[dict[str, Any], Any]:
+def age_correction(oof: pd.DataFrame, prediction: str, cv: CVConfig) -> tuple[dict[str, Any], Any]:
     """boneage.validation.age_calibration.calibrate on the ensemble's OOF prediction, printed by age band
     (bias before and after, cross-fitted): (training.json's record, the cross-fitted corrected column)."""
     from boneage.validation import age_calibration
 
-    fitted, corrected = age_calibration.calibrate(oof, prediction, method)
+    fitted, corrected = age_calibration.calibrate(oof, prediction, cv.age_calibration, cv.age_bias_target,
+                                                  cv.age_correction_max_mae_increase)
     before, after = fitted["before"], fitted["after"]
     print(f"[bundle] {age_calibration.describe(fitted)}; out of fold (cross-fitted, if applied) MAE "
           f"{before['all']['mae']:.2f} → {after['all']['mae']:.2f}, bias by age band " + ", ".join(

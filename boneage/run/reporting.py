@@ -39,8 +39,11 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
     corrected = training.get("age_calibration") or {}
     if corrected.get("applied"):  # the shipped bone age: the ensemble corrected at the extremes, cross-fitted
         primary = f"{primary}, age-corrected"
-        predictions = {primary: age_calibration.cross_fitted(table, corrected["prediction"], corrected["method"]),
-                       **predictions}
+        # (a record without a strength is from before partial corrections: applied meant in full)
+        method = corrected["method"] if "strength" in corrected else "linear"
+        predictions = {primary: age_calibration.cross_fitted(
+            table, corrected["prediction"], method, corrected.get("bias_target", age_calibration.BIAS_TARGET),
+            corrected.get("max_mae_increase", age_calibration.MAX_MAE_INCREASE)), **predictions}
     worst = report_mod.worst_cases(table, predictions[primary], n_worst)["id"].tolist()
     images = ray_prepare.read_registered(storage.join_uri(config.output, "registered"), options, ids=worst)
     trials = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
