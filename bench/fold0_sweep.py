@@ -28,6 +28,14 @@ from boneage.model.train import fit_zone_model, predict
 from boneage.validation import cv, metrics
 
 
+def read_run(run: Path):
+    """(the CV's own config, its CV rows, cv.load_bank's (bank, ages, male)) of a finished run. The config
+    is cv/config.yaml's: a run started from another's registration may keep that run's at the top."""
+    config = load_config(run / "cv" / "config.yaml" if (run / "cv" / "config.yaml").exists() else run / "config.yaml")
+    rows = cv.read_trial_rows(str(run / "registered"), pd.read_parquet(run / "cv" / "folds.parquet"), None)
+    return config, rows, cv.load_bank(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
@@ -40,14 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    # the CV's own settings (cv/config.yaml; a run started from another's registration may keep that run's
-    # config.yaml at the top)
-    config = load_config(run / "cv" / "config.yaml" if (run / "cv" / "config.yaml").exists() else run / "config.yaml")
+    config, rows, (bank, ages, male) = read_run(run)
     cvc = config.cv
     pooled = cvc.sex_models == "pooled"
-    folds = pd.read_parquet(run / "cv" / "folds.parquet")
-    rows = cv.read_trial_rows(str(run / "registered"), folds, None)
-    bank, ages, male = cv.load_bank(rows)
     fold = rows["fold"].to_numpy()
     trials = [cv.Trial(args.kind, cv.POOLED, args.fold)] if pooled else [
         cv.Trial(args.kind, sex, args.fold) for sex in ("F", "M")]
