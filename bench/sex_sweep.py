@@ -58,7 +58,8 @@ def main() -> None:
     for setting in args.settings.split(","):
         zone, scale, width, epochs = setting.split(":")
         scale, width, epochs = float(scale), float(width), int(epochs)
-        setting_cv = config.cv.model_copy(update={"input_scale": scale, "width_mult": width, "epochs": epochs})
+        setting_cv = config.cv.model_copy(update={"input_scale": scale, "width_mult": width, "epochs": epochs,
+                                                                    "sex_epochs": epochs})
         kind = model_kind(f"{zone}-sex", scale)
         p = np.full(len(rows), np.nan)
         started = time.time()

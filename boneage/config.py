@@ -158,6 +158,10 @@ class CVConfig(_Section):
     # ensemble. None: no sex classifier (an image of unknown sex gets the mean of both sexes' readings).
     sex_kind: SexKindName | None = Field(
         "A-sex", description="the sex classifier's zone (P(male) for images of unknown sex); null: none")
+    # On rsna-dev the wrist classifier was still learning at 50 epochs (bench/sex_sweep.py: AUC 0.76 at
+    # 50, 0.82 at 80; docs/benchmarks.md).
+    sex_epochs: int | None = Field(
+        None, ge=1, description="epochs of the sex classifier's trials; null: cv.epochs")
     # A predicted sex stands in for an unknown one only where the classifier has earned it: the loosest
     # P(male) threshold whose out-of-fold confident calls are wrong at most this often, on at least
     # sex_min_confident_calls of them, also when cross-fitted over the folds (boneage.validation.sex_calls);

@@ -190,6 +190,12 @@ def test_train_config_per_trial():
     assert (a.epochs, a.width_mult, a.fc, a.patience, a.schedule) == (7, 0.5, 64, 3, "cosine")
     b = cv.train_config(cfg, cv.Trial("A-reg", "F", 1), seed=0)
     assert a.seed != b.seed and a.seed == cv.train_config(cfg, cv.Trial("A-reg", "F", 0), seed=0).seed
+    # The sex classifier's own epochs, where set; the bone age kinds keep cv.epochs.
+    sex = cv.Trial("B-sex", cv.POOLED, 0)
+    assert cv.train_config(cfg, sex, seed=0).epochs == 7
+    longer = cfg.model_copy(update={"sex_epochs": 11})
+    assert cv.train_config(longer, sex, seed=0).epochs == 11
+    assert cv.train_config(longer, cv.Trial("A-reg", "F", 0), seed=0).epochs == 7
 
 
 def test_load_bank_and_trial_rows(tmp_path):

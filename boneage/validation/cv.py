@@ -254,10 +254,11 @@ def sexes_present(folds: pd.DataFrame, sexes: Iterable[str]) -> list[str]:
 
 
 def train_config(cv: CVConfig, trial: Trial, seed: int) -> TrainConfig:
-    """The TrainConfig of one trial; each trial has its own seed derived from the run's."""
+    """The TrainConfig of one trial; each trial has its own seed derived from the run's. A sex classifier
+    trial trains cv.sex_epochs where set."""
     trial_seed = int(np.random.SeedSequence([seed, zlib.crc32(trial.name.encode())]).generate_state(1)[0])
     return TrainConfig(
-        epochs=cv.epochs, batch_size=cv.batch_size, lr=cv.lr, weight_decay=cv.weight_decay,
+        epochs=cv.sex_epochs if trial.is_sex_classifier and cv.sex_epochs else cv.epochs, batch_size=cv.batch_size, lr=cv.lr, weight_decay=cv.weight_decay,
         schedule=cv.schedule, patience=cv.patience, width_mult=cv.width_mult, fc=cv.fc,
         dropout=cv.dropout, cls_loss=cv.cls_loss, cls_sigma=cv.cls_sigma,
         cls_ce_weight=cv.cls_ce_weight, bf16=cv.bf16, channels_last=cv.channels_last, compile=cv.compile,
