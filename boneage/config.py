@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from boneage.errors import MissingInput, UserError
-from boneage.model.choices import CLS_LOSSES, MODEL_KIND_NAMES, SCHEDULES, SEX_KIND_NAMES, SEX_MODELS
+from boneage.model.choices import CLS_LOSSES, MODEL_KIND_NAMES, SCHEDULES, SEX_KIND_NAMES, SEX_MODELS, SHIPPED_MODELS
 
 # The choices, from torch-free boneage.model.choices (boneage.model.networks and .train build on them).
 ModelKindName = Literal[MODEL_KIND_NAMES]
@@ -30,6 +30,7 @@ SexKindName = Literal[SEX_KIND_NAMES]
 Schedule = Literal[SCHEDULES]
 ClsLoss = Literal[CLS_LOSSES]
 SexModels = Literal[SEX_MODELS]
+ShippedModels = Literal[SHIPPED_MODELS]
 Sex = Literal["F", "M"]
 PositiveInt = Annotated[int, Field(gt=0)]
 Amount = Annotated[float, Field(ge=0)]
@@ -153,6 +154,15 @@ class CVConfig(_Section):
     sex_models: SexModels = Field(
         "per_sex", description="'per_sex': a model per kind and sex; 'pooled': one model per kind for both sexes "
                                "with the sex as an input")
+    # What the bundle scores with. "folds": the mean of each kind's k fold models (k forwards per kind
+    # and image). "refit": after the CV, one more model per kind (and sex) trained the same way on every
+    # CV image, the only bone age model of its kind in the bundle: 1/k of the scoring cost, trained on
+    # k/(k-1) times the images of a fold model, without the averaging. The ensemble weights, age
+    # correction, interval and gate still come from the fold models' out-of-fold predictions (a refit has
+    # none), and the sex classifier ships its fold models either way (its thresholds are the folds').
+    ship: ShippedModels = Field(
+        "folds", description="the bone age models the bundle scores with: 'folds' (the mean of the k fold models) "
+                             "or 'refit' (one model per kind trained on every CV image after the CV)")
     # The sex classifier (P(male), for images of unknown sex at scoring): a kind of its own on one zone,
     # trained on both sexes pooled in the same folds and Tune run (k more trials); never in the
     # ensemble. None: no sex classifier (an image of unknown sex gets the mean of both sexes' readings).

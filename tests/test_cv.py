@@ -147,6 +147,26 @@ def test_pooled_trials_train_one_model_per_kind_and_fold_on_both_sexes():
         cv.cv_trials(["A-reg"], ["F", "M"], 3, "both")
 
 
+def test_refit_trials_train_on_every_cv_image_and_ship_instead_of_the_fold_models():
+    refits = cv.refit_trials(["A-reg", "B-cls"], ["F", "M"])
+    assert [t.name for t in refits] == ["A-reg-F-refit", "A-reg-M-refit", "B-cls-F-refit", "B-cls-M-refit"]
+    assert all(cv.parse_trial(t.name) == t and t.is_refit and t.fold == cv.REFIT for t in refits)
+    assert [t.name for t in cv.refit_trials(["A-reg"], ["F", "M"], "pooled")] == ["A-reg-all-refit"]
+    assert not cv.parse_trial("A-reg-F-fold0").is_refit
+    with pytest.raises(ValueError):  # the sex classifier ships its fold models: its thresholds are theirs
+        cv.parse_trial("A-sex-all-refit")
+    folds_cfg = CVConfig(kinds=("A-reg", "B-cls"), k=3, sex_models="pooled", sex_kind="B-sex")
+    refit_cfg = folds_cfg.model_copy(update={"ship": "refit"})
+    sexes = ["F", "M"]
+    folds = cv.cv_trials(folds_cfg.kinds, sexes, 3, "pooled")
+    assert cv.all_trials(folds_cfg, sexes) == folds + cv.sex_trials("B-sex", 3)
+    assert cv.all_trials(refit_cfg, sexes) == folds + cv.sex_trials("B-sex", 3) + cv.refit_trials(
+        refit_cfg.kinds, sexes, "pooled")
+    assert cv.shipped_trials(folds_cfg, sexes) == folds + cv.sex_trials("B-sex", 3)
+    assert cv.shipped_trials(refit_cfg, sexes) == cv.refit_trials(refit_cfg.kinds, sexes, "pooled") + cv.sex_trials(
+        "B-sex", 3)
+
+
 def test_a_pooled_trials_part_fills_both_sexes_of_its_fold_in_the_oof_table():
     folds = cv.folds_table(_table(), 3, seed=0)
     parts = []

@@ -269,3 +269,60 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
     unknown = table.sex_unknown.to_numpy()
     assert unknown[:4].all() and not unknown[4:].any()
     assert table.loc[unknown, ["boneage_if_female_months", "boneage_if_male_months"]].notna().all().all()
+
+
+def test_refit_trains_one_model_per_kind_on_every_cv_image_and_the_bundle_scores_with_it(registered_30, tmp_path):
+    """cv.ship "refit": the fold models fill the out-of-fold table as before, one more trial per kind
+    trains on every CV image, and the bundle holds those refits (one model per kind) and scores with them."""
+    import shutil
+    from pathlib import Path
+
+    from boneage import score
+    from boneage.bundle import load_bundle
+    from boneage.model.networks import model_kind
+    from boneage.model.train import predict
+
+    output = str(tmp_path / "run")
+    for stage in ("registered", "qa"):
+        shutil.copytree(f"{registered_30}/{stage}", f"{output}/{stage}")
+    data = Path(registered_30).parent / "synthetic"
+    config = load_config(overrides={
+        "data": {"images": str(data / "images"), "labels": str(data / "labels.csv")},
+        "keypoints": {"source": "geometric"},
+        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F", "M"], "sex_kind": None, "sex_models": "pooled", "ship": "refit",
+               "input_scale": 0.125, "width_mult": 0.0625, "fc": 32, "epochs": 2, "batch_size": 4,
+               "cpus_per_trial": 0.5},
+        "output": output,
+    })
+    run.cross_validate(config)
+    oof = pd.read_parquet(f"{output}/cv/oof.parquet")
+    assert list(oof.columns) == ["id", "male", "boneage", "fold", *KINDS] and oof[KINDS].notna().all().all()
+    trials = pd.read_parquet(f"{output}/cv/trials.parquet").set_index("trial")
+    folds = [t.name for t in cv.cv_trials(KINDS, ["F", "M"], 2, "pooled")]
+    refits = [f"{kind}-all-refit" for kind in KINDS]
+    assert sorted(trials.index) == sorted(folds + refits)
+    assert (trials.loc[refits, "n_train"] == len(oof)).all() and (trials.loc[refits, "n_val"] == 0).all()
+    assert trials.loc[refits, "oof_mae"].isna().all() and trials.loc[folds, "oof_mae"].notna().all()
+
+    run.fit_ensembles(config)
+    run.write_bundle(config)
+    bundle = load_bundle(f"{output}/bundle")
+    assert bundle.manifest["ship"] == "refit"
+    assert sorted(m["file"] for m in bundle.manifest["models"]) == [f"models/{r}.safetensors" for r in refits]
+    assert all(m["refit"] and m["fold"] == cv.REFIT and "oof_mae" not in m for m in bundle.manifest["models"])
+    models = score.BundleModels(bundle)
+    registered = pd.read_parquet(f"{output}/registered")
+    rows = registered[registered.id.isin(oof.id)].sort_values("id").reset_index(drop=True)
+    bank = cv.decode_bank(rows.registered_png.tolist())
+    refit_state = torch.load(f"{output}/cv/models/A-reg-all-refit.pt", weights_only=False)
+    assert refit_state["fold"] == cv.REFIT
+    own = predict(model_from_state(refit_state), bank, np.arange(len(bank)), model_kind("A-reg", 0.125),
+                  male=False).numpy()
+    shipped = models.kind_predictions(bank, "F", "A-reg")
+    assert shipped.shape == (len(bank), 1)  # one model per kind: the refit
+    np.testing.assert_allclose(shipped[:, 0], own, atol=1e-3)
+    table = score.score_rows(rows, models)
+    assert table.boneage_months.notna().all() and table.boneage_months.between(0, 240).all()
+    assert table.boneage_sd_months.isna().all()  # no fold spread with one model per kind
+    assert table.zone_spread_months.notna().all()  # the gate's zone spread: the refit's kinds
+    assert table.boneage_lower_months.notna().all()  # the interval, calibrated on the fold models' OOF residuals

@@ -1,7 +1,9 @@
 """k-fold CV of the zone models on Ray: a Ray Tune experiment with one trial per (kind, sex, fold),
 each trial fitting a Ray Train TorchTrainer on that sex's registered images (cv.sex_models "pooled":
 one trial per (kind, fold) on both sexes, the sex an input of the network); the sex classifier
-(cv.sex_kind) has one trial per fold on both sexes pooled, in the same experiment.
+(cv.sex_kind) has one trial per fold on both sexes pooled, in the same experiment. With cv.ship
+"refit" each bone age kind (and sex) has one more trial, trained on every CV image and scoring none:
+the model the bundle ships.
 
     registered/*.parquet ─► CV/folds.parquet (driver) ─► Tune trials, max_concurrent_trials in parallel
         trial = TorchTrainer ─► read parquet, bank, fit on the training folds with the epoch chosen on
@@ -128,11 +130,14 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
         scored = predict_p_male(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
                                 train_cfg.bf16, train_cfg.channels_last, views=views).cpu().numpy()
     else:
+        watch = loop_config["watch_scored_fold"] and not trial.is_refit
         result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device,
                                 None if local else report, resume,
-                                watch_idx=scored_idx if loop_config["watch_scored_fold"] else None, male=sex_input)
-        scored = predict(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
-                         train_cfg.bf16, train_cfg.channels_last, views=views, male=sex_input).cpu().numpy()
+                                watch_idx=scored_idx if watch else None, male=sex_input)
+        # a refit (cv.ship "refit") trained on every CV image: there is no fold left to score
+        scored = np.empty(0) if trial.is_refit else predict(
+            result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device, train_cfg.bf16,
+            train_cfg.channels_last, views=views, male=sex_input).cpu().numpy()
     meta["scored_pred"] = scored.tolist()
     meta["fit_seconds"] = round(time.time() - fitting, 2)  # the training loop and the scored fold's prediction
     if local:
@@ -202,8 +207,9 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         record["select_bce"] = record.pop("select_mae")  # the selection split's metric is cross-entropy
         record.update(cv.sex_record(scored_pred, folds.loc[scored_ids, "male"].to_numpy(bool)))
     else:
-        record = cv.record_from_state(state, meta["n_train"], meta["n_select"], len(scored_ids),
-                                      float(np.mean(np.abs(scored_pred - truth))), time.time() - started)
+        oof_mae = float(np.mean(np.abs(scored_pred - truth))) if len(truth) else float("nan")  # NaN: a refit
+        record = cv.record_from_state(state, meta["n_train"], meta["n_select"], len(scored_ids), oof_mae,
+                                      time.time() - started)
     record["finished_at"] = time.time()
     record["resumed_from_epoch"] = meta.get("resumed_from_epoch")  # last checkpoint's epoch, or None
     record["local_train"] = local
@@ -289,6 +295,8 @@ class CVProgress(ray.tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         note = f"{trial.config['trial']}: {result['oof_mae']:.1f} months out of fold" if "oof_mae" in result else ""
+        if trial.config["trial"].endswith("-refit"):  # trained on every CV image: nothing out of fold
+            note = f"{trial.config['trial']}: refit on every CV image"
         if "oof_auc" in result:  # a sex classifier's trial
             note = f"{trial.config['trial']}: AUC {result['oof_auc']:.2f} out of fold"
         self.progress.update(1, note)
@@ -355,8 +363,7 @@ def run_cv(table: pd.DataFrame, registered_uri: str, config: Config,
             folds.to_parquet(f, index=False)
 
     # 2. The trials still to train.
-    trials = (cv.cv_trials(cvc.kinds, cv.sexes_present(folds, cvc.sexes), cvc.k, cvc.sex_models)
-              + cv.sex_trials(cvc.sex_kind, cvc.k))
+    trials = cv.all_trials(cvc, cv.sexes_present(folds, cvc.sexes))
     done = finished_trials(cv_uri, options)
     pending = cv.pending_trials(trials, done)
     print(f"[cv] {len(folds)} images in {cvc.k} folds; {len(trials)} trials, {len(trials) - len(pending)} "

@@ -11,3 +11,4 @@ SEX_KIND_NAMES = tuple(f"{z}-sex" for z in ZONES)  # the sex classifiers: P(male
 SCHEDULES = ("onecycle", "cosine", "plateau", "constant")  # plateau watches the validation metric
 CLS_LOSSES = ("mae", "mae+ce", "ce")
 SEX_MODELS = ("per_sex", "pooled")  # a model per kind and sex, or one per kind for both with the sex as an input
+SHIPPED_MODELS = ("folds", "refit")  # the bundle scores with the k fold models, or one model refit on every CV image

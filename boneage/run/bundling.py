@@ -48,13 +48,13 @@ def write_bundle(config: Config) -> str:
     cv_uri = storage.join_uri(config.output, "cv")
     folds = pd.read_parquet(storage.join_uri(cv_uri, "folds.parquet"), storage_options=options or None)
     sexes = cv.sexes_present(folds, config.cv.sexes)  # the sexes scoring serves
-    trials = cv.cv_trials(config.cv.kinds, sexes, config.cv.k, config.cv.sex_models)
     files: dict[str, bytes] = {}
     models = []
     records = pd.read_parquet(storage.join_uri(cv_uri, "trials.parquet"), storage_options=options or None)
     oof_mae = dict(zip(records["trial"], records["oof_mae"])) if len(records) else {}
-    # With the sex classifier's fold models (scoring predicts P(male) for images of unknown sex).
-    shipped = trials + cv.sex_trials(config.cv.sex_kind, config.cv.k)
+    # The bone age models (fold models, or the refits: cv.ship) with the sex classifier's fold models
+    # (scoring predicts P(male) for images of unknown sex).
+    shipped = cv.shipped_trials(config.cv, sexes)
     missing = [t.name for t in shipped if t.name not in oof_mae]
     if missing:
         raise RunError(f"no bundle: {len(missing)} CV trials have not finished (e.g. {missing[0]}); rerun")
@@ -66,7 +66,9 @@ def write_bundle(config: Config) -> str:
         record = {"file": path, "kind": t.kind, "sex": t.sex, "fold": t.fold}
         if t.has_sex_input:  # a pooled model: scoring passes it the sex (manifest sex_models "pooled")
             record["sex_input"] = True
-        if not t.is_sex_classifier:  # a sex classifier has no bone age error
+        if t.is_refit:  # trained on every CV image: no error of its own (the test split measures it)
+            record["refit"] = True
+        elif not t.is_sex_classifier:  # a sex classifier has no bone age error
             record["oof_mae"] = float(oof_mae[t.name])
         models.append(record)
     preprocess_summary = storage.read_json(storage.join_uri(config.output, "qa", "preprocess_summary.json"), options)
@@ -119,6 +121,8 @@ def write_bundle(config: Config) -> str:
         # "pooled": each kind's fold models are listed with sex "all" and take the sex as an input;
         # tta_views: scoring averages each fold model over that many crop jitters, as the OOF table did
         "sex_models": config.cv.sex_models, "tta_views": config.cv.tta_views,
+        # "refit": one bone age model per kind (and sex), refit on every CV image; "folds": the k fold models
+        "ship": config.cv.ship,
         "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
         "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json", "data": data,
@@ -126,7 +130,8 @@ def write_bundle(config: Config) -> str:
         "interval": interval_summary(interval),
     }, options)
     size = sum(len(v) for v in files.values()) / 1e6
-    print(f"[bundle] {len(models)} fold models, {len(files)} files, {size:.1f} MB, trained on {data['images']} "
+    what = "models (bone age: refit on every CV image)" if config.cv.ship == "refit" else "fold models"
+    print(f"[bundle] {len(models)} {what}, {len(files)} files, {size:.1f} MB, trained on {data['images']} "
           f"{data['kind']} radiographs ({data['labels_from']}) → {out}")
     return out
 

@@ -34,6 +34,7 @@ from boneage.model.train import TrainConfig
 
 SEXES = ("F", "M")
 POOLED = "all"  # the sex of a pooled trial (a sex classifier's, or any with cv.sex_models "pooled")
+REFIT = -1  # the fold of a refit trial: it trains on every CV image and scores none (cv.ship "refit")
 TRIAL_META_KEY = b"boneage_trial"  # parquet metadata key of a part's trial record
 
 
@@ -185,7 +186,12 @@ class Trial:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{self.sex}-fold{self.fold}"
+        return f"{self.kind}-{self.sex}-" + ("refit" if self.is_refit else f"fold{self.fold}")
+
+    @property
+    def is_refit(self) -> bool:
+        """A model refit on every CV image after the CV (cv.ship "refit"): no scored fold, no OOF rows."""
+        return self.fold == REFIT
 
     @property
     def male(self) -> bool | None:
@@ -202,17 +208,18 @@ class Trial:
         return self.sex == POOLED and not self.is_sex_classifier
 
 
-_TRIAL_NAME = re.compile(r"^(?P<kind>[A-Z]+-[a-z]+)-(?P<sex>[FM]|all)-fold(?P<fold>\d+)$")
+_TRIAL_NAME = re.compile(r"^(?P<kind>[A-Z]+-[a-z]+)-(?P<sex>[FM]|all)-(fold(?P<fold>\d+)|(?P<refit>refit))$")
 
 
 def parse_trial(name: str) -> Trial:
     m = _TRIAL_NAME.match(name)
     sex_kind = m is not None and m["kind"] in SEX_KINDS
     # a sex classifier is always pooled; a bone age kind per sex or pooled
-    if not m or (m["kind"] not in MODEL_KINDS and not sex_kind) or (sex_kind and m["sex"] != POOLED):
-        raise ValueError(f"not a trial name: {name!r} (expected e.g. 'A-reg-F-fold0', 'A-reg-all-fold0' or "
-                         "'A-sex-all-fold0')")
-    return Trial(m["kind"], m["sex"], int(m["fold"]))
+    if (not m or (m["kind"] not in MODEL_KINDS and not sex_kind) or (sex_kind and m["sex"] != POOLED)
+            or (sex_kind and m["refit"])):
+        raise ValueError(f"not a trial name: {name!r} (expected e.g. 'A-reg-F-fold0', 'A-reg-all-fold0', "
+                         "'A-reg-all-refit' or 'A-sex-all-fold0')")
+    return Trial(m["kind"], m["sex"], REFIT if m["refit"] else int(m["fold"]))
 
 
 def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int, sex_models: str = "per_sex") -> list[Trial]:
@@ -230,6 +237,29 @@ def cv_trials(kinds: Iterable[str], sexes: Iterable[str], k: int, sex_models: st
     if sex_models == "pooled":
         return [Trial(kind, POOLED, fold) for kind in kinds for fold in range(k)] if sexes else []
     return [Trial(kind, sex, fold) for kind in kinds for sex in sexes for fold in range(k)]
+
+
+def refit_trials(kinds: Iterable[str], sexes: Iterable[str], sex_models: str = "per_sex") -> list[Trial]:
+    """One trial per (kind, sex) (pooled: per kind) on every CV image, after the CV: the bone age models
+    of a bundle with cv.ship "refit". They score no fold, so they add nothing to the out-of-fold table."""
+    return [Trial(t.kind, t.sex, REFIT) for t in cv_trials(kinds, sexes, 1, sex_models)]
+
+
+def all_trials(cvc: CVConfig, sexes: Iterable[str]) -> list[Trial]:
+    """Every trial a run trains: the bone age kinds' k folds, the sex classifier's, and the refits
+    (cv.ship "refit")."""
+    sexes = list(sexes)
+    return (cv_trials(cvc.kinds, sexes, cvc.k, cvc.sex_models) + sex_trials(cvc.sex_kind, cvc.k)
+            + (refit_trials(cvc.kinds, sexes, cvc.sex_models) if cvc.ship == "refit" else []))
+
+
+def shipped_trials(cvc: CVConfig, sexes: Iterable[str]) -> list[Trial]:
+    """The trials whose models the bundle holds: the bone age models cv.ship names (the k fold models, or
+    the refits) and the sex classifier's fold models."""
+    sexes = list(sexes)
+    bone_age = (refit_trials(cvc.kinds, sexes, cvc.sex_models) if cvc.ship == "refit"
+                else cv_trials(cvc.kinds, sexes, cvc.k, cvc.sex_models))
+    return bone_age + sex_trials(cvc.sex_kind, cvc.k)
 
 
 def sex_trials(sex_kind: str | None, k: int) -> list[Trial]:
@@ -347,7 +377,7 @@ def oof_table(folds: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], k
     columns = {kind: np.full(len(out), np.nan) for kind in kinds}
     for pred, record in parts:
         trial = parse_trial(record["trial"])
-        if trial.kind not in columns:
+        if trial.kind not in columns or trial.is_refit:  # a refit scored no fold
             continue
         at = position.reindex(pred["id"]).to_numpy()
         if np.isnan(at.astype(float)).any():
