@@ -382,7 +382,9 @@ def trials_section(trials: pd.DataFrame | None, ensembles) -> str:
     if trials is None or len(trials) == 0:
         out.append(missing("No CV trials table was given (cv/trials.parquet)."))
     else:
-        summary = trials.groupby(["kind", "sex"], sort=True).agg(
+        refit = trials["trial"].astype(str).str.endswith("-refit") if "trial" in trials else False
+        trials = trials.assign(models=np.where(refit, "refit", "folds"))  # cv.ship refit: a row of its own
+        summary = trials.groupby(["kind", "sex", "models"], sort=True).agg(
             trials=("trial", "size") if "trial" in trials else ("fold", "size"),
             select_mae=("select_mae", "mean"), oof_mae=("oof_mae", "mean"), best_epoch=("best_epoch", "mean"),
             epochs_run=("epochs_run", "mean"), seconds=("seconds", "sum")).reset_index()
@@ -391,7 +393,8 @@ def trials_section(trials: pd.DataFrame | None, ensembles) -> str:
                    "select_mae: MAE on the trial's selection split (carved from its training folds; it chose "
                    "the epoch; – for a fixed schedule); oof_mae: the chosen model's MAE on the scored fold, "
                    "which chose nothing (months, means over folds); best_epoch, epochs_run: means over folds; "
-                   "seconds: sum.</p>")
+                   "seconds: sum. models refit: one model per kind trained on every CV image after the CV "
+                   "(cv.ship refit: what the bundle ships), with no scored fold.</p>")
         out.append(frame_table(summary))
     out.append(tune_trials(ensembles))
     return "".join(out)

@@ -244,8 +244,10 @@ def score(images: str | list[str], bundle_uri: str, out_uri: str, subjects: str 
         unmatched = sorted(set(table.id) - set(manifest.id))
         if unmatched:
             print(f"[score] {len(unmatched)} ids in {subjects} have no image, e.g. {unmatched[:3]}")
+    per_kind = ("one model refit on every CV image" if loaded.manifest.get("ship") == "refit"
+                else f"{loaded.manifest['folds']} fold models")  # cv.ship
     print(f"[score] {len(manifest)} files; bundle {bundle_uri}: {len(loaded.kinds)} kinds x "
-          f"{len(loaded.sexes)} sexes x {loaded.manifest['folds']} folds")
+          f"{len(loaded.sexes)} sexes, {per_kind} each")
     accuracy = measured_accuracy_line(loaded.manifest)
     if accuracy:
         print(accuracy)

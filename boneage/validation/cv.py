@@ -4,7 +4,9 @@ one sex, and the out-of-fold tables. boneage.distributed.ray_cv runs the trials 
 A trial is one (model kind, sex, fold): kind `A-reg` trained on the females of every fold but 0 and
 scored on the females of fold 0 is trial `A-reg-F-fold0`. With cv.sex_models "pooled" a bone age kind
 has one trial per fold on both sexes, the sex an input of the network (`A-reg-all-fold0`), as the sex
-classifier always has (`A-sex-all-fold0`); the out-of-fold table is the same either way. Every finished trial leaves its out-of-fold
+classifier always has (`A-sex-all-fold0`); the out-of-fold table is the same either way. With cv.ship
+"refit" each bone age kind (and sex) also has a refit trial on every CV image (`A-reg-all-refit`), which
+scores no fold: the bundle ships it instead of the fold models. Every finished trial leaves its out-of-fold
 predictions in CV/parts/<trial>.parquet (its record in the file's metadata); the experiment's tables
 are assembled from those parts, so a rerun trains only the trials that have none.
 """
