@@ -209,29 +209,35 @@ def test_a_worker_group_that_did_not_shut_down_leaves_no_placement_group(ray_loc
     ray_local.util.remove_placement_group(someone_elses)
 
 
-def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_bundle_that_scores(
-        registered_30, tmp_path):
-    """cv.sex_models "pooled" and cv.tta_views 3 on both sexes: one trial per (kind, fold), an OOF table of
-    the per-sex shape (every image, both sexes, one prediction per kind), and a bundle whose fold model of
-    an image's fold, scored under its sex with the same views, gives back its out-of-fold prediction."""
+def _pooled_run(registered_30: str, tmp_path, **cv_settings):
+    """(output, config) of a run folder holding registered_30's registered images and QA: pooled models
+    on both sexes, k = 2, KINDS, no sex classifier, 2 epochs of a tiny net, plus `cv_settings`."""
     import shutil
     from pathlib import Path
-
-    from boneage import score
-    from boneage.bundle import load_bundle
 
     output = str(tmp_path / "run")
     for stage in ("registered", "qa"):
         shutil.copytree(f"{registered_30}/{stage}", f"{output}/{stage}")
     data = Path(registered_30).parent / "synthetic"
-    config = load_config(overrides={
+    return output, load_config(overrides={
         "data": {"images": str(data / "images"), "labels": str(data / "labels.csv")},
         "keypoints": {"source": "geometric"},
-        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F", "M"], "sex_kind": None, "sex_models": "pooled", "tta_views": 3,
+        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F", "M"], "sex_kind": None, "sex_models": "pooled",
                "input_scale": 0.125, "width_mult": 0.0625, "fc": 32, "epochs": 2, "batch_size": 4,
-               "cpus_per_trial": 0.5},
+               "cpus_per_trial": 0.5, **cv_settings},
         "output": output,
     })
+
+
+def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_bundle_that_scores(
+        registered_30, tmp_path):
+    """cv.sex_models "pooled" and cv.tta_views 3 on both sexes: one trial per (kind, fold), an OOF table of
+    the per-sex shape (every image, both sexes, one prediction per kind), and a bundle whose fold model of
+    an image's fold, scored under its sex with the same views, gives back its out-of-fold prediction."""
+    from boneage import score
+    from boneage.bundle import load_bundle
+
+    output, config = _pooled_run(registered_30, tmp_path, tta_views=3)
     run.cross_validate(config)
     oof = pd.read_parquet(f"{output}/cv/oof.parquet")
     registered = pd.read_parquet(f"{output}/registered")
@@ -274,26 +280,12 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
 def test_refit_trains_one_model_per_kind_on_every_cv_image_and_the_bundle_scores_with_it(registered_30, tmp_path):
     """cv.ship "refit": the fold models fill the out-of-fold table as before, one more trial per kind
     trains on every CV image, and the bundle holds those refits (one model per kind) and scores with them."""
-    import shutil
-    from pathlib import Path
-
     from boneage import score
     from boneage.bundle import load_bundle
     from boneage.model.networks import model_kind
     from boneage.model.train import predict
 
-    output = str(tmp_path / "run")
-    for stage in ("registered", "qa"):
-        shutil.copytree(f"{registered_30}/{stage}", f"{output}/{stage}")
-    data = Path(registered_30).parent / "synthetic"
-    config = load_config(overrides={
-        "data": {"images": str(data / "images"), "labels": str(data / "labels.csv")},
-        "keypoints": {"source": "geometric"},
-        "cv": {"k": 2, "kinds": KINDS, "sexes": ["F", "M"], "sex_kind": None, "sex_models": "pooled", "ship": "refit",
-               "input_scale": 0.125, "width_mult": 0.0625, "fc": 32, "epochs": 2, "batch_size": 4,
-               "cpus_per_trial": 0.5},
-        "output": output,
-    })
+    output, config = _pooled_run(registered_30, tmp_path, ship="refit")
     run.cross_validate(config)
     oof = pd.read_parquet(f"{output}/cv/oof.parquet")
     assert list(oof.columns) == ["id", "male", "boneage", "fold", *KINDS] and oof[KINDS].notna().all().all()
