@@ -32,11 +32,12 @@ def scored(run: str) -> pd.DataFrame:
 
 def summary(table: pd.DataFrame) -> dict:
     err = table["boneage_months"] - table["boneage"]
-    inside = (table["boneage_lower_months"] <= table["boneage"]) & (table["boneage"] <= table["boneage_upper_months"])
+    lower, upper = table["boneage_lower_months"], table["boneage_upper_months"]
+    inside = (lower <= table["boneage"]) & (table["boneage"] <= upper)
     return {"n": int(err.notna().sum()), "mae": round(float(err.abs().mean()), 3),
             "within_12": round(float((err.abs() <= 12).mean()), 3), "bias": round(float(err.mean()), 3),
             "interval_coverage": round(float(inside.mean()), 3),
-            "interval_mean_width": round(float((table["boneage_upper_months"] - table["boneage_lower_months"]).mean()), 2)}
+            "interval_mean_width": round(float((upper - lower).mean()), 2)}
 
 
 def main() -> None:

@@ -112,7 +112,8 @@ def test_section(test: Mapping[str, Any] | None, png: str | None) -> str:
         for c, v, label in cards) + "</div>")
     out.append(f"<p class='note'>Images set aside before anything was fit ({escape(test.get('source', ''))}): no stage "
                "saw their labels. The finished bundle scored them through <code>boneage score</code> ("
-               + ("one model per kind refit on every CV image" if test.get("ship") == "refit" else "fold-averaged models")
+               + ("one model per kind refit on every CV image" if test.get("ship") == "refit"
+                  else "fold-averaged models")
                + f", ensemble, QA). Intervals: 95 % bootstrap over images ({test.get('bootstrap_resamples')} "
                "resamples).</p>")
     out.append(accuracy_table({"all": a, **acc.get("by_sex", {}), **acc.get("by_age_band", {})}))

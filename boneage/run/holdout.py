@@ -116,8 +116,8 @@ def _exists(uri: str, options) -> bool:
 
 def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[str, Any] | None:
     """Score the locked test split with the finished bundle through `boneage score`'s code path
-    (the bundle's models: fold-averaged, or the refits; ensemble, QA); OUTPUT/test/predictions.parquet and metrics.json; the
-    accuracy goes beside the bundle (BUNDLE/measured.json, outside its hash) and the evaluation is
+    (the bundle's models: fold-averaged, or the refits; ensemble, QA); OUTPUT/test/predictions.parquet
+    and metrics.json; the accuracy goes beside the bundle (BUNDLE/measured.json, outside its hash) and the evaluation is
     appended to OUTPUT/test/evaluations.jsonl. Nothing here is fitted on the split: the bundle is
     complete before it is scored. None without a test split."""
     from boneage import bundle
@@ -139,15 +139,16 @@ def evaluate_test(config: Config, bundle_uri: str, n_boot: int = 2000) -> dict[s
     scored = split.merge(table[["id", "status", "error", "boneage_months", "boneage_lower_months",
                                 "boneage_upper_months"]], on="id", how="left")
     ok = scored["status"] == STATUS_OK
+    manifest = bundle.read_manifest(bundle_uri, options)
     acc = metrics.accuracy_report(scored.loc[ok, "boneage_months"], scored.loc[ok, "boneage"],
                                   scored.loc[ok, "male"].astype(bool), n_boot=n_boot, seed=config.data.seed)
     result = {"images": int(len(split)), "scored": int(ok.sum()), "source": str(split["source"].iloc[0]),
               "bootstrap_resamples": n_boot, "failed": [{"id": r.id, "error": r.error} for r in scored[~ok].itertuples()],
               "accuracy": acc, "bundle_sha256": bundle_sha256,
               # which bone age models scored it: the fold models' mean, or one refit per kind (cv.ship)
-              "ship": bundle.read_manifest(bundle_uri, options).get("ship", "folds"),
+              "ship": manifest.get("ship", "folds"),
               "interval": interval_coverage(scored[ok], storage.read_json(storage.join_uri(
-                  bundle_uri, bundle.read_manifest(bundle_uri, options).get("training", "training.json")), options))}
+                  bundle_uri, manifest.get("training", "training.json")), options))}
     storage.write_bytes(storage.join_uri(config.output, "test", "metrics.json"), json.dumps(result, indent=2).encode(), options)
     bundle.add_test_accuracy(bundle_uri, result, bundle_sha256, options)  # the interval's coverage goes with it
     record_evaluation(config, bundle_sha256, result)
