@@ -293,12 +293,13 @@ class CVProgress(ray.tune.Callback):
         self.progress = Progress(self.total, "CV trials", unit="trials")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        note = f"{trial.config['trial']}: {result['oof_mae']:.1f} months out of fold" if "oof_mae" in result else ""
-        if trial.config["trial"].endswith("-refit"):  # trained on every CV image: nothing out of fold
-            note = f"{trial.config['trial']}: refit on every CV image"
+        result, name = trial.last_result or {}, trial.config["trial"]
         if "oof_auc" in result:  # a sex classifier's trial
-            note = f"{trial.config['trial']}: AUC {result['oof_auc']:.2f} out of fold"
+            note = f"{name}: AUC {result['oof_auc']:.2f} out of fold"
+        elif cv.parse_trial(name).is_refit:  # trained on every CV image: nothing out of fold
+            note = f"{name}: refit on every CV image"
+        else:
+            note = f"{name}: {result['oof_mae']:.1f} months out of fold" if "oof_mae" in result else ""
         self.progress.update(1, note)
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -12,7 +12,7 @@ import pandas as pd
 
 from boneage.clinical import gate
 from boneage.report import figures
-from boneage.validation import metrics
+from boneage.validation import cv, metrics
 
 
 def escape(value: Any) -> str:
@@ -383,7 +383,7 @@ def trials_section(trials: pd.DataFrame | None, ensembles) -> str:
     if trials is None or len(trials) == 0:
         out.append(missing("No CV trials table was given (cv/trials.parquet)."))
     else:
-        refit = trials["trial"].astype(str).str.endswith("-refit") if "trial" in trials else False
+        refit = trials["fold"].eq(cv.REFIT) if "fold" in trials else False
         trials = trials.assign(models=np.where(refit, "refit", "folds"))  # cv.ship refit: a row of its own
         summary = trials.groupby(["kind", "sex", "models"], sort=True).agg(
             trials=("trial", "size") if "trial" in trials else ("fold", "size"),

@@ -379,7 +379,7 @@ def oof_table(folds: pd.DataFrame, parts: Sequence[tuple[pd.DataFrame, dict]], k
     columns = {kind: np.full(len(out), np.nan) for kind in kinds}
     for pred, record in parts:
         trial = parse_trial(record["trial"])
-        if trial.kind not in columns or trial.is_refit:  # a refit scored no fold
+        if trial.kind not in columns:
             continue
         at = position.reindex(pred["id"]).to_numpy()
         if np.isnan(at.astype(float)).any():
