@@ -93,6 +93,8 @@ class BundleModels:
         # Test-time augmentation: each fold model's mean over this many crop jitters, as the bundle's
         # out-of-fold table was predicted (manifest tta_views; older bundles: 1, none).
         self.tta_views = int(bundle.manifest.get("tta_views") or 1)
+        # the sex classifier's own views (manifest sex_tta_views; older bundles: the zone models')
+        self.sex_tta_views = int(bundle.manifest.get("sex_tta_views") or self.tta_views)
         # "pooled": one fold model set per kind for both sexes (sex "all"), told the sex it scores under
         self.sex_models = bundle.manifest.get("sex_models") or "per_sex"
         self.models: dict[tuple[str, str], list[tuple[Any, Any]]] = {}
@@ -122,7 +124,7 @@ class BundleModels:
         if self.sex_kind is None:
             return np.full(len(bank), np.nan)
         idx = np.arange(len(bank))
-        return np.mean([train.predict_p_male(model, bank, idx, zone, device=self.device, views=self.tta_views)
+        return np.mean([train.predict_p_male(model, bank, idx, zone, device=self.device, views=self.sex_tta_views)
                         .float().cpu().numpy()
                         for model, zone in self.models[(self.sex_kind, cv.POOLED)]], axis=0)
 

@@ -433,3 +433,7 @@ def test_pooled_models_need_both_sexes_and_test_time_views_come_in_pairs():
         CVConfig(tta_views=4)
     with pytest.raises(ValidationError):
         CVConfig(tta_views=11)
+    # the sex classifier's own views: the zone models' unless set, odd as theirs
+    assert CVConfig(tta_views=3).sex_views == 3 and CVConfig(tta_views=3, sex_tta_views=5).sex_views == 5
+    with pytest.raises(ValidationError, match="sex_tta_views must be odd"):
+        CVConfig(sex_tta_views=2)

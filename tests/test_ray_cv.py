@@ -233,19 +233,23 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
         registered_30, tmp_path):
     """cv.sex_models "pooled" and cv.tta_views 3 on both sexes: one trial per (kind, fold), an OOF table of
     the per-sex shape (every image, both sexes, one prediction per kind), and a bundle whose fold model of
-    an image's fold, scored under its sex with the same views, gives back its out-of-fold prediction."""
+    an image's fold, scored under its sex with the same views, gives back its out-of-fold prediction.
+    The sex classifier has views of its own (cv.sex_tta_views 5), out of fold and at scoring."""
     from boneage import score
     from boneage.bundle import load_bundle
+    from boneage.model.networks import model_kind
+    from boneage.model.train import predict_p_male
 
-    output, config = _pooled_run(registered_30, tmp_path, tta_views=3)
+    output, config = _pooled_run(registered_30, tmp_path, tta_views=3, sex_kind="A-sex", sex_tta_views=5)
     run.cross_validate(config)
     oof = pd.read_parquet(f"{output}/cv/oof.parquet")
     registered = pd.read_parquet(f"{output}/registered")
     n_cv = int(((registered.status == "ok") & registered.boneage.notna()).sum())
-    assert list(oof.columns) == ["id", "male", "boneage", "fold", *KINDS] and len(oof) == n_cv
+    assert list(oof.columns) == ["id", "male", "boneage", "fold", *KINDS, "p_male"] and len(oof) == n_cv
     assert oof.male.nunique() == 2 and oof[KINDS].notna().all().all() and oof[KINDS].stack().between(0, 240).all()
     trials = pd.read_parquet(f"{output}/cv/trials.parquet")
-    assert sorted(trials.trial) == sorted(t.name for t in cv.cv_trials(KINDS, ["F", "M"], 2, "pooled"))
+    sex_trials = ["A-sex-all-fold0", "A-sex-all-fold1"]
+    assert sorted(trials.trial) == sorted([t.name for t in cv.cv_trials(KINDS, ["F", "M"], 2, "pooled")] + sex_trials)
     assert (trials.n_train + trials.n_val).eq(n_cv).all()  # each trained on both sexes' training folds
     state = torch.load(f"{output}/cv/models/A-reg-all-fold0.pt", weights_only=False)
     assert state["spec"]["sex_input"] is True and state["sex"] == cv.POOLED
@@ -254,12 +258,25 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
     run.write_bundle(config)
     bundle = load_bundle(f"{output}/bundle")
     assert bundle.manifest["sex_models"] == "pooled" and bundle.manifest["tta_views"] == 3
+    assert bundle.manifest["sex_tta_views"] == 5
     assert bundle.manifest["sexes"] == ["F", "M"] and {s for _, s in bundle.models} == {cv.POOLED}
-    assert all(m["sex_input"] and m["sex"] == cv.POOLED for m in bundle.manifest["models"])
+    assert all(m["sex_input"] and m["sex"] == cv.POOLED for m in bundle.manifest["models"] if m["kind"] != "A-sex")
     models = score.BundleModels(bundle)
+    assert models.tta_views == 3 and models.sex_tta_views == 5
     rows = registered[registered.id.isin(oof.id)].sort_values("id").reset_index(drop=True)
     bank = cv.decode_bank(rows.registered_png.tolist())
     truth = oof.set_index("id").loc[rows.id]
+    # P(male) out of fold is each fold's sex classifier over its own 5 views, not the zone models' 3
+    sex_kind, fold = model_kind("A-sex", 0.125), truth.fold.to_numpy()
+    for f, (model, _) in enumerate(models.models[("A-sex", cv.POOLED)]):
+        mine = np.flatnonzero(fold == f)
+        five, three = (predict_p_male(model, bank, mine, sex_kind, views=v).numpy() for v in (5, 3))
+        # (a 2-epoch classifier says ~0.5 to every image: its views differ by ~1e-5, so compare the gaps)
+        off_by = np.abs(five - truth.p_male.to_numpy()[mine]).max()
+        assert off_by < 1e-4 and off_by < np.abs(three - five).max() / 10
+    np.testing.assert_allclose(models.p_male(bank), np.mean(
+        [predict_p_male(m, bank, np.arange(len(bank)), sex_kind, views=5).numpy()
+         for m, _ in models.models[("A-sex", cv.POOLED)]], axis=0), atol=1e-6)
     for sex, male in (("F", False), ("M", True)):
         mine = np.flatnonzero(truth.male.to_numpy() == male)
         for kind in KINDS:

@@ -120,6 +120,7 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     # Test-time augmentation: the scored fold is predicted as scoring will predict (the bundle records it),
     # so the ensemble weights, gate and intervals are fitted on the predictions that ship.
     views = loop_config["tta_views"]
+    sex_views = loop_config.get("sex_tta_views", views)  # the sex classifier's own (cv.sex_tta_views)
     sex_input = male if trial.has_sex_input else None  # a pooled model is told each image's sex
     fitting = time.time()
     # Local mode inside a Tune trial has nothing to resume and may not call ray.train.report (Tune's
@@ -128,7 +129,7 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
         result = fit_sex_model(bank, male, fit_idx, select_idx, kind, train_cfg, device,
                                None if local else report, resume)
         scored = predict_p_male(result.model, bank, scored_idx, kind, train_cfg.eval_batch_size, device,
-                                train_cfg.bf16, train_cfg.channels_last, views=views).cpu().numpy()
+                                train_cfg.bf16, train_cfg.channels_last, views=sex_views).cpu().numpy()
     else:
         watch = loop_config["watch_scored_fold"] and not trial.is_refit
         result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, device,
@@ -180,7 +181,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
             "trial": trial.name, "input_scale": cvc.input_scale, "threads": cvc.cpus_per_trial,
             "train": cv.train_config(cvc, trial, shared["seed"]).__dict__,
             "inner_val_fraction": cvc.inner_val_fraction, "watch_scored_fold": cvc.watch_scored_fold,
-            "tta_views": cvc.tta_views,
+            "tta_views": cvc.tta_views, "sex_tta_views": cvc.sex_views,
             "folds_uri": paths["folds.parquet"], "registered_uri": shared["registered_uri"],
             "storage_options": options, "local": local,
         },
