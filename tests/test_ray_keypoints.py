@@ -74,3 +74,7 @@ def test_training_set_uses_annotations_and_confident_pseudo_labels():
     np.testing.assert_allclose(targets[0], annotation / [100, 200])  # normalised by (width, height)
     np.testing.assert_allclose(targets[1], np.full((3, 2), 10.0) / [100, 200])  # b's pseudo-label
     assert list(is_annotation) == [True, False]  # c is not confident enough, d failed
+    # Rows in any order (Ray Data's, as tasks finish) give the same training set, in id order
+    again = training_set(analysed.iloc[::-1], {"a": annotation}, min_confidence=0.8)
+    for mine, theirs in zip((inputs, targets, is_annotation), again):
+        np.testing.assert_array_equal(mine, theirs)

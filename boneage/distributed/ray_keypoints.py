@@ -29,6 +29,9 @@ def training_set(analysed: pd.DataFrame, annotations: dict[str, np.ndarray], min
     Annotated images use their annotation; the others, where the geometric estimate is confident,
     use it as a pseudo-label (the seed hand-labelled 800 images; we have few or none)."""
     inputs, targets, annotated = [], [], []
+    # In id order: Ray Data hands rows back in the order its tasks finish, and a training set in another
+    # order trains another model (the same command gave two key point models in two CI runs).
+    analysed = analysed.sort_values("id", kind="stable")
     for row in analysed[analysed.status == "ok"].itertuples():
         size = np.array([row.width, row.height], float)
         if row.id in annotations:
