@@ -273,3 +273,24 @@ def test_the_test_section_says_how_many_times_the_split_was_scored():
     twice = sections.test_section({**test, "evaluations": once + [{**once[0], "bundle_sha256": "b" * 64}]}, None)
     assert "scored 2 times, by 2 bundles" in twice and "no longer a clean estimate" in twice
     assert "bundle aaaaaaaaaaaa MAE 1.50" in twice
+
+
+def test_the_sex_section_says_whether_a_predicted_sex_is_used_and_its_views():
+    from boneage.report import sections
+    from boneage.validation import sex_calls
+
+    rng = np.random.default_rng(0)
+    male = rng.random(400) < 0.5
+    summary = {"kind": "B-sex", "views": 5, "all": {"n": 400, "auc": 0.8}}
+    # a classifier that is always right with confidence: predicted sex earns its place
+    sure = pd.DataFrame({"male": male, "fold": np.arange(400) % 4, "p_male": np.where(male, 0.99, 0.01)})
+    on = sections.sex_section(summary, sex_calls.calibrate(sure, 0.02, 30))
+    assert "data-sex-prediction='on'" in on and "wrong 0 of 400 times" in on
+    assert "the mean logit over 5 test-time views" in on
+    # a coin: off, with the reason scoring prints
+    coin = sure.assign(p_male=np.where(rng.random(400) < 0.5, 0.95, 0.05))
+    calls = sex_calls.calibrate(coin, 0.02, 30)
+    off = sections.sex_section({**summary, "views": 1}, calls)
+    assert "data-sex-prediction='off'" in off and sections.escape(calls["off_reason"]) in off
+    assert "test-time views" not in off
+    assert sections.sex_section(None, calls) == ""

@@ -86,7 +86,7 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     cv_summary = json.loads((out / "cv" / "summary.json").read_text())
     assert {row["model"] for row in cv_summary["mae"]} == {"A-reg", "per-sex median"}
     sex = cv_summary["sex_classifier"]
-    assert sex["kind"] == "A-sex" and sex["all"]["n"] == len(oof) and sex["all"]["auc"] == roc_auc(oof.p_male, oof.male)
+    assert sex["kind"] == "A-sex" and sex["views"] == 1 and sex["all"]["n"] == len(oof) and sex["all"]["auc"] == roc_auc(oof.p_male, oof.male)
     assert sum(band["n"] for band in sex["by_age_band"].values()) == len(oof)
     # Ensemble: three fits, each with a cross-validated MAE; the one that scores was fixed beforehand.
     ensembles = json.loads((out / "cv" / "ensemble.json").read_text())
@@ -127,6 +127,7 @@ def test_full_cv_on_the_embedded_default(embedded_run):
     pictures = re.findall(r'src="([^"]+\.png)"', html)
     assert len(pictures) >= 4 and all((out / "report" / p).stat().st_size > 1000 for p in pictures)
     assert "Sex classifier A-sex (out of fold)" in html
+    assert "data-sex-prediction='off'" in html  # and that scoring will not use a predicted sex, as the bundle says
 
 
 def test_scoring_with_the_trained_bundle(embedded_run, tmp_path, capsys):

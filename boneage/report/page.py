@@ -47,6 +47,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
                  storage_options: Mapping[str, Any] | None = None,
                  test: Mapping[str, Any] | None = None, test_table: pd.DataFrame | None = None,
                  sex_classifier: Mapping[str, Any] | None = None,
+                 sex_prediction: Mapping[str, Any] | None = None,
                  gate_flags: pd.DataFrame | None = None, test_gate: pd.DataFrame | None = None,
                  gate_quantile: float = gate.QUANTILE, interval: Mapping[str, Any] | None = None,
                  grouping: Mapping[str, Any] | None = None, age_calibration: Mapping[str, Any] | None = None,
@@ -59,7 +60,8 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     rows with id and registered_png (and optionally registration_doubtful, keypoint_source) for the
     worst cases' thumbnails. test: the locked test split's result (run.evaluate_test), test_table its
     rows (boneage, male, pred) for the plot; they come first. sex_classifier: cv/summary.json's
-    "sex_classifier" (its section is left out without one). gate_flags: id, registration_doubtful,
+    "sex_classifier" (its section is left out without one); sex_prediction: training.json's
+    "sex_prediction" (whether scoring may use a predicted sex, said there). gate_flags: id, registration_doubtful,
     mask_doubtful of the oof rows (the registered table's QA flags) for the rejection gate's effect,
     cross-fitted on the OOF table with `gate_quantile`; test_gate: the locked test split's rows (boneage,
     boneage_months, accepted, reject_reason), gated with the shipped thresholds. Anything else missing is
@@ -154,7 +156,7 @@ def write_report(out_uri: str, oof: pd.DataFrame, kinds: Sequence[str],
     else:
         parts.append("<h2>Worst cases</h2>" + sections.missing("No ensemble prediction was given."))
 
-    parts.append(sections.sex_section(sex_classifier))
+    parts.append(sections.sex_section(sex_classifier, sex_prediction))
     parts.append(sections.gate_effect(oof, kinds, ensemble_oof.get(primary) if primary is not None else None,
                                  gate_flags, test_gate, gate_quantile, files))
     parts.append(sections.qa_section(preprocess_summary))

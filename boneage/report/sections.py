@@ -321,23 +321,42 @@ def frame_table(frame: pd.DataFrame, digits: int = 1, general: Sequence[str] = (
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
-def sex_section(sex: Mapping[str, Any] | None) -> str:
-    """The sex classifier's out-of-fold ROC AUC and accuracy, overall and by age band ('' without one)."""
+def sex_section(sex: Mapping[str, Any] | None, calls: Mapping[str, Any] | None = None) -> str:
+    """The sex classifier's out-of-fold ROC AUC and accuracy, overall and by age band, and whether the
+    bundle lets scoring use a predicted sex (`calls`: training.json's "sex_prediction"); '' without one."""
     if not sex:
         return ""
     low, high = sex.get("unsure_between", (0.2, 0.8))
+    views = int(sex.get("views") or 1)
     rows = "".join(
         f'<tr><td class="text">{escape(group)}</td><td>{a.get("n", 0)}</td><td>{number(a.get("auc"), 3)}</td>'
         f'<td>{number(100 * a.get("accuracy", float("nan")), 1)}</td><td>{number(100 * a.get("unsure", float("nan")), 1)}</td>'
         f'<td>{number(100 * a.get("accuracy_sure", float("nan")), 1)}</td></tr>'
         for group, a in {"all": sex.get("all", {}), **sex.get("by_age_band", {})}.items())
+    averaged = (f", the mean logit over {views} test-time views of its crop, as scoring computes it" if views > 1
+                else "")
     return (f"<h2>Sex classifier {escape(sex.get('kind', ''))} (out of fold)</h2><p class='note'>P(male) of every "
             "image from the fold model that never saw it (trained on both sexes pooled, in the same folds; not part "
-            f"of the ensemble). Scoring uses the predicted sex of an image of unknown sex when P(male) ≤ {low} or ≥ "
-            f"{high}; in between it is unsure and the image gets the mean of both sexes' readings. Accuracy at 0.5; "
-            "unsure: share of images in between; sure: accuracy of the others. Age bands by true bone age.</p>"
+            f"of the ensemble){averaged}. Accuracy at 0.5; unsure: P(male) between {low} and {high}; sure: accuracy "
+            "of the others. Age bands by true bone age.</p>" + _sex_calls_note(calls) +
             '<table><tr><th class="text">group</th><th>n</th><th>ROC AUC</th><th>accuracy %</th><th>unsure %</th>'
             f"<th>accuracy of the sure %</th></tr>{rows}</table>")
+
+
+def _sex_calls_note(calls: Mapping[str, Any] | None) -> str:
+    """Whether an image of unknown sex is scored as its predicted sex (boneage.validation.sex_calls)."""
+    if not calls:
+        return ""
+    if not calls.get("on"):
+        return (f"<p class='note' data-sex-prediction='off'><b>Predicted sex is off for this bundle</b>: "
+                f"{escape(str(calls.get('off_reason')))}. An image of unknown sex is scored under both sexes and "
+                "rejected <code>sex_unknown</code>.</p>")
+    crossed = calls["cross_fitted"]
+    return (f"<p class='note' data-sex-prediction='on'><b>Predicted sex is on for this bundle</b>: an image of "
+            f"unknown sex is scored as the predicted sex where P(male) ≤ {calls['p_low']:.3f} or ≥ "
+            f"{calls['p_high']:.3f} (<code>sex_source</code> 'predicted'); out of fold those calls were wrong "
+            f"{crossed['wrong']} of {crossed['calls']} times (cross-fitted; target "
+            f"{100 * calls['max_error_rate']:.0f} %).</p>")
 
 
 def gate_section(effects: Mapping[str, Mapping[str, Any]], notes: Sequence[str], png: str | None) -> str:

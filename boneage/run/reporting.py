@@ -71,7 +71,8 @@ def report(config: Config, ensembles: dict[str, Any] | None = None, test: dict[s
         worst_images=images, primary=primary, n_worst=n_worst, storage_options=options,
         test=test, test_table=test_table, gate_flags=flags[["id", "registration_doubtful", "mask_doubtful"]],
         test_gate=test_gate, interval=training.get("interval"), age_calibration=training.get("age_calibration"),
-        sex_classifier=cv_summary.get("sex_classifier"), grouping=cv_summary.get("grouping"))
+        sex_classifier=cv_summary.get("sex_classifier"), sex_prediction=training.get("sex_prediction"),
+        grouping=cv_summary.get("grouping"))
     print(f"[report] {uri}")
     return uri
 

@@ -59,8 +59,8 @@ def cross_validate(config: Config) -> dict[str, Any]:
     if config.cv.sex_kind is not None:  # out-of-fold AUC and accuracy of the sex classifier
         from boneage.validation import metrics
 
-        summary["sex_classifier"] = {"kind": config.cv.sex_kind, "unsure_between": [metrics.UNSURE_LOW,
-                                                                                     metrics.UNSURE_HIGH],
+        summary["sex_classifier"] = {"kind": config.cv.sex_kind, "views": config.cv.sex_views,
+                                     "unsure_between": [metrics.UNSURE_LOW, metrics.UNSURE_HIGH],
                                      **metrics.sex_report(oof["p_male"], oof["male"], oof["boneage"])}
     storage.write_bytes(storage.join_uri(config.output, "cv", "summary.json"), json.dumps(summary, indent=2).encode(),
                    config.data.storage_options)
