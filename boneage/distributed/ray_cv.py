@@ -120,7 +120,7 @@ def _train_loop(loop_config: dict[str, Any]) -> tuple[dict, dict] | None:
     # Test-time augmentation: the scored fold is predicted as scoring will predict (the bundle records it),
     # so the ensemble weights, gate and intervals are fitted on the predictions that ship.
     views = loop_config["tta_views"]
-    sex_views = loop_config.get("sex_tta_views", views)  # the sex classifier's own (cv.sex_tta_views)
+    sex_views = loop_config["sex_tta_views"]  # the sex classifier's own (cv.sex_tta_views)
     sex_input = male if trial.has_sex_input else None  # a pooled model is told each image's sex
     fitting = time.time()
     # Local mode inside a Tune trial has nothing to resume and may not call ray.train.report (Tune's
