@@ -3,6 +3,8 @@ and the subjects CSV."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -423,6 +425,28 @@ def test_read_output_keeps_the_latest_row_per_file(tmp_path):
     assert scored_uris(str(folder), "h") == {"/i/a.png", "/i/b.png"}
     table = read_output(str(folder), ("id", "uri", "status"))
     assert table.to_dict("list") == {"id": ["a", "b"], "uri": ["/i/a.png", "/i/b.png"], "status": ["ok", "ok"]}
+
+
+def test_gather_keeps_the_newest_row_per_file_and_copes_with_an_empty_part(tmp_path):
+    # An empty part happens: a rerun's write of an empty block, or a cut-off run's rows removed by hand.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from boneage.distributed.ray_score import gather, parts_uri
+
+    out = tmp_path / "predictions.parquet"
+    parts = tmp_path / parts_uri(out.name)
+    parts.mkdir()
+    rows = pd.DataFrame({"id": ["a", "b"], "uri": ["/i/a.png", "/i/b.png"], "status": ["ok", "error"]})
+    pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), parts / "part-20250101T100000Z-1.parquet")
+    pq.write_table(pa.Table.from_pandas(rows.iloc[:0], preserve_index=False),
+                   parts / "part-20250101T110000Z-2.parquet")
+    newer = rows.iloc[[1]].assign(status="ok")
+    pq.write_table(pa.Table.from_pandas(newer, preserve_index=False), parts / "part-20250101T120000Z-3.parquet")
+    gather(str(out), {"run": "r"})
+    table = pq.read_table(out).to_pandas().sort_values("id")
+    assert table.to_dict("list") == {"id": ["a", "b"], "uri": ["/i/a.png", "/i/b.png"], "status": ["ok", "ok"]}
+    assert json.loads(pq.read_schema(out).metadata[score.PROVENANCE_KEY]) == {"run": "r"}
 
 
 def test_an_unused_dicom_age_leaves_the_age_empty_with_its_reason():

@@ -272,7 +272,7 @@ def gather(out_uri: str, provenance: Mapping[str, Any], storage_options: Mapping
                     table = pq.read_table(f)
                 keep = [u not in seen for u in table.column("uri").to_pylist()]
                 seen.update(table.column("uri").to_pylist())
-                table = table.filter(pa.array(keep))
+                table = table.filter(pa.array(keep, pa.bool_()))  # typed: an empty part's [] is not null-typed
                 for name in schema.names:
                     if name not in table.column_names:
                         table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
