@@ -270,8 +270,9 @@ def gather(out_uri: str, provenance: Mapping[str, Any], storage_options: Mapping
             for part, _ in sorted(tables, key=lambda t: t[0], reverse=True):  # newest run first
                 with fs.open(part, "rb") as f:
                     table = pq.read_table(f)
-                keep = [u not in seen for u in table.column("uri").to_pylist()]
-                seen.update(table.column("uri").to_pylist())
+                uris = table.column("uri").to_pylist()
+                keep = [u not in seen for u in uris]
+                seen.update(uris)
                 table = table.filter(pa.array(keep, pa.bool_()))  # typed: an empty part's [] is not null-typed
                 for name in schema.names:
                     if name not in table.column_names:
