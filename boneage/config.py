@@ -193,6 +193,10 @@ class CVConfig(_Section):
     # on the embedded set, trained for 70 epochs, this beat 1/4 size at the epochs that fit the same
     # time (subset mean 13.7 vs 25 months, docs/benchmarks.md); a CPU epoch of ~77 images is ~0.2 s.
     input_scale: float = Field(0.125, gt=0, description="zone inputs, times the seed's sizes (A 500x375)")
+    # The sex classifier's own input size, so that the bone age models' can change alone: on rsna-dev the
+    # wrist classifier at 1/3 did not beat 1/4 (AUC 0.803 vs 0.816, docs/benchmarks.md) and costs 1.8x.
+    sex_input_scale: float | None = Field(
+        None, gt=0, description="the sex classifier's input size, times the seed's; null: cv.input_scale")
     width_mult: float = Field(0.25, gt=0, description="zone nets' widths, times the seed's (32-64-128-128-256-384)")
     # The seed's 2048 would be ~all of the parameters at this size.
     fc: int = Field(256, ge=1, description="width of the two fully connected layers")
@@ -237,9 +241,9 @@ class CVConfig(_Section):
     # measure how optimistic choosing the epoch on it would be. It chooses nothing.
     watch_scored_fold: bool = Field(False, description="also record the scored fold's MAE every epoch "
                                                        "(a diagnostic; it chooses nothing)")
-    # bf16 autocast, channels_last and compile take effect on CUDA only.
+    # bf16 autocast and compile take effect on CUDA only; channels_last on CPU too (faster there as well).
     bf16: bool = Field(True, description="bf16 autocast (CUDA only)")
-    channels_last: bool = Field(True, description="channels_last memory format (CUDA only)")
+    channels_last: bool = Field(True, description="channels_last memory format of the zone nets (CPU and CUDA)")
     # 33 s of compilation per trial would outweigh a few-second training.
     compile: bool = Field(False, description="torch.compile the zone nets (CUDA only)")
     # Resources of one trial (its Ray Train worker; the Tune trial driver takes a sliver of a CPU):
@@ -324,6 +328,10 @@ class CVConfig(_Section):
     def sex_views(self) -> int:
         """The sex classifier's test-time views: sex_tta_views, or the zone models' tta_views."""
         return self.tta_views if self.sex_tta_views is None else self.sex_tta_views
+
+    def input_scale_of(self, kind: str) -> float:
+        """The input scale a kind trains and scores at: sex_input_scale for the sex classifier, if set."""
+        return self.sex_input_scale if kind == self.sex_kind and self.sex_input_scale else self.input_scale
 
     @property
     def train_in_trial_process(self) -> bool:

@@ -435,5 +435,8 @@ def test_pooled_models_need_both_sexes_and_test_time_views_come_in_pairs():
         CVConfig(tta_views=11)
     # the sex classifier's own views: the zone models' unless set, odd as theirs
     assert CVConfig(tta_views=3).sex_views == 3 and CVConfig(tta_views=3, sex_tta_views=5).sex_views == 5
+    assert CVConfig(input_scale=0.25).input_scale_of("A-sex") == 0.25
+    assert CVConfig(input_scale=0.33, sex_kind="B-sex", sex_input_scale=0.25).input_scale_of("B-sex") == 0.25
+    assert CVConfig(input_scale=0.33, sex_kind="B-sex", sex_input_scale=0.25).input_scale_of("B-cls") == 0.33
     with pytest.raises(ValidationError, match="sex_tta_views must be odd"):
         CVConfig(sex_tta_views=2)

@@ -234,13 +234,15 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
     """cv.sex_models "pooled" and cv.tta_views 3 on both sexes: one trial per (kind, fold), an OOF table of
     the per-sex shape (every image, both sexes, one prediction per kind), and a bundle whose fold model of
     an image's fold, scored under its sex with the same views, gives back its out-of-fold prediction.
-    The sex classifier has views of its own (cv.sex_tta_views 5), out of fold and at scoring."""
+    The sex classifier has views and an input size of its own (cv.sex_tta_views 5, cv.sex_input_scale 0.1),
+    out of fold and at scoring."""
     from boneage import score
     from boneage.bundle import load_bundle
     from boneage.model.networks import model_kind
     from boneage.model.train import predict_p_male
 
-    output, config = _pooled_run(registered_30, tmp_path, tta_views=3, sex_kind="A-sex", sex_tta_views=5)
+    output, config = _pooled_run(registered_30, tmp_path, tta_views=3, sex_kind="A-sex", sex_tta_views=5,
+                                 sex_input_scale=0.1)
     run.cross_validate(config)
     oof = pd.read_parquet(f"{output}/cv/oof.parquet")
     registered = pd.read_parquet(f"{output}/registered")
@@ -252,13 +254,14 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
     assert sorted(trials.trial) == sorted([t.name for t in cv.cv_trials(KINDS, ["F", "M"], 2, "pooled")] + sex_trials)
     assert (trials.n_train + trials.n_val).eq(n_cv).all()  # each trained on both sexes' training folds
     state = torch.load(f"{output}/cv/models/A-reg-all-fold0.pt", weights_only=False)
-    assert state["spec"]["sex_input"] is True and state["sex"] == cv.POOLED
+    assert state["spec"]["sex_input"] is True and state["sex"] == cv.POOLED and state["spec"]["input_scale"] == 0.125
+    assert torch.load(f"{output}/cv/models/A-sex-all-fold0.pt", weights_only=False)["spec"]["input_scale"] == 0.1
 
     run.fit_ensembles(config)
     run.write_bundle(config)
     bundle = load_bundle(f"{output}/bundle")
     assert bundle.manifest["sex_models"] == "pooled" and bundle.manifest["tta_views"] == 3
-    assert bundle.manifest["sex_tta_views"] == 5
+    assert bundle.manifest["sex_tta_views"] == 5 and bundle.manifest["sex_input_scale"] == 0.1
     assert bundle.manifest["sexes"] == ["F", "M"] and {s for _, s in bundle.models} == {cv.POOLED}
     assert all(m["sex_input"] and m["sex"] == cv.POOLED for m in bundle.manifest["models"] if m["kind"] != "A-sex")
     models = score.BundleModels(bundle)
@@ -267,7 +270,7 @@ def test_pooled_cv_with_test_time_augmentation_fills_the_same_table_and_ships_a_
     bank = cv.decode_bank(rows.registered_png.tolist())
     truth = oof.set_index("id").loc[rows.id]
     # P(male) out of fold is each fold's sex classifier over its own 5 views, not the zone models' 3
-    sex_kind, fold = model_kind("A-sex", 0.125), truth.fold.to_numpy()
+    sex_kind, fold = model_kind("A-sex", 0.1), truth.fold.to_numpy()
     for f, (model, _) in enumerate(models.models[("A-sex", cv.POOLED)]):
         mine = np.flatnonzero(fold == f)
         five, three = (predict_p_male(model, bank, mine, sex_kind, views=v).numpy() for v in (5, 3))

@@ -178,7 +178,7 @@ def _run_trial(params: dict[str, Any], shared: dict[str, Any]) -> None:
         _train_loop,
         torch_config=ray_env.torch_config(),
         train_loop_config={
-            "trial": trial.name, "input_scale": cvc.input_scale, "threads": cvc.cpus_per_trial,
+            "trial": trial.name, "input_scale": cvc.input_scale_of(trial.kind), "threads": cvc.cpus_per_trial,
             "train": cv.train_config(cvc, trial, shared["seed"]).__dict__,
             "inner_val_fraction": cvc.inner_val_fraction, "watch_scored_fold": cvc.watch_scored_fold,
             "tta_views": cvc.tta_views, "sex_tta_views": cvc.sex_views,

@@ -125,7 +125,9 @@ def write_bundle(config: Config) -> str:
         "ship": config.cv.ship,
         "sex_kind": config.cv.sex_kind,  # its fold models are listed with sex "all"; null: none
         "sex_tta_views": config.cv.sex_views if config.cv.sex_kind else None,  # its P(male)'s views
-        "input_scale": config.cv.input_scale, "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
+        "input_scale": config.cv.input_scale,
+        "sex_input_scale": config.cv.input_scale_of(config.cv.sex_kind) if config.cv.sex_kind else None,
+        "keypoint_model": KEYPOINT_MODEL if keypoint_model else None,
         "ensemble": "ensemble.json", "config": "config.yaml", "training": "training.json", "data": data,
         "accuracy": {"out_of_fold": {"model": shipped_name, **oof_accuracy[shipped_name]["all"]}},
         "interval": interval_summary(interval),
