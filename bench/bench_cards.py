@@ -19,7 +19,6 @@ machine's load (/proc/loadavg) is recorded before and after: on a shared machine
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -39,6 +38,8 @@ from boneage.distributed import ray_env, ray_prepare
 from boneage import run, score
 from boneage.bundle import load_bundle
 from boneage.config import RayConfig
+
+from _common import emit  # bench/_common.py
 
 
 def loadavg() -> list[float]:
@@ -150,10 +151,7 @@ def main() -> None:
                 raise SystemExit("Ray did not start three times")
             result["pipeline"] = pipeline(split["uri"].tolist(), str(subjects), args.bundle, args.runs, folder)
     result["loadavg_after"] = loadavg()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,15 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 from boneage import score
 from boneage.bundle import load_bundle
-from boneage.validation import cv
+
+from _common import cv_bank, emit  # bench/_common.py
 
 
 def main() -> None:
@@ -36,9 +33,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run = Path(args.run)
-    rows = cv.read_trial_rows(str(run / "registered"), pd.read_parquet(run / "cv" / "folds.parquet"), None)
-    bank, _, _ = cv.load_bank(rows.iloc[: args.n].reset_index(drop=True))
+    bank, _, _ = cv_bank(args.run, args.n)
     models = {uri: score.BundleModels(load_bundle(uri)) for uri in args.bundles}
     times: dict[str, dict[str, list[float]]] = {uri: {"bone_age": [], "sex": []} for uri in args.bundles}
     for _ in range(args.repeats):
@@ -55,10 +50,7 @@ def main() -> None:
         result["s_per_image"][uri] = {**{p: round(v, 4) for p, v in median.items()},
                                       "models": round(sum(median.values()), 4),
                                       "tta_views": models[uri].tta_views, "sex_tta_views": models[uri].sex_tta_views}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ relative to the first bundle's (its images/s over theirs, inverted). Prints JSON
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from boneage import run
 from boneage.config import RayConfig
 from boneage.distributed import ray_env
+
+from _common import emit  # bench/_common.py
 
 
 def main() -> None:
@@ -46,10 +47,7 @@ def main() -> None:
               "images_per_s": {b: [round(r, 2) for r in v] for b, v in rates.items()},
               "median_images_per_s": {b: round(statistics.median(v), 2) for b, v in rates.items()},
               "cost_per_image_vs_first": {b: round(reference / statistics.median(v), 2) for b, v in rates.items()}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

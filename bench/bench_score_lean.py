@@ -20,7 +20,6 @@ and its fraction of that rate; `--json FILE` also writes it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -38,6 +37,8 @@ from boneage.data.images import read_image
 from boneage.distributed import ray_env
 from boneage.model import keypoint_model
 from boneage.registration import prepare
+
+from _common import emit  # bench/_common.py
 
 
 def stage_times(paths: list[str], bundle_uri: str, batch: int) -> dict[str, float]:
@@ -130,10 +131,7 @@ def main() -> None:
         "median_images_per_s": {p: round(statistics.median(v), 2) for p, v in rates.items()},
         "fraction_of_allowed": {p: round(statistics.median(v) / allowed, 3) for p, v in rates.items()},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

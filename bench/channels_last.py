@@ -18,15 +18,14 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from boneage.model import train
 from boneage.model.networks import model_kind
-from boneage.validation import cv
+
+from _common import cv_bank, emit  # bench/_common.py
 
 
 def fit(bank, ages, male, fit_idx, kind, cfg):
@@ -61,11 +60,8 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run = Path(args.run)
-    rows = cv.read_trial_rows(str(run / "registered"), pd.read_parquet(run / "cv" / "folds.parquet"), None)
-    rows = rows.iloc[: args.n + args.n_predict].reset_index(drop=True)
-    bank, ages, male = cv.load_bank(rows)
-    fit_idx, held_idx = np.arange(args.n), np.arange(args.n, len(rows))
+    bank, ages, male = cv_bank(args.run, args.n + args.n_predict)
+    fit_idx, held_idx = np.arange(args.n), np.arange(args.n, len(bank))
     result = {"images": args.n, "predicted": len(held_idx), "epochs": args.epochs, "views": args.views,
               "input_scale": args.scale, "width_mult": args.width, "torch": torch.__version__, "torch_threads": 1,
               "repeats": args.repeats, "kinds": {}}
@@ -73,6 +69,9 @@ def main() -> None:
         kind = model_kind(name, args.scale)
         times = {fmt: {"train_s_per_epoch": [], "predict_s_per_image": []} for fmt in ("nchw", "channels_last")}
         difference = []
+        for on in (False, True):  # warm-up: oneDNN builds its kernels for each shape and format once
+            warm = train.TrainConfig(epochs=1, batch_size=16, width_mult=args.width, channels_last=on, seed=1)
+            fit(bank, ages, male, fit_idx[:32], kind, warm)
         for _ in range(args.repeats):
             for fmt in ("nchw", "channels_last"):
                 on = fmt == "channels_last"
@@ -93,10 +92,7 @@ def main() -> None:
             "speedup_predict": round(median["nchw"]["predict_s_per_image"] / median["channels_last"]["predict_s_per_image"], 2),
             "max_prediction_difference": float(f"{max(difference):.2g}")}
         print(name, json.dumps(result["kinds"][name]), flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@ here: it reports two numbers that were each measured once.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from boneage.validation import metrics
+
+from _common import emit  # bench/_common.py
 
 
 def scored(run: str) -> pd.DataFrame:
@@ -58,10 +59,7 @@ def main() -> None:
               "interval_95": [round(v, 3) for v in diff["interval"]],
               "correlation_of_errors": round(float(np.corrcoef(a["boneage_months"] - a["boneage"],
                                                                b["boneage_months"] - b["boneage"])[0, 1]), 3)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ sex (the labels), with scoring's thresholds. The P(male) comes from bench/sex_cl
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ import torch
 
 from boneage.validation import metrics
 from boneage import score
+
+from _common import emit  # bench/_common.py
 
 
 def main() -> None:
@@ -42,10 +43,7 @@ def main() -> None:
               "given_F_p_male_at_least_0.8": int((~male & fires).sum()),
               "p_male_range": [float(np.min(p)), float(np.max(p))],
               "fired_on": rows[fires][["id", "male", "boneage"]].assign(p_male=p[fires]).to_dict("records")}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

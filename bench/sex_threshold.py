@@ -22,6 +22,8 @@ import pandas as pd
 from boneage.config import CVConfig
 from boneage.validation import metrics, sex_calls
 
+from _common import emit  # bench/_common.py
+
 
 def measure(oof: pd.DataFrame, max_error_rate: float, min_calls: int,
             test: pd.DataFrame | None = None) -> dict:
@@ -75,10 +77,7 @@ def main() -> None:
     training = run / "bundle" / "training.json"
     if training.exists():
         result["bundle_record"] = json.loads(training.read_text()).get("sex_prediction")
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
     c = result["cross_fitted"]
     print(f"\nout-of-fold AUC {result['auc']:.3f} on {result['images']} images; predicted sex "
           + (f"ON at P(male) ≤ {result['p_low']:.3f} / ≥ {result['p_high']:.3f}: {result['selected']['error_rate']:.1%} "

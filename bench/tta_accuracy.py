@@ -12,7 +12,6 @@ Only the CV rows (never the locked test split). Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ from boneage import score
 from boneage.bundle import load_bundle
 from boneage.model import train
 from boneage.validation import cv, ensemble, metrics
+
+from _common import emit  # bench/_common.py
 
 
 def main() -> None:
@@ -68,10 +69,7 @@ def main() -> None:
             k: {key: np.round(value, 2).tolist()
                 for key, value in metrics.paired_mae_difference(errors[views][k], errors[1][k]).items()}
             for k in errors[1]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
