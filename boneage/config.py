@@ -243,7 +243,7 @@ class CVConfig(_Section):
                                                        "(a diagnostic; it chooses nothing)")
     # bf16 autocast and compile take effect on CUDA only; channels_last on CPU too (faster there as well).
     bf16: bool = Field(True, description="bf16 autocast (CUDA only)")
-    channels_last: bool = Field(True, description="channels_last memory format of the zone nets (CPU and CUDA)")
+    channels_last: bool = Field(True, description="channels_last memory format of the nets (CPU and CUDA)")
     # 33 s of compilation per trial would outweigh a few-second training.
     compile: bool = Field(False, description="torch.compile the zone nets (CUDA only)")
     # Resources of one trial (its Ray Train worker; the Tune trial driver takes a sliver of a CPU):
