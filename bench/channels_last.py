@@ -1,15 +1,15 @@
 """NCHW against channels_last (NHWC) for the zone nets on CPU: a CV trial's training and a bundle's predictions,
 one thread (one CV trial's or one scoring actor's CPU), in one process, alternating, on a run's registered images.
 
-    python bench/channels_last.py runs/rsna-dev-k5-refit-tta3 --scale 0.25 --width 0.25 \
-        --json bench/results/channels_last_cpu.json
+    python bench/channels_last.py runs/rsna-dev-k5-refit-tta3 --json bench/results/channels_last_cpu_rsna_dev.json
 
-For each kind: `--epochs` epochs of boneage.model.train.fit_zone_model (fit_sex_model for B-sex) on the first
---n CV images, pooled models with the sex input as the pooled recipes train them, a fixed schedule, the same
-seed in both formats; then train.predict of --n-predict images over --views test-time views. Seconds per epoch
-and per predicted image are medians over --repeats, NCHW and channels_last alternating; "speedup" is NCHW's
-time over channels_last's. The models' out-of-fold MAE (AUC for B-sex) on the next --n-predict images after the
-same epochs shows that the two formats train the same nets (floating point aside). Prints JSON.
+For each kind, after one warm-up fit in each format: `--epochs` epochs of boneage.model.train.fit_zone_model
+(fit_sex_model for B-sex) on the first --n CV images, pooled models with the sex input as the pooled recipes
+train them, a fixed schedule, the same seed in both formats; then train.predict of the next --n-predict images
+over --views test-time views. Seconds per epoch and per predicted image are medians over --repeats, NCHW and
+channels_last alternating; "speedup" is NCHW's time over channels_last's. "max_prediction_difference": the
+NCHW-trained net's predictions (months; P(male) for B-sex) in channels_last against NCHW, the same weights:
+the two formats compute the same function (float rounding aside). Prints JSON.
 """
 
 from __future__ import annotations
@@ -69,15 +69,16 @@ def main() -> None:
         kind = model_kind(name, args.scale)
         times = {fmt: {"train_s_per_epoch": [], "predict_s_per_image": []} for fmt in ("nchw", "channels_last")}
         difference = []
+        def config(epochs, on):
+            return train.TrainConfig(epochs=epochs, batch_size=16, width_mult=args.width, channels_last=on,
+                                     patience=0, seed=1)
+
         for on in (False, True):  # warm-up: oneDNN builds its kernels for each shape and format once
-            warm = train.TrainConfig(epochs=1, batch_size=16, width_mult=args.width, channels_last=on, seed=1)
-            fit(bank, ages, male, fit_idx[:32], kind, warm)
+            fit(bank, ages, male, fit_idx[:32], kind, config(1, on))
         for _ in range(args.repeats):
             for fmt in ("nchw", "channels_last"):
                 on = fmt == "channels_last"
-                cfg = train.TrainConfig(epochs=args.epochs, batch_size=16, width_mult=args.width, channels_last=on,
-                                        patience=0, seed=1)
-                model, per_epoch = fit(bank, ages, male, fit_idx, kind, cfg)
+                model, per_epoch = fit(bank, ages, male, fit_idx, kind, config(args.epochs, on))
                 pred, per_image = predict(model, bank, held_idx, kind, on, args.views, male)
                 times[fmt]["train_s_per_epoch"].append(per_epoch)
                 times[fmt]["predict_s_per_image"].append(per_image)
