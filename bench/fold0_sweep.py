@@ -1,12 +1,15 @@
-"""Input scale and width on real images, fold 0 first (issue 26, item 4): one zone kind of a finished run
-retrained on the run's own folds with other (cv.input_scale, cv.width_mult), scored on fold 0, without Ray
-(boneage.model.train.fit_zone_model, as a CV trial runs it). The run's other settings (epochs, schedule,
-pooled or per sex, seed) are kept; its own setting is run too, as the reference in the same process.
+"""Zone model settings on real images, fold 0 first (issue 26, item 4): one zone kind of a finished run
+retrained on the run's own folds with some of its cv settings changed (input size, width, epochs, weight
+decay, ...), scored on fold 0 over the run's test-time views (cv.tta_views), without Ray
+(boneage.model.train.fit_zone_model, as a CV trial runs it). Every other setting (schedule, pooled or per
+sex, seed) is the run's; the run's own settings are run too, first, as the reference in the same process.
 
-    python bench/fold0_sweep.py runs/rsna-dev-pooled --kind A-cls --settings 0.25:0.125,0.33:0.125,0.25:0.25 \
+    python bench/fold0_sweep.py runs/rsna-dev-pooled --kind A-cls --settings input_scale=0.33 width_mult=0.25 \
         --json bench/results/fold0_sweep_rsna_dev_pooled.json
+    python bench/fold0_sweep.py runs/rsna-dev-k5-refit-tta3 --kind C-cls --settings epochs=70 --threads 1 \
+        --predictions C-cls.parquet
 
-Per setting: fold 0's MAE (its ~238 images; no label of fold 0 chooses anything: a fixed schedule, the last
+Per setting: the fold's MAE (k = 3: ~238 images, k = 5: ~143; no label of fold 0 chooses anything: a fixed schedule, the last
 epoch), the fit's seconds on this machine (--threads torch threads), and a paired bootstrap interval of
 the MAE difference to the run's setting. Only CV rows, never the locked test split. Prints JSON lines.
 """
@@ -41,10 +44,13 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--kind", default="A-cls")
     parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--settings", default="0.25:0.125,0.33:0.125,0.25:0.25",
-                        help="input_scale:width_mult pairs; the run's own is added first if missing")
+    parser.add_argument("--settings", nargs="+", default=["input_scale=0.33"],
+                        help="one or more settings, each field=value[,field=value] of cv (the run's own "
+                             "settings are run first, as the reference)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
+    parser.add_argument("--predictions", help="a parquet of the fold's images: id, boneage, and one column of "
+                        "predicted months per setting (named by its changes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -54,12 +60,13 @@ def main() -> None:
     fold = rows["fold"].to_numpy()
     trials = [cv.Trial(args.kind, cv.POOLED, args.fold)] if pooled else [
         cv.Trial(args.kind, sex, args.fold) for sex in ("F", "M")]
-    own = (cvc.input_scale, cvc.width_mult)
-    settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
-    settings = [own] + [s for s in settings if s != own]
-    errors, results = {}, []
-    for scale, width in settings:
-        setting_cv = cvc.model_copy(update={"input_scale": scale, "width_mult": width})
+    # The run's cv settings with the given fields replaced, validated (and typed) as a config file's would be.
+    settings = [("the run's", cvc)] + [(text, type(cvc).model_validate(
+        {**cvc.model_dump(), **dict(item.split("=", 1) for item in text.split(","))})) for text in args.settings]
+    shown = ("input_scale", "width_mult", "epochs", "batch_size", "lr", "weight_decay", "dropout")
+    errors, results, predictions = [], [], {}
+    for name, setting_cv in settings:
+        scale = setting_cv.input_scale
         kind = model_kind(args.kind, scale)
         pred = np.full(len(rows), np.nan)
         started = time.time()
@@ -71,15 +78,16 @@ def main() -> None:
             scored = np.flatnonzero(mine & (fold == trial.fold))
             sex_input = male if pooled else None
             result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, male=sex_input)
-            pred[scored] = predict(result.model, bank, scored, kind, male=sex_input).numpy()
+            pred[scored] = predict(result.model, bank, scored, kind, views=cvc.tta_views, male=sex_input).numpy()
         scored = np.flatnonzero(fold == args.fold)
-        errors[(scale, width)] = pred[scored] - ages[scored]
-        record = {"kind": args.kind, "fold": args.fold, "input_scale": scale, "width_mult": width,
-                  "pooled": pooled, "epochs": cvc.epochs, "images": int(len(scored)),
-                  "mae": round(float(np.mean(np.abs(errors[(scale, width)]))), 2),
+        errors.append(pred[scored] - ages[scored])
+        predictions[name] = pred[scored]
+        record = {"kind": args.kind, "fold": args.fold, "setting": name,
+                  **{field: getattr(setting_cv, field) for field in shown}, "pooled": pooled,
+                  "views": cvc.tta_views, "images": int(len(scored)), "mae": round(float(np.mean(np.abs(errors[-1]))), 2),
                   "fit_seconds": round(time.time() - started, 1), "threads": args.threads}
-        if (scale, width) != own:
-            paired = metrics.paired_mae_difference(errors[(scale, width)], errors[own])
+        if len(errors) > 1:
+            paired = metrics.paired_mae_difference(errors[-1], errors[0])
             record["vs_run_setting"] = {"difference": round(paired["difference"], 2),
                                         "interval": [round(x, 2) for x in paired["interval"]]}
         print(json.dumps(record), flush=True)
@@ -88,6 +96,10 @@ def main() -> None:
     reference = {"run_oof_mae_of_this_kind_on_the_fold": round(float(np.mean(np.abs(
         logged[args.kind].to_numpy()[fold == args.fold] - ages[fold == args.fold]))), 2)}
     print(json.dumps(reference))
+    if args.predictions:
+        scored = fold == args.fold
+        pd.DataFrame({"id": rows["id"].to_numpy()[scored], "boneage": ages[scored], **predictions}).to_parquet(
+            args.predictions, index=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"run": str(run), "settings": results, **reference}, indent=2) + "\n")
 

@@ -71,8 +71,8 @@ def _cuda(device) -> bool:
 
 # CHANNELS_LAST: the nets run in the channels_last (NHWC) memory format on CPU as on CUDA. On CPU its
 # convolutions and max pooling are vectorised where NCHW's max pooling is not: on rsna-dev a training
-# epoch of the zone nets is 1.1-2.1x faster and a prediction 1.7-2.1x, one thread (bench/channels_last.py,
-# docs/benchmarks.md). bf16 and compile stay CUDA-only: on CPU both are slower here.
+# epoch of the zone nets is 1.2-1.4x faster and a prediction 1.7-2.9x, one thread on an idle machine
+# (bench/channels_last.py, docs/benchmarks.md). bf16 and compile stay CUDA-only: on CPU both are slower here.
 
 
 def _autocast(device, cfg_bf16: bool):
