@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from _common import emit  # (bench/ is on the path of a script run from it)
+from boneage.registration.prepare import KEYPOINT_COLUMNS
 from boneage.validation import metrics
 
-POINTS = ["finger_tip_x", "finger_tip_y", "capitate_x", "capitate_y", "thumb_tip_x", "thumb_tip_y"]
+POINTS = list(KEYPOINT_COLUMNS)  # the three key points each image was registered by, in its own pixels
 
 
-def shipped_oof(run: Path) -> pd.Series:
+def shipped_oof(run: Path) -> pd.DataFrame:
     """The run's shipped ensemble's out-of-fold ages (cv/ensemble.json's "use"), by image id, with fold."""
-    import json
-
     use = json.loads((run / "cv" / "ensemble.json").read_text())["use"]
     table = pd.read_parquet(run / "cv" / "ensemble_oof.parquet")
     table["id"] = table["id"].astype(str)
@@ -62,6 +62,11 @@ def main() -> None:
     averaged = np.mean([table.loc[ids, "age"].to_numpy() for table in tables], axis=0) - ages
     paired = metrics.paired_mae_difference(averaged, errors[0])
     first_points = key_points(runs[0]).loc[ids]
+
+    def moved(run: Path) -> float:
+        """The share of CV images whose key points (source image px) differ from the first run's by over 0.5."""
+        return float(((key_points(run).loc[ids, POINTS] - first_points).abs() > 0.5).any(axis=1).mean())
+
     result = {
         "runs": args.runs, "images": len(ids),
         "mae": {str(run): round(float(np.mean(np.abs(e))), 3) for run, e in zip(runs, errors)},
@@ -70,10 +75,7 @@ def main() -> None:
                               "interval": [round(x, 3) for x in paired["interval"]]},
         "error_correlation_with_first": {str(run): round(float(np.corrcoef(errors[0], e)[0, 1]), 3)
                                          for run, e in zip(runs[1:], errors[1:])},
-        # The share of CV images whose key points (frame px of the source image) moved by over half a pixel.
-        "registration_differs_from_first": {
-            str(run): round(float(((key_points(run).loc[ids, POINTS] - first_points).abs() > 0.5).any(axis=1).mean()), 3)
-            for run in runs[1:]},
+        "registration_differs_from_first": {str(run): round(moved(run), 3) for run in runs[1:]},
     }
     emit(result, args.json)
 

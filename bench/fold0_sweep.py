@@ -9,9 +9,10 @@ sex, seed) is the run's; the run's own settings are run too, first, as the refer
     python bench/fold0_sweep.py runs/rsna-dev-k5-refit-tta3 --kind C-cls --settings epochs=70 --threads 1 \
         --predictions C-cls.parquet
 
-Per setting: the fold's MAE (k = 3: ~238 images, k = 5: ~143; no label of fold 0 chooses anything: a fixed schedule, the last
-epoch), the fit's seconds on this machine (--threads torch threads), and a paired bootstrap interval of
-the MAE difference to the run's setting. Only CV rows, never the locked test split. Prints JSON lines.
+Per setting: the fold's MAE (k = 3: ~238 images, k = 5: ~143; no label of the fold chooses anything: a fixed
+schedule, the last epoch), the fit's seconds on this machine (--threads torch threads), and a paired bootstrap
+interval of the MAE difference to the run's settings. A misspelt or out-of-range setting is refused as in a
+config file. Only CV rows, never the locked test split. Prints JSON lines.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main() -> None:
         predictions[name] = pred[scored]
         record = {"kind": args.kind, "fold": args.fold, "setting": name,
                   **{field: getattr(setting_cv, field) for field in shown}, "pooled": pooled,
-                  "views": cvc.tta_views, "images": int(len(scored)), "mae": round(float(np.mean(np.abs(errors[-1]))), 2),
+                  "views": cvc.tta_views, "images": int(len(scored)),
+                  "mae": round(float(np.mean(np.abs(errors[-1]))), 2),
                   "fit_seconds": round(time.time() - started, 1), "threads": args.threads}
         if len(errors) > 1:
             paired = metrics.paired_mae_difference(errors[-1], errors[0])
