@@ -24,3 +24,9 @@ def cv_bank(run: str | Path, n: int):
     run = Path(run)
     rows = cv.read_trial_rows(str(run / "registered"), pd.read_parquet(run / "cv" / "folds.parquet"), None)
     return cv.load_bank(rows.iloc[:n].reset_index(drop=True))
+
+
+def rounded_difference(paired: dict[str, Any], digits: int = 2) -> dict[str, Any]:
+    """metrics.paired_mae_difference's {"difference", "interval"}, rounded for a result file."""
+    return {"difference": round(paired["difference"], digits),
+            "interval": [round(x, digits) for x in paired["interval"]]}

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _common import emit  # (bench/ is on the path of a script run from it)
+from _common import emit, rounded_difference  # (bench/ is on the path of a script run from it)
 from boneage.registration.prepare import KEYPOINT_COLUMNS
 from boneage.validation import metrics
 
@@ -43,10 +43,6 @@ def key_points(run: Path) -> pd.DataFrame:
     table = pd.concat([pd.read_parquet(f, columns=["id", *POINTS]) for f in files])
     table["id"] = table["id"].astype(str)
     return table.set_index("id")
-
-
-def rounded(paired: dict) -> dict:
-    return {"difference": round(paired["difference"], 3), "interval": [round(x, 3) for x in paired["interval"]]}
 
 
 def main() -> None:
@@ -77,10 +73,10 @@ def main() -> None:
         "mae": {str(run): round(float(np.mean(np.abs(e))), 3) for run, e in zip(runs, errors)},
         # Each run against the first, paired by image (a recipe change is measured so when both runs share
         # their registrations, i.e. their key point model).
-        "vs_first": {str(run): rounded(metrics.paired_mae_difference(e, errors[0]))
+        "vs_first": {str(run): rounded_difference(metrics.paired_mae_difference(e, errors[0]), 3)
                      for run, e in zip(runs[1:], errors[1:])},
         "averaged_mae": round(float(np.mean(np.abs(averaged))), 3),
-        "averaged_vs_first": rounded(paired),
+        "averaged_vs_first": rounded_difference(paired, 3),
         "error_correlation_with_first": {str(run): round(float(np.corrcoef(errors[0], e)[0, 1]), 3)
                                          for run, e in zip(runs[1:], errors[1:])},
         "registration_differs_from_first": {str(run): round(moved(run), 3) for run in runs[1:]},

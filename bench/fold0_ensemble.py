@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _common import emit  # (bench/ is on the path of a script run from it)
+from _common import emit, rounded_difference  # (bench/ is on the path of a script run from it)
 from boneage.validation import ensemble, metrics
 
 REFERENCE = "the run's"  # fold0_sweep.py's column of the run's own settings
@@ -55,9 +55,8 @@ def main() -> None:
         for how in ("weighted", "mean"):
             row[f"{how}_mae"] = round(float(np.mean(np.abs(errors[setting][how]))), 2)
             if setting != REFERENCE:
-                paired = metrics.paired_mae_difference(errors[setting][how], errors[REFERENCE][how])
-                row[f"{how}_vs_run_settings"] = {"difference": round(paired["difference"], 2),
-                                                 "interval": [round(x, 2) for x in paired["interval"]]}
+                row[f"{how}_vs_run_settings"] = rounded_difference(
+                    metrics.paired_mae_difference(errors[setting][how], errors[REFERENCE][how]))
         result["settings"][setting] = row
     emit(result, args.json)
 

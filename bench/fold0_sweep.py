@@ -1,6 +1,6 @@
 """Zone model settings on real images, fold 0 first (issue 26, item 4): one zone kind of a finished run
 retrained on the run's own folds with some of its cv settings changed (input size, width, epochs, weight
-decay, ...), scored on fold 0 over the run's test-time views (cv.tta_views), without Ray
+decay, ...), scored on fold 0 over its test-time views (cv.tta_views: the run's unless screened), without Ray
 (boneage.model.train.fit_zone_model, as a CV trial runs it). Every other setting (schedule, pooled or per
 sex, seed) is the run's; the run's own settings are run too, first, as the reference in the same process.
 
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from _common import rounded_difference  # (bench/ is on the path of a script run from it)
 from boneage.config import load_config
 from boneage.model.networks import model_kind
 from boneage.model.train import fit_zone_model, predict
@@ -79,19 +80,17 @@ def main() -> None:
             scored = np.flatnonzero(mine & (fold == trial.fold))
             sex_input = male if pooled else None
             result = fit_zone_model(bank, ages, fit_idx, select_idx, kind, train_cfg, male=sex_input)
-            pred[scored] = predict(result.model, bank, scored, kind, views=cvc.tta_views, male=sex_input).numpy()
+            pred[scored] = predict(result.model, bank, scored, kind, views=setting_cv.tta_views, male=sex_input).numpy()
         scored = np.flatnonzero(fold == args.fold)
         errors.append(pred[scored] - ages[scored])
         predictions[name] = pred[scored]
         record = {"kind": args.kind, "fold": args.fold, "setting": name,
                   **{field: getattr(setting_cv, field) for field in shown}, "pooled": pooled,
-                  "views": cvc.tta_views, "images": int(len(scored)),
+                  "views": setting_cv.tta_views, "images": int(len(scored)),
                   "mae": round(float(np.mean(np.abs(errors[-1]))), 2),
                   "fit_seconds": round(time.time() - started, 1), "threads": args.threads}
         if len(errors) > 1:
-            paired = metrics.paired_mae_difference(errors[-1], errors[0])
-            record["vs_run_setting"] = {"difference": round(paired["difference"], 2),
-                                        "interval": [round(x, 2) for x in paired["interval"]]}
+            record["vs_run_setting"] = rounded_difference(metrics.paired_mae_difference(errors[-1], errors[0]))
         print(json.dumps(record), flush=True)
         results.append(record)
     logged = pd.read_parquet(run / "cv" / "oof.parquet").set_index("id").loc[rows["id"]]
