@@ -149,8 +149,8 @@ class CVConfig(_Section):
     # "per_sex" (the seed's): a model per kind and sex, each trained on half the images. "pooled": one
     # model per kind for both sexes, trained on all the training folds' images, with the sex fed in
     # beside the image features (into the first FC layer, as Deeplasia and the MGH model do): half the
-    # trials and fold models, and twice the images per model, which may win on small data sets (not yet
-    # measured; issue 26). Scoring calls a pooled model with each sex it scores under.
+    # trials and fold models, and twice the images per model: on rsna-dev's 713 images it beat per-sex by
+    # a month (docs/benchmarks.md). Scoring calls a pooled model with each sex it scores under.
     sex_models: SexModels = Field(
         "per_sex", description="'per_sex': a model per kind and sex; 'pooled': one model per kind for both sexes "
                                "with the sex as an input")
