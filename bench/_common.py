@@ -15,6 +15,12 @@ def emit(result: dict[str, Any], path: str | None = None) -> None:
         Path(path).write_text(text + "\n")
 
 
+def shipped_fit(run: str | Path) -> tuple[str, dict[str, Any]]:
+    """(name, weights record) of the ensemble fit a full_cv.py run ships (cv/ensemble.json's "use")."""
+    record = json.loads((Path(run) / "cv" / "ensemble.json").read_text())
+    return record["use"], record["fits"][record["use"]]
+
+
 def cv_bank(run: str | Path, n: int):
     """(uint8 bank, ages, male) of the first n registered CV images of a full_cv.py output folder."""
     import pandas as pd

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from _common import emit, rounded_difference  # (bench/ is on the path of a script run from it)
+from _common import emit, rounded_difference, shipped_fit  # (bench/ is on the path of a script run from it)
 from boneage.registration.prepare import KEYPOINT_COLUMNS
 from boneage.validation import metrics
 
@@ -32,7 +31,7 @@ POINTS = list(KEYPOINT_COLUMNS)  # the three key points each image was registere
 
 def shipped_oof(run: Path) -> pd.DataFrame:
     """The run's shipped ensemble's out-of-fold ages (cv/ensemble.json's "use"), by image id, with fold."""
-    use = json.loads((run / "cv" / "ensemble.json").read_text())["use"]
+    use, _ = shipped_fit(run)
     table = pd.read_parquet(run / "cv" / "ensemble_oof.parquet")
     table["id"] = table["id"].astype(str)
     return table.set_index("id")[["boneage", "fold", f"ensemble_{use}"]].rename(columns={f"ensemble_{use}": "age"})

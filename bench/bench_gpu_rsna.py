@@ -54,7 +54,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu_train import timed_rate  # noqa: E402  (this folder: python bench/bench_gpu_rsna.py)
+from _common import emit, shipped_fit  # noqa: E402  (this folder: python bench/bench_gpu_rsna.py; no Ray, no pydantic)
+from bench_gpu_train import timed_rate  # noqa: E402
 from boneage.model import train  # noqa: E402
 from boneage.model.networks import model_kind  # noqa: E402
 
@@ -94,21 +95,20 @@ def pack(run: Path, out: Path, quality: int) -> None:
     table = pa.Table.from_pandas(rows, preserve_index=False)
     table = table.replace_schema_metadata({META: json.dumps({"run": str(run), "jpeg_quality": quality,
                                                              "recipe": recipe,
-                                                             "cpu_reference": _cpu_reference(run)}).encode()})
+                                                             "cpu_reference": _cpu_reference(run, recipe["kinds"])}).encode()})
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out)
     print(f"packed {len(rows)} images ({(rows.fold == TEST_FOLD).sum()} locked test) and the recipe "
           f"{recipe} into {out}: {out.stat().st_size / 2**20:.1f} MiB")
 
 
-def _cpu_reference(run: Path) -> dict:
+def _cpu_reference(run: Path, kinds: list[str]) -> dict:
     """The packed CPU run's MAE per kind out of fold, its shipped ensemble's out of fold and on the test split."""
     oof = pd.read_parquet(run / "cv" / "oof.parquet")
-    kinds = [k for k in oof.columns if k[:1] in "ABC" and "-" in k]
-    ensemble = json.loads((run / "cv" / "ensemble.json").read_text())
+    _, shipped = shipped_fit(run)
     test = json.loads((run / "test" / "metrics.json").read_text())["accuracy"]
     return {"oof_mae_by_kind": {k: round(float((oof[k] - oof["boneage"]).abs().mean()), 2) for k in kinds},
-            "oof_ensemble_mae": round(ensemble["fits"][ensemble["use"]]["cv_mae"]["all"], 2),
+            "oof_ensemble_mae": round(shipped["cv_mae"]["all"], 2),
             "test_mae": round(test["all"]["mae"], 2) if "all" in test else None}
 
 
@@ -180,7 +180,7 @@ def run(args) -> tuple[dict, pd.DataFrame]:
     male, fold = np.array(rows.male, dtype=bool), rows.fold.to_numpy()  # a copy: torch wants it writable
     test_idx = np.flatnonzero(fold == TEST_FOLD)
     # pooled: one model per kind for both sexes, told each image's sex; per sex: a model per kind and sex
-    groups = {"all": fold != TEST_FOLD} if pooled else {"F": ~male & (fold != TEST_FOLD), "M": male & (fold != TEST_FOLD)}
+    groups = {"all": np.ones(len(rows), bool)} if pooled else {"F": ~male, "M": male}
     sex_input = male if pooled else None
     predictions = rows[["id", "male", "boneage", "fold"]].copy()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -198,7 +198,8 @@ def run(args) -> tuple[dict, pd.DataFrame]:
                   "pure_step_img_s": round(pure_step_rate(kind, cfg, device, pooled), 1)}
         column = np.full(len(rows), np.nan)
         complete, parts = True, []
-        for group, members in groups.items():
+        for group, of_group in groups.items():
+            members = of_group & (fold != TEST_FOLD)
             fits = [(f, np.flatnonzero(members & (fold != f)), np.flatnonzero(members & (fold == f)))
                     for f in sorted(set(fold[members]))]
             if refit:
@@ -223,7 +224,7 @@ def run(args) -> tuple[dict, pd.DataFrame]:
                 record["fits"].append(entry)
                 print(f"{name} {entry}", flush=True)
             ship = models[-1:] if refit else models
-            group_test = test_idx[(male[test_idx] if group == "M" else ~male[test_idx]) if not pooled else slice(None)]
+            group_test = np.flatnonzero(of_group & (fold == TEST_FOLD))
             if complete and len(group_test):
                 column[group_test] = np.mean([_predict(m, bank, group_test, kind, device, views, sex_input)
                                               for m in ship], axis=0)
@@ -331,12 +332,7 @@ def main(argv=None) -> None:
     if args.command == "pack":
         return pack(args.run, args.out, args.quality)
     if args.command == "ensemble":
-        out = ensemble(args.result, args.predictions)
-        text = json.dumps(out, indent=1)
-        if args.json:
-            args.json.write_text(text + "\n")
-        print(text)
-        return None
+        return emit(ensemble(args.result, args.predictions), args.json)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device (use --smoke on a CPU)")

@@ -15,13 +15,12 @@ of the differences. Only CV rows, never the locked test split.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from _common import emit, rounded_difference  # (bench/ is on the path of a script run from it)
+from _common import emit, rounded_difference, shipped_fit  # (bench/ is on the path of a script run from it)
 from boneage.validation import ensemble, metrics
 
 REFERENCE = "the run's"  # fold0_sweep.py's column of the run's own settings
@@ -33,8 +32,7 @@ def main() -> None:
     parser.add_argument("screen", help="the folder of fold0_sweep.py's --predictions files, <kind>.parquet")
     parser.add_argument("--json")
     args = parser.parse_args()
-    record = json.loads((Path(args.run) / "cv" / "ensemble.json").read_text())
-    fit = record["fits"][record["use"]]
+    use, fit = shipped_fit(args.run)
     kinds = fit["kinds"]
     tables = {kind: pd.read_parquet(Path(args.screen) / f"{kind}.parquet").set_index("id") for kind in kinds}
     ids = tables[kinds[0]].index
@@ -49,7 +47,7 @@ def main() -> None:
         preds = pd.DataFrame({kind: tables[kind].loc[ids, setting].to_numpy() for kind in kinds})
         errors[setting] = {"weighted": ensemble.predict(fit, preds, male) - ages,
                            "mean": preds.mean(axis=1).to_numpy() - ages}
-    result = {"run": args.run, "images": len(ids), "ensemble": record["use"], "settings": {}}
+    result = {"run": args.run, "images": len(ids), "ensemble": use, "settings": {}}
     for setting in settings:
         row = {}
         for how in ("weighted", "mean"):
